@@ -1,0 +1,32 @@
+# pyengine developer entry points.  `make setup` builds everything from scratch.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup build test bench finetune clean
+
+setup: $(VENV)/.setup-done
+
+$(VENV)/.setup-done: setup.py pyproject.toml CMakeLists.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q setuptools wheel pybind11 cmake ninja
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+# Rebuild the C++ extension in place (incremental, seconds) after editing csrc/.
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+test: setup build
+	$(PY) -m pytest -q tests
+
+bench: setup build
+	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+finetune: setup build
+	$(PY) -m benchmarks.cross_entropy_table
+
+clean:
+	rm -rf build *.egg-info pyengine/_C*.so

@@ -1,0 +1,40 @@
+// Cross-entropy rows: the C++ half of pyengine.ops.fused_linear_cross_entropy.
+//
+// Fused: one pass per logits row computes max, logsumexp, the loss (label smoothing,
+// z-loss, tanh softcap) and, optionally, d loss / d logits written in place over the row
+// (our own chunk buffer, never a caller's tensor).  torch does the three GEMMs around it.
+//
+// Per row i with target t (z = softcap(l) = c*tanh(l/c), or z = l), eps = label_smoothing:
+//   lse  = log sum_j exp(z_j)
+//   loss = (1-eps)(lse - z_t) + eps(lse - mean_j z_j) + z_loss * lse^2
+//   grad_j = s_i [ p_j (1 + 2 z_loss lse) - eps/V - (1-eps)[j==t] ] * (1 - (z_j/c)^2)
+// with p = softmax(z), s_i = scale * row_scale[i] (row_scale optional).  Ignored rows:
+// loss 0, lse 0, grad 0.  Logits are fp32, bf16 or fp16 with row stride ld; all math in
+// fp32.  Floor: the row pass reads and writes N*V elements once (bytes), ~5 flops each
+// plus one exp; it is small next to the 2*N*V*H-flop GEMMs it sits between.
+#pragma once
+#include <cstdint>
+
+namespace pyengine {
+
+struct CeArgs {
+  void* logits;           // [n_rows, ld] of dtype, first V columns used; grad written here
+  int dtype;              // DType
+  int64_t n_rows, vocab, ld;
+  const int64_t* target;  // [n_rows]
+  int64_t ignore_index;
+  float label_smoothing, z_loss, softcap;  // softcap <= 0: off
+  float scale;                   // multiplies every gradient row
+  const float* row_scale;        // optional [n_rows] per-row gradient scale
+  float* loss;                   // [n_rows] per-row loss (0 for ignored rows)
+  float* lse;                    // optional [n_rows]
+  bool write_grad;
+};
+
+void ce_rows(const CeArgs& a, int num_threads);
+
+namespace scalar { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
+namespace avx2 { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
+namespace avx512 { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
+
+}  // namespace pyengine

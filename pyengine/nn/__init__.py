@@ -1,0 +1,4 @@
+"""Modules over pyengine.ops."""
+from pyengine.nn.loss import FusedLinearCrossEntropyLoss
+
+__all__ = ["FusedLinearCrossEntropyLoss"]

@@ -1,0 +1,295 @@
+"""Fused linear + cross-entropy: the LM head and its loss in one op.
+
+    loss = CE(softcap(hidden @ weight.T + bias), target) (+ z_loss * lse^2 per token)
+
+hidden [..., H], weight [V, H], target [...] (int), bias [V]; fp32, bf16, fp16.
+The [N, V] logits are never materialised: tokens are processed in chunks of `rows`;
+per chunk torch does logits = h @ W.T, one kernel pass per row turns them *in place* (in
+our own chunk buffer) into d loss / d logits, and torch does grad_h = G @ W and
+grad_W += G.T @ h (fp32 accumulator).  Forward therefore also produces the gradients
+(3 GEMMs in all, the floor: 3 * 2*N*V*H flops); backward only scales them by grad_output.
+With reduction="none" the per-token grad_output is unknown in forward, so forward
+computes losses only and backward recomputes the chunk logits (4 GEMMs).
+
+Backends: "ref" (plain PyTorch on fp32 logits: the spec and fallback), "cpu" (row kernel
+in C++, csrc/cross_entropy.h), "triton" (row kernel in pyengine.kernels.cross_entropy).
+Registered as torch.library custom ops pyengine::linear_cross_entropy(+_backward), so the
+op composes with torch.compile.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pyengine import _ext
+from pyengine.backends import register_op, resolve
+
+OP = "fused_linear_cross_entropy"
+register_op(OP, ("ref", "cpu", "triton"))
+REDUCTIONS = ("mean", "sum", "none")
+CHUNK_BYTES = 32 << 20  # logits chunk budget: large enough for efficient GEMMs, L3-ish
+
+
+# --------------------------------------------------------------------------- reference
+def reference_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
+                                   label_smoothing=0.0, z_loss=0.0, softcap=None,
+                                   reduction="mean", num_items=None):
+    """The spec: plain PyTorch on fp32-upcast logits (materialises [N, V])."""
+    logits = F.linear(hidden, weight, bias).float().reshape(-1, weight.shape[0])
+    target = target.reshape(-1)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits, target, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction="none")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = loss + z_loss * lse.square() * (target != ignore_index)
+    return _reduce(loss, target, ignore_index, reduction, num_items, hidden.shape[:-1])
+
+
+def _reduce(loss, target, ignore_index, reduction, num_items, batch_shape):
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / _denominator(target, ignore_index, num_items)
+
+
+def _denominator(target, ignore_index, num_items):
+    """Mean over non-ignored tokens, or over `num_items` (the whole accumulation window).
+    All tokens ignored -> denominator 1, so loss 0 and zero grads (never NaN)."""
+    if num_items is not None:
+        return float(num_items)
+    return (target != ignore_index).sum().clamp_min(1).float()
+
+
+# --------------------------------------------------------------------------- row kernels
+def _cpu_rows(logits, target, loss, *, ignore_index, label_smoothing, z_loss, softcap, scale,
+              row_scale, write_grad):
+    _ext._C.ce_rows(logits.data_ptr(), _ext.dtype_code(logits), logits.shape[0],
+                    logits.shape[1], logits.stride(0), target.data_ptr(), ignore_index,
+                    label_smoothing, z_loss, softcap, scale, _ext.ptr(row_scale),
+                    loss.data_ptr(), 0, write_grad, _ext.num_threads())
+
+
+def _triton_rows(logits, target, loss, **kw):
+    from pyengine.kernels.cross_entropy import ce_rows
+    ce_rows(logits, target, loss, **kw)
+
+
+ROW_KERNELS = {"cpu": _cpu_rows, "triton": _triton_rows}
+
+
+def _chunk_rows(n, vocab, itemsize):
+    return max(1, min(n, CHUNK_BYTES // (vocab * itemsize)))
+
+
+def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
+             need_gh, need_gw, need_gb):
+    """Per-token losses and, when asked, the gradients of sum_i s_i * loss_i.
+    s_i = scale * row_scale[i].  hidden [N, H], target [N]."""
+    n, _ = hidden.shape
+    vocab = weight.shape[0]
+    write_grad = need_gh or need_gw or need_gb
+    rows = _chunk_rows(n, vocab, hidden.element_size())
+    buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    gh = torch.empty_like(hidden) if need_gh else None
+    gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if need_gw else None
+    gb = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_gb else None
+    kernel = ROW_KERNELS[backend]
+    wt = weight.t()
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        h, logits = hidden[s:e], buf[: e - s]
+        if bias is None:
+            torch.mm(h, wt, out=logits)
+        else:
+            torch.addmm(bias, h, wt, out=logits)
+        kernel(logits, target[s:e], loss[s:e], scale=scale,
+               row_scale=None if row_scale is None else row_scale[s:e],
+               write_grad=write_grad, **opts)
+        if need_gh:
+            torch.mm(logits, weight, out=gh[s:e])
+        if need_gw:
+            if logits.dtype == torch.float32:
+                gw.addmm_(logits.t(), h)
+            else:  # low-precision GEMM per chunk, accumulated across chunks in fp32
+                gw += logits.t() @ h
+        if need_gb:
+            gb += logits.sum(0, dtype=torch.float32)
+    return loss, gh, gw, gb
+
+
+# --------------------------------------------------------------------------- custom ops
+def _empty(like):
+    return like.new_empty(0)
+
+
+def _check_target_range(target, vocab, ignore_index):
+    bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"fused_linear_cross_entropy: target[{i}] = {int(target[i])} is outside "
+                         f"[0, {vocab}) and is not ignore_index ({ignore_index})")
+
+
+def _opts(ignore_index, label_smoothing, z_loss, softcap):
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap)
+
+
+@torch.library.custom_op("pyengine::linear_cross_entropy", mutates_args=())
+def _flce(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+          ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+          reduction: str, num_items: float, backend: str, need_gh: bool, need_gw: bool,
+          need_gb: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_hidden, grad_weight, grad_bias); the grads are those of the reduced loss
+    for grad_output = 1 (empty when not asked for, and always for reduction="none")."""
+    _check_target_range(target, weight.shape[0], ignore_index)
+    if reduction == "none":
+        need_gh = need_gw = need_gb = False
+    scale = 1.0
+    if reduction == "mean":
+        scale = 1.0 / float(_denominator(target, ignore_index, num_items if num_items > 0 else None))
+    loss, gh, gw, gb = _chunked(backend, hidden, weight, target, bias,
+                                _opts(ignore_index, label_smoothing, z_loss, softcap),
+                                row_scale=None, scale=scale,
+                                need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
+    loss = loss if reduction == "none" else loss.sum() * (scale if reduction == "mean" else 1.0)
+    return (loss,
+            gh if gh is not None else _empty(hidden),
+            gw.to(weight.dtype) if gw is not None else _empty(weight),
+            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+
+
+@_flce.register_fake
+def _(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
+      num_items, backend, need_gh, need_gw, need_gb):
+    none = reduction == "none"
+    loss = hidden.new_empty(hidden.shape[:1] if none else (), dtype=torch.float32)
+    gh = hidden.new_empty(hidden.shape if need_gh and not none else (0,))
+    gw = weight.new_empty(weight.shape if need_gw and not none else (0,))
+    gb = hidden.new_empty(bias.shape if need_gb and not none else (0,),
+                          dtype=bias.dtype if bias is not None else hidden.dtype)
+    return loss, gh, gw, gb
+
+
+@torch.library.custom_op("pyengine::linear_cross_entropy_backward", mutates_args=())
+def _flce_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Tensor,
+                   bias: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                   z_loss: float, softcap: float, backend: str, need_gh: bool, need_gw: bool,
+                   need_gb: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for reduction="none": recompute logits, rows scaled by grad_loss."""
+    _, gh, gw, gb = _chunked(backend, hidden, weight, target, bias,
+                             _opts(ignore_index, label_smoothing, z_loss, softcap),
+                             row_scale=grad_loss.float().contiguous(), scale=1.0,
+                             need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
+    return (gh if gh is not None else _empty(hidden),
+            gw.to(weight.dtype) if gw is not None else _empty(weight),
+            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+
+
+@_flce_backward.register_fake
+def _(grad_loss, hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap,
+      backend, need_gh, need_gw, need_gb):
+    return (hidden.new_empty(hidden.shape if need_gh else (0,)),
+            weight.new_empty(weight.shape if need_gw else (0,)),
+            hidden.new_empty(bias.shape if need_gb else (0,),
+                             dtype=bias.dtype if bias is not None else hidden.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
+     _num_items, backend, need_gh, need_gw, need_gb) = inputs
+    ctx.reduction = reduction
+    ctx.needs = (need_gh, need_gw, need_gb)
+    ctx.has_bias = bias is not None
+    ctx.mark_non_differentiable(*output[1:])
+    if reduction == "none":
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _flce_grad(ctx, grad_loss, *_unused):
+    need_gh, need_gw, need_gb = ctx.needs
+    if ctx.reduction == "none":
+        hidden, weight, target, bias = ctx.saved_tensors
+        gh, gw, gb = _flce_backward(grad_loss.reshape(-1), hidden, weight, target, bias,
+                                    *ctx.args, need_gh, need_gw, need_gb)
+    else:  # forward already produced the grads for grad_output = 1
+        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    return (gh if need_gh else None, gw if need_gw else None, None,
+            gb if need_gb and ctx.has_bias else None) + (None,) * 10
+
+
+_flce.register_autograd(_flce_grad, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+def _validate(hidden, weight, target, bias, label_smoothing, softcap, reduction, num_items):
+    name = "fused_linear_cross_entropy"
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: weight must be [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} does not end in H = "
+                         f"{weight.shape[1]} of weight {tuple(weight.shape)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}: target shape {tuple(target.shape)} must equal hidden's "
+                         f"leading shape {tuple(hidden.shape[:-1])}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"{name}: target must be an integer tensor, got {target.dtype}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{name}: hidden dtype {hidden.dtype} not supported "
+                        "(float32, bfloat16, float16)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{name}: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
+    tensors = {"weight": weight, "target": target, "bias": bias}
+    for k, t in tensors.items():
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {k} is on {t.device}, hidden on {hidden.device}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"{name}: bias must be [{weight.shape[0]}] of {hidden.dtype}, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{name}: softcap must be None or > 0, got {softcap}")
+    if num_items is not None and not float(num_items) > 0:
+        raise ValueError(f"{name}: num_items must be > 0, got {num_items}")
+
+
+def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *,
+                               bias: Tensor | None = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               softcap: float | None = None, reduction: str = "mean",
+                               num_items: int | float | Tensor | None = None,
+                               backend: str | None = None) -> Tensor:
+    """Cross-entropy of `hidden @ weight.T + bias` against `target` without materialising
+    the logits.  reduction "mean" divides by the non-ignored token count, or by
+    `num_items` (tokens in the whole gradient-accumulation window) when given."""
+    _validate(hidden, weight, target, bias, label_smoothing, softcap, reduction, num_items)
+    if isinstance(num_items, Tensor):
+        num_items = num_items.item()
+    chosen = resolve(OP, backend, hidden.device)
+    if chosen == "ref":
+        return reference_linear_cross_entropy(hidden, weight, target.long(), bias, ignore_index,
+                                              label_smoothing, z_loss, softcap, reduction,
+                                              num_items)
+    grad_on = torch.is_grad_enabled()
+    loss, *_ = _flce(hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(),
+                     target.reshape(-1).long().contiguous(),
+                     None if bias is None else bias.contiguous(),
+                     int(ignore_index), float(label_smoothing), float(z_loss),
+                     float(softcap or 0.0), reduction,
+                     float(num_items) if num_items is not None else 0.0, chosen,
+                     grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+                     grad_on and bias is not None and bias.requires_grad)
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
