@@ -32,7 +32,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t row_scale, uintptr_t loss, uintptr_t lse, bool write_grad, int num_threads) {
         CeArgs a{ptr<void>(logits), dtype, n_rows, vocab, ld, ptr<const int64_t>(target),
                  ignore_index, label_smoothing, z_loss, softcap, scale,
-                 ptr<const float>(row_scale), ptr<float>(loss), ptr<float>(lse), write_grad};
+                 ptr<const float>(row_scale), ptr<void>(loss), ptr<void>(lse), write_grad};
         py::gil_scoped_release nogil;
         ce_rows(a, num_threads);
       },

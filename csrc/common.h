@@ -10,7 +10,7 @@
 namespace pyengine {
 
 // dtype codes shared with Python (pyengine/_ext.py)
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2, kF64 = 3 };
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;

@@ -9,8 +9,8 @@
 //   loss = (1-eps)(lse - z_t) + eps(lse - mean_j z_j) + z_loss * lse^2
 //   grad_j = s_i [ p_j (1 + 2 z_loss lse) - eps/V - (1-eps)[j==t] ] * (1 - (z_j/c)^2)
 // with p = softmax(z), s_i = scale * row_scale[i] (row_scale optional).  Ignored rows:
-// loss 0, lse 0, grad 0.  Logits are fp32, bf16 or fp16 with row stride ld; all math in
-// fp32.  Floor: the row pass reads and writes N*V elements once (bytes), ~5 flops each
+// loss 0, lse 0, grad 0.  Logits are fp32, bf16 or fp16 (math in fp32) or fp64 (math in
+// fp64, for gradcheck), with row stride ld.  Floor: the row pass reads and writes N*V elements once (bytes), ~5 flops each
 // plus one exp; it is small next to the 2*N*V*H-flop GEMMs it sits between.
 #pragma once
 #include <cstdint>
@@ -26,8 +26,8 @@ struct CeArgs {
   float label_smoothing, z_loss, softcap;  // softcap <= 0: off
   float scale;                   // multiplies every gradient row
   const float* row_scale;        // optional [n_rows] per-row gradient scale
-  float* loss;                   // [n_rows] per-row loss (0 for ignored rows)
-  float* lse;                    // optional [n_rows]
+  void* loss;                    // [n_rows] per-row loss (0 for ignored rows); fp64 for
+  void* lse;                     // fp64 logits, else fp32.  lse: optional [n_rows]
   bool write_grad;
 };
 

@@ -12,25 +12,30 @@ namespace PYENGINE_ISA_NS {
 namespace {
 
 
+// Math type A is float for fp32/bf16/fp16 logits (vectorised exp below) and double for
+// fp64 logits (libm; a precise path for gradcheck, not a fast one).
+static inline float exp_a(float x) { return exp_approx(x); }
+static inline double exp_a(double x) { return std::exp(x); }
 // tanh via exp: tanh(x) = 1 - 2 / (exp(2x) + 1); saturates cleanly at +-1.
-static inline float tanh_approx(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+static inline float tanh_a(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
+static inline double tanh_a(double x) { return std::tanh(x); }
 
-// Fill z (fp32) from one logits row; returns max.
-template <typename LoadFn, typename T>
-float load_row(const T* row, int64_t V, float cap, float* z, LoadFn ld) {
-  float m = -INFINITY;
-  if (cap > 0.f) {
-    float inv = 1.0f / cap;
+// Fill z from one logits row; returns max.
+template <typename A, typename LoadFn, typename T>
+A load_row(const T* row, int64_t V, A cap, A* z, LoadFn ld) {
+  A m = -INFINITY;
+  if (cap > 0) {
+    A inv = A(1) / cap;
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
-      float v = cap * tanh_approx(ld(row, j) * inv);
+      A v = cap * tanh_a(ld(row, j) * inv);
       z[j] = v;
       m = std::max(m, v);
     }
   } else {
 #pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < V; ++j) {
-      float v = ld(row, j);
+      A v = ld(row, j);
       z[j] = v;
       m = std::max(m, v);
     }
@@ -38,44 +43,46 @@ float load_row(const T* row, int64_t V, float cap, float* z, LoadFn ld) {
   return m;
 }
 
-template <typename T, typename LoadFn, typename StoreFn>
+template <typename T, typename A, typename LoadFn, typename StoreFn>
 void rows(const CeArgs& a, int64_t begin, int64_t end, LoadFn ld, StoreFn st) {
   const int64_t V = a.vocab;
-  const float eps = a.label_smoothing, zl = a.z_loss, cap = a.softcap;
-  std::vector<float> zbuf(V);
-  float* z = zbuf.data();
+  const A eps = a.label_smoothing, zl = a.z_loss, cap = a.softcap;
+  std::vector<A> zbuf(V);
+  A* z = zbuf.data();
+  A* loss = static_cast<A*>(a.loss);
+  A* lse_out = static_cast<A*>(a.lse);
   for (int64_t i = begin; i < end; ++i) {
     T* row = static_cast<T*>(a.logits) + i * a.ld;
     const int64_t t = a.target[i];
     if (t == a.ignore_index) {
-      a.loss[i] = 0.f;
-      if (a.lse) a.lse[i] = 0.f;
+      loss[i] = 0;
+      if (lse_out) lse_out[i] = 0;
       if (a.write_grad)
         for (int64_t j = 0; j < V; ++j) st(row, j, 0.f);
       continue;
     }
-    const float m = load_row(row, V, cap, z, ld);
-    float sum = 0.f, zsum = 0.f;
+    const A m = load_row<A>(row, V, cap, z, ld);
+    A sum = 0, zsum = 0;
 #pragma omp simd reduction(+ : sum, zsum)
     for (int64_t j = 0; j < V; ++j) {
-      sum += exp_approx(z[j] - m);
+      sum += exp_a(z[j] - m);
       zsum += z[j];
     }
-    const float lse = m + std::log(sum);
-    a.loss[i] = (1.f - eps) * (lse - z[t]) + eps * (lse - zsum / float(V)) + zl * lse * lse;
-    if (a.lse) a.lse[i] = lse;
+    const A lse = m + std::log(sum);
+    loss[i] = (1 - eps) * (lse - z[t]) + eps * (lse - zsum / A(V)) + zl * lse * lse;
+    if (lse_out) lse_out[i] = lse;
     if (!a.write_grad) continue;
-    const float s = a.scale * (a.row_scale ? a.row_scale[i] : 1.f);
-    const float pscale = s * (1.f + 2.f * zl * lse), off = s * eps / float(V);
-    const float inv_cap2 = cap > 0.f ? 1.f / (cap * cap) : 0.f;
+    const A s = a.scale * (a.row_scale ? a.row_scale[i] : 1.0);
+    const A pscale = s * (1 + 2 * zl * lse), off = s * eps / A(V);
+    const A inv_cap2 = cap > 0 ? 1 / (cap * cap) : 0;
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) {
-      float g = pscale * exp_approx(z[j] - lse) - off;
-      st(row, j, cap > 0.f ? g * (1.f - z[j] * z[j] * inv_cap2) : g);
+      A g = pscale * exp_a(z[j] - lse) - off;
+      st(row, j, cap > 0 ? g * (1 - z[j] * z[j] * inv_cap2) : g);
     }
     // the one-hot term, applied after the vector loop
-    float gt = pscale * exp_approx(z[t] - lse) - off - s * (1.f - eps);
-    st(row, t, cap > 0.f ? gt * (1.f - z[t] * z[t] * inv_cap2) : gt);
+    A gt = pscale * exp_a(z[t] - lse) - off - s * (1 - eps);
+    st(row, t, cap > 0 ? gt * (1 - z[t] * z[t] * inv_cap2) : gt);
   }
 }
 
@@ -84,15 +91,19 @@ void rows(const CeArgs& a, int64_t begin, int64_t end, LoadFn ld, StoreFn st) {
 void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end) {
   switch (a.dtype) {
     case kF32:
-      rows<float>(a, begin, end, [](const float* p, int64_t j) { return p[j]; },
-                  [](float* p, int64_t j, float v) { p[j] = v; });
+      rows<float, float>(a, begin, end, [](const float* p, int64_t j) { return p[j]; },
+                         [](float* p, int64_t j, float v) { p[j] = v; });
+      break;
+    case kF64:
+      rows<double, double>(a, begin, end, [](const double* p, int64_t j) { return p[j]; },
+                           [](double* p, int64_t j, double v) { p[j] = v; });
       break;
     case kBF16:
-      rows<uint16_t>(a, begin, end, [](const uint16_t* p, int64_t j) { return bf16_to_f32(p[j]); },
+      rows<uint16_t, float>(a, begin, end, [](const uint16_t* p, int64_t j) { return bf16_to_f32(p[j]); },
                      [](uint16_t* p, int64_t j, float v) { p[j] = f32_to_bf16(v); });
       break;
     default:
-      rows<uint16_t>(a, begin, end, [](const uint16_t* p, int64_t j) { return f16_to_f32(p[j]); },
+      rows<uint16_t, float>(a, begin, end, [](const uint16_t* p, int64_t j) { return f16_to_f32(p[j]); },
                      [](uint16_t* p, int64_t j, float v) { p[j] = f32_to_f16(v); });
       break;
   }

@@ -12,7 +12,7 @@ except ImportError as e:  # not built (PYENGINE_NO_EXT=1) or broken build
     _C = None
     EXT_ERROR = f"extension pyengine._C not importable ({e})"
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 
 
 def dtype_code(t: torch.Tensor) -> int:

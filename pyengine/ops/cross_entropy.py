@@ -37,8 +37,9 @@ CHUNK_BYTES = 32 << 20  # logits chunk budget: large enough for efficient GEMMs,
 def reference_linear_cross_entropy(hidden, weight, target, bias=None, ignore_index=-100,
                                    label_smoothing=0.0, z_loss=0.0, softcap=None,
                                    reduction="mean", num_items=None):
-    """The spec: plain PyTorch on fp32-upcast logits (materialises [N, V])."""
-    logits = F.linear(hidden, weight, bias).float().reshape(-1, weight.shape[0])
+    """The spec: plain PyTorch on fp32-upcast (fp64 stays fp64) logits; materialises [N, V]."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, weight.shape[0])
     target = target.reshape(-1)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -96,10 +97,12 @@ def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
     write_grad = need_gh or need_gw or need_gb
     rows = _chunk_rows(n, vocab, hidden.element_size())
     buf = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
-    loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=loss_dtype, device=hidden.device)
     gh = torch.empty_like(hidden) if need_gh else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device) if need_gw else None
-    gb = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_gb else None
+    acc = dict(dtype=loss_dtype, device=hidden.device)  # fp32 (fp64) accumulators
+    gw = torch.zeros(weight.shape, **acc) if need_gw else None
+    gb = torch.zeros(vocab, **acc) if need_gb else None
     kernel = ROW_KERNELS[backend]
     wt = weight.t()
     for s in range(0, n, rows):
@@ -115,12 +118,12 @@ def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
         if need_gh:
             torch.mm(logits, weight, out=gh[s:e])
         if need_gw:
-            if logits.dtype == torch.float32:
+            if logits.dtype == gw.dtype:
                 gw.addmm_(logits.t(), h)
             else:  # low-precision GEMM per chunk, accumulated across chunks in fp32
                 gw += logits.t() @ h
         if need_gb:
-            gb += logits.sum(0, dtype=torch.float32)
+            gb += logits.sum(0, dtype=gb.dtype)
     return loss, gh, gw, gb
 
 
@@ -170,7 +173,8 @@ def _flce(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor]
 def _(hidden, weight, target, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
       num_items, backend, need_gh, need_gw, need_gb):
     none = reduction == "none"
-    loss = hidden.new_empty(hidden.shape[:1] if none else (), dtype=torch.float32)
+    loss_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty(hidden.shape[:1] if none else (), dtype=loss_dtype)
     gh = hidden.new_empty(hidden.shape if need_gh and not none else (0,))
     gw = weight.new_empty(weight.shape if need_gw and not none else (0,))
     gb = hidden.new_empty(bias.shape if need_gb and not none else (0,),
@@ -186,7 +190,7 @@ def _flce_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Te
     """Gradients for reduction="none": recompute logits, rows scaled by grad_loss."""
     _, gh, gw, gb = _chunked(backend, hidden, weight, target, bias,
                              _opts(ignore_index, label_smoothing, z_loss, softcap),
-                             row_scale=grad_loss.float().contiguous(), scale=1.0,
+                             row_scale=grad_loss.float().contiguous(), scale=1.0,  # C++ takes fp32
                              need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
     return (gh if gh is not None else _empty(hidden),
             gw.to(weight.dtype) if gw is not None else _empty(weight),
@@ -244,9 +248,9 @@ def _validate(hidden, weight, target, bias, label_smoothing, softcap, reduction,
                          f"leading shape {tuple(hidden.shape[:-1])}")
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"{name}: target must be an integer tensor, got {target.dtype}")
-    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"{name}: hidden dtype {hidden.dtype} not supported "
-                        "(float32, bfloat16, float16)")
+                        "(float32, bfloat16, float16; float64 for gradcheck)")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{name}: weight dtype {weight.dtype} != hidden dtype {hidden.dtype}")
     tensors = {"weight": weight, "target": target, "bias": bias}

@@ -1,0 +1,234 @@
+"""fused_linear_cross_entropy (cpu backend) against the fp64 plain-PyTorch reference."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pyengine
+from pyengine import _ext
+from pyengine.ops import fused_linear_cross_entropy, reference_linear_cross_entropy
+from tests.conftest import requires_ext
+
+pytestmark = requires_ext
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.1},
+    {"z_loss": 1e-3},
+    {"softcap": 4.0},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"num_items": 100},
+    {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 2.5, "reduction": "none"},
+]
+SHAPES = [(47, 31, 123), (1, 8, 5), (130, 64, 1000)]
+
+
+def make_inputs(n, h, v, dtype, bias=True, ignore_every=5):
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5).to(dtype)
+    b = torch.randn(v).to(dtype) if bias else None
+    target = torch.randint(0, v, (n,))
+    if ignore_every:
+        target[::ignore_every] = -100
+    return hidden, weight, target, b
+
+
+def loss_and_grads(fn, hidden, weight, target, bias, grad_seed=0, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    b = leaves[2] if bias is not None else None
+    loss = fn(leaves[0], leaves[1], target, bias=b, **kw)
+    g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(grad_seed)).to(loss.dtype)
+    (loss * g).sum().backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
+def ref(hidden, weight, target, bias=None, **kw):
+    return reference_linear_cross_entropy(hidden, weight, target, bias, **kw)
+
+
+def max_err(xs, ys):
+    return [(x.double() - y.double()).abs().max().item() for x, y in zip(xs, ys)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_fp64_reference(shape, opts, dtype):
+    """Error vs fp64 within ~2x plain PyTorch's own error in the same dtype."""
+    inputs = make_inputs(*shape, dtype)
+    exact = loss_and_grads(ref, *(t.double() if t is not None and t.is_floating_point() else t
+                                  for t in inputs), **opts)
+    torch_err = max_err(loss_and_grads(ref, *inputs, **opts), exact)
+    ours_err = max_err(loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu", **opts),
+                       exact)
+    floor = 1e-5 if dtype == torch.float32 else 2**-7  # + one output rounding step
+    for name, o, t, e in zip(("loss", "d_hidden", "d_weight", "d_bias"), ours_err, torch_err, exact):
+        scale = max(e.abs().max().item(), 1.0)
+        assert o <= 2 * t + floor * scale, f"{name}: ours {o:.3g} vs torch {t:.3g}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_fp64(reduction):
+    h, w, t, b = make_inputs(7, 5, 11, torch.float64, ignore_every=3)
+    for kw in ({}, {"label_smoothing": 0.2, "z_loss": 0.01, "softcap": 3.0}):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: fused_linear_cross_entropy(h, w, t, bias=b, reduction=reduction,
+                                                       backend="cpu", **kw),
+            tuple(x.requires_grad_() for x in (h, w, b)))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_grads(reduction):
+    h, w, t, b = make_inputs(9, 16, 33, torch.float32)
+    t[:] = -100
+    loss, gh, gw, gb = loss_and_grads(fused_linear_cross_entropy, h, w, t, b, reduction=reduction,
+                                      backend="cpu")
+    for x in (loss, gh, gw, gb):
+        assert torch.isfinite(x).all() and (x == 0).all()
+
+
+def test_custom_ignore_index_and_3d_inputs():
+    h, w, t, b = make_inputs(24, 16, 40, torch.float32, ignore_every=0)
+    t[::4] = 7  # ignore a real class id
+    kw = dict(ignore_index=7)
+    ours = fused_linear_cross_entropy(h.view(2, 3, 4, 16), w, t.view(2, 3, 4), bias=b,
+                                      reduction="none", backend="cpu", **kw)
+    assert ours.shape == (2, 3, 4)
+    torch.testing.assert_close(ours.view(-1), ref(h, w, t, b, reduction="none", **kw))
+
+
+def test_gradient_accumulation_with_num_items_equals_full_batch():
+    h, w, t, _ = make_inputs(64, 32, 77, torch.float32, ignore_every=3)
+    full = loss_and_grads(fused_linear_cross_entropy, h, w, t, None, backend="cpu")
+    total = int((t != -100).sum())
+    halves = [loss_and_grads(fused_linear_cross_entropy, h[s], w, t[s], None, num_items=total,
+                             backend="cpu") for s in (slice(0, 30), slice(30, 64))]
+    torch.testing.assert_close(halves[0][0] + halves[1][0], full[0])
+    torch.testing.assert_close(halves[0][2] + halves[1][2], full[2])  # d_weight sums
+    torch.testing.assert_close(torch.cat([halves[0][1], halves[1][1]]), full[1])
+
+
+def test_frozen_weight_gets_no_grad_and_no_grad_mode_returns_loss():
+    h, w, t, _ = make_inputs(20, 16, 50, torch.float32)
+    hr = h.clone().requires_grad_()
+    fused_linear_cross_entropy(hr, w, t, backend="cpu").backward()
+    assert w.grad is None and hr.grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(fused_linear_cross_entropy(h, w, t, backend="cpu"),
+                                   ref(h, w, t))
+
+
+def test_does_not_modify_inputs():
+    h, w, t, b = make_inputs(20, 16, 50, torch.float32)
+    copies = [x.clone() for x in (h, w, t, b)]
+    loss_and_grads(fused_linear_cross_entropy, h, w, t, b, backend="cpu")
+    for x, c in zip((h, w, t, b), copies):
+        assert torch.equal(x, c)
+
+
+def test_retain_graph_backward_twice_is_consistent():
+    h, w, t, _ = make_inputs(20, 16, 50, torch.float32)
+    h.requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, t, backend="cpu")
+    (g1,) = torch.autograd.grad(loss, h, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 3, h)
+    torch.testing.assert_close(g2, 3 * g1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_isa_variants_agree_with_scalar(isa, dtype):
+    if ["scalar", "avx2", "avx512"].index(_ext._C.best_isa()) < ["avx2", "avx512"].index(isa) + 1:
+        pytest.skip(f"CPU lacks {isa}")
+    h, w, t, b = make_inputs(33, 24, 517, dtype)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0, backend="cpu")
+    try:
+        _ext._C.set_isa_cap("scalar")
+        scalar = loss_and_grads(fused_linear_cross_entropy, h, w, t, b, **kw)
+        _ext._C.set_isa_cap(isa)
+        vector = loss_and_grads(fused_linear_cross_entropy, h, w, t, b, **kw)
+    finally:
+        _ext._C.set_isa_cap("avx512")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for s, v in zip(scalar, vector):
+        torch.testing.assert_close(v.float(), s.float(), rtol=tol, atol=tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 70), h=st.integers(1, 40), v=st.integers(2, 300),
+       smoothing=st.sampled_from([0.0, 0.3]), softcap=st.sampled_from([None, 1.5]))
+def test_fuzz_shapes_fp32(n, h, v, smoothing, softcap):
+    inputs = make_inputs(n, h, v, torch.float32, ignore_every=4)
+    kw = dict(label_smoothing=smoothing, softcap=softcap)
+    ours = loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu", **kw)
+    exact = loss_and_grads(ref, *(x.double() if x.is_floating_point() else x for x in inputs), **kw)
+    for o, e in zip(ours, exact):
+        torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=1e-5)
+
+
+def test_small_chunks_cover_every_row(monkeypatch):
+    from pyengine.ops import cross_entropy
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 3 * 4 * 100)  # 3 rows per chunk
+    inputs = make_inputs(11, 8, 100, torch.float32)
+    ours = loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu")
+    for o, e in zip(ours, loss_and_grads(ref, *inputs)):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    h, w, t, b = make_inputs(10, 8, 30, torch.float32)
+    op = torch.ops.pyengine.linear_cross_entropy.default
+    for reduction in ("mean", "none"):
+        args = (h.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), -100, 0.1, 1e-3,
+                0.0, reduction, 0.0, "cpu", True, True, True)
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_model_runs():
+    lm_head = torch.nn.Linear(16, 40, bias=False)
+    loss_fn = pyengine.nn.FusedLinearCrossEntropyLoss(backend="cpu")
+    h, _, t, _ = make_inputs(12, 16, 40, torch.float32)
+    h.requires_grad_()
+
+    def step(h, t):
+        return loss_fn(torch.tanh(h), lm_head.weight, t)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    loss = compiled(h, t)
+    loss.backward()
+    expected = ref(torch.tanh(h.detach()), lm_head.weight.detach(), t)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert lm_head.weight.grad is not None and h.grad is not None
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda h, w, t, b: (h[:, :-1], w, t, b), "does not end in H"),
+    (lambda h, w, t, b: (h, w, t[:-1], b), "target shape"),
+    (lambda h, w, t, b: (h, w, t.float(), b), "integer"),
+    (lambda h, w, t, b: (h, w.double(), t, b), "weight dtype"),
+    (lambda h, w, t, b: (h, w, t, b[:-1]), "bias must be"),
+    (lambda h, w, t, b: (h.int(), w, t, b), "not supported"),
+    (lambda h, w, t, b: (h, w, t.clamp_min(0) + 1000, b), r"target\[0\] = 10"),
+])
+def test_bad_input_raises_clear_error(bad, match):
+    h, w, t, b = bad(*make_inputs(6, 8, 20, torch.float32, ignore_every=0))
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_linear_cross_entropy(h, w, t, bias=b, backend="cpu")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"reduction": "avg"}, "reduction"), ({"label_smoothing": 1.5}, "label_smoothing"),
+    ({"softcap": -1.0}, "softcap"), ({"num_items": 0}, "num_items"),
+    ({"backend": "gpu"}, "not implemented"),
+])
+def test_bad_options_raise(kw, match):
+    h, w, t, b = make_inputs(6, 8, 20, torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fused_linear_cross_entropy(h, w, t, **kw)
+
+
+def test_backends_report_and_env_selection(monkeypatch):
+    report = pyengine.backends()["fused_linear_cross_entropy"]
+    assert report["ref"] == "available" and report["cpu"] == "available"
+    monkeypatch.setenv("PYENGINE_BACKEND", "ref")
+    h, w, t, _ = make_inputs(6, 8, 20, torch.float32)
+    torch.testing.assert_close(fused_linear_cross_entropy(h, w, t), ref(h, w, t))
