@@ -31,6 +31,7 @@ OP = "fused_linear_cross_entropy"
 register_op(OP, ("ref", "cpu", "triton"))
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 32 << 20  # logits chunk budget: large enough for efficient GEMMs, L3-ish
+GW_BLOCK = 4096  # vocab rows per low-precision grad_W partial product (bounded temp)
 
 
 # --------------------------------------------------------------------------- reference
@@ -120,8 +121,9 @@ def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
         if need_gw:
             if logits.dtype == gw.dtype:
                 gw.addmm_(logits.t(), h)
-            else:  # low-precision GEMM per chunk, accumulated across chunks in fp32
-                gw += logits.t() @ h
+            else:  # low-precision GEMM per vocab block (small temp), fp32 accumulation
+                for v in range(0, vocab, GW_BLOCK):
+                    gw[v:v + GW_BLOCK] += logits[:, v:v + GW_BLOCK].t() @ h
         if need_gb:
             gb += logits.sum(0, dtype=gb.dtype)
     return loss, gh, gw, gb
@@ -213,21 +215,31 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = (need_gh, need_gw, need_gb)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:])
-    if reduction == "none":
-        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
-        ctx.save_for_backward(hidden, weight, target, bias)
-    else:
-        ctx.save_for_backward(*output[1:])
+    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
+    ctx.num_items = _num_items if _num_items > 0 else None
+    ctx.grads_used = reduction == "none"  # "none": no grads from forward, always recompute
+    ctx.save_for_backward(hidden, weight, target, bias)
+    # plain attribute, not save_for_backward: backward scales these in place (our buffers)
+    ctx.grads = output[1:]
 
 
 def _flce_grad(ctx, grad_loss, *_unused):
     need_gh, need_gw, need_gb = ctx.needs
-    if ctx.reduction == "none":
-        hidden, weight, target, bias = ctx.saved_tensors
-        gh, gw, gb = _flce_backward(grad_loss.reshape(-1), hidden, weight, target, bias,
-                                    *ctx.args, need_gh, need_gw, need_gb)
-    else:  # forward already produced the grads for grad_output = 1
-        gh, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    hidden, weight, target, bias = ctx.saved_tensors
+    if ctx.grads_used:  # reduction "none", or a second backward through a retained graph
+        row_scale = grad_loss.reshape(-1)
+        if ctx.reduction != "none":  # one scalar for every row, as in forward
+            if ctx.reduction == "mean":
+                row_scale = row_scale / _denominator(target, ctx.args[0], ctx.num_items)
+            row_scale = row_scale.expand(target.shape[0])
+        gh, gw, gb = _flce_backward(row_scale, hidden, weight, target, bias, *ctx.args,
+                                    need_gh, need_gw, need_gb)
+    else:  # forward produced the grads for grad_output = 1: scale our own buffers in place
+        ctx.grads_used = True  # (out of place while being traced by torch.compile)
+        traced = torch._guards.detect_fake_mode(grad_loss) is not None
+        gh, gw, gb = ((g * grad_loss.to(g.dtype)) if traced else g.mul_(grad_loss.to(g.dtype))
+                      for g in ctx.grads)
+        ctx.grads = None
     return (gh if need_gh else None, gw if need_gw else None, None,
             gb if need_gb and ctx.has_bias else None) + (None,) * 10
 
