@@ -215,6 +215,7 @@ def _setup_context(ctx, inputs, output):
     ctx.needs = (need_gh, need_gw, need_gb)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd allocates zeros shaped like the grads
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
     ctx.num_items = _num_items if _num_items > 0 else None
     ctx.grads_used = reduction == "none"  # "none": no grads from forward, always recompute
@@ -225,6 +226,8 @@ def _setup_context(ctx, inputs, output):
 
 def _flce_grad(ctx, grad_loss, *_unused):
     need_gh, need_gw, need_gb = ctx.needs
+    if grad_loss is None:  # the loss did not reach the output being differentiated
+        return (None,) * 14
     hidden, weight, target, bias = ctx.saved_tensors
     if ctx.grads_used:  # reduction "none", or a second backward through a retained graph
         row_scale = grad_loss.reshape(-1)
