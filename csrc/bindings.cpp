@@ -37,4 +37,11 @@ PYBIND11_MODULE(_C, m) {
         ce_rows(a, num_threads);
       },
       "Cross-entropy over logits rows in place (see csrc/cross_entropy.h).");
+  m.def(
+      "accumulate_f32",
+      [](uintptr_t acc, uintptr_t src, int src_dtype, int64_t n, int num_threads) {
+        py::gil_scoped_release nogil;
+        accumulate_f32(ptr<float>(acc), ptr<const void>(src), src_dtype, n, num_threads);
+      },
+      "acc[i] += src[i] (src fp32/bf16/fp16) into an fp32 accumulator.");
 }

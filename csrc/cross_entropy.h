@@ -33,8 +33,19 @@ struct CeArgs {
 
 void ce_rows(const CeArgs& a, int num_threads);
 
-namespace scalar { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
-namespace avx2 { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
-namespace avx512 { void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end); }
+// acc[i] += src[i] for a bf16/fp16/fp32 src: grad_W partial products (low-precision GEMM
+// outputs) accumulated across token chunks in fp32.  torch's mixed-dtype in-place add
+// takes a slow path here; this is one streaming pass.
+void accumulate_f32(float* acc, const void* src, int src_dtype, int64_t n, int num_threads);
+
+#define PYENGINE_CE_VARIANT(isa)                                                 \
+  namespace isa {                                                                \
+  void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end);               \
+  void accumulate_range(float* acc, const void* src, int dtype, int64_t b, int64_t e); \
+  }
+PYENGINE_CE_VARIANT(scalar)
+PYENGINE_CE_VARIANT(avx2)
+PYENGINE_CE_VARIANT(avx512)
+#undef PYENGINE_CE_VARIANT
 
 }  // namespace pyengine

@@ -109,5 +109,20 @@ void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+void accumulate_range(float* acc, const void* src, int dtype, int64_t b, int64_t e) {
+  if (dtype == kF32) {
+    const float* s = static_cast<const float*>(src);
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) acc[i] += s[i];
+  } else if (dtype == kBF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) acc[i] += bf16_to_f32(s[i]);
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (int64_t i = b; i < e; ++i) acc[i] += f16_to_f32(s[i]);
+  }
+}
+
 }  // namespace PYENGINE_ISA_NS
 }  // namespace pyengine

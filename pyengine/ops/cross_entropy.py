@@ -77,6 +77,15 @@ def _cpu_rows(logits, target, loss, *, ignore_index, label_smoothing, z_loss, so
                     loss.data_ptr(), 0, write_grad, _ext.num_threads())
 
 
+def _accumulate_f32(acc, part):
+    """acc += part, acc fp32 (contiguous rows block), part low precision."""
+    if _ext._C is not None and acc.device.type == "cpu":
+        _ext._C.accumulate_f32(acc.data_ptr(), part.data_ptr(), _ext.dtype_code(part),
+                               part.numel(), _ext.num_threads())
+    else:
+        acc += part
+
+
 def _triton_rows(logits, target, loss, **kw):
     from pyengine.kernels.cross_entropy import ce_rows
     ce_rows(logits, target, loss, **kw)
@@ -123,7 +132,7 @@ def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
                 gw.addmm_(logits.t(), h)
             else:  # low-precision GEMM per vocab block (small temp), fp32 accumulation
                 for v in range(0, vocab, GW_BLOCK):
-                    gw[v:v + GW_BLOCK] += logits[:, v:v + GW_BLOCK].t() @ h
+                    _accumulate_f32(gw[v:v + GW_BLOCK], logits[:, v:v + GW_BLOCK].t() @ h)
         if need_gb:
             gb += logits.sum(0, dtype=gb.dtype)
     return loss, gh, gw, gb
