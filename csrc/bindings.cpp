@@ -6,6 +6,7 @@
 
 #include "cpu_features.h"
 #include "cross_entropy.h"
+#include "lora.h"
 
 namespace py = pybind11;
 using namespace pyengine;
@@ -37,4 +38,35 @@ PYBIND11_MODULE(_C, m) {
         ce_rows(a, num_threads);
       },
       "Cross-entropy over logits rows in place (see csrc/cross_entropy.h).");
+
+  m.def(
+      "lora_down",
+      [](uintptr_t x, int dtype, int64_t n, int64_t k, uintptr_t w, int64_t r, uintptr_t mask,
+         float keep, uintptr_t u, int num_threads) {
+        LoraDownArgs a{ptr<const void>(x), dtype, n, k, ptr<const float>(w), r,
+                       ptr<const uint8_t>(mask), keep, ptr<float>(u)};
+        py::gil_scoped_release nogil;
+        lora_down(a, num_threads);
+      },
+      "u = keep * (x * mask) @ w.T (see csrc/lora.h).");
+  m.def(
+      "lora_up_add",
+      [](uintptr_t out, int dtype, int64_t n, int64_t m_cols, uintptr_t u, uintptr_t w, int64_t r,
+         float alpha, uintptr_t mask, int num_threads) {
+        LoraUpAddArgs a{ptr<void>(out), dtype, n, m_cols, ptr<const float>(u),
+                        ptr<const float>(w), r, alpha, ptr<const uint8_t>(mask)};
+        py::gil_scoped_release nogil;
+        lora_up_add(a, num_threads);
+      },
+      "out += alpha * (u @ w) * mask in place (see csrc/lora.h).");
+  m.def(
+      "lora_outer",
+      [](uintptr_t x, int dtype, int64_t n, int64_t k, uintptr_t u, int64_t r, uintptr_t mask,
+         float alpha, uintptr_t g, int num_threads) {
+        LoraOuterArgs a{ptr<const void>(x), dtype, n, k, ptr<const float>(u), r,
+                        ptr<const uint8_t>(mask), alpha, ptr<float>(g)};
+        py::gil_scoped_release nogil;
+        lora_outer(a, num_threads);
+      },
+      "g = alpha * u.T @ (x * mask) (see csrc/lora.h).");
 }
