@@ -5,6 +5,9 @@
 // outer, 4 rows x 2 ranks for down.
 #include <algorithm>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "lora.h"
@@ -39,8 +42,123 @@ inline void load_row(const typename D::T* x, const uint8_t* mask, int64_t len, f
   }
 }
 
+#ifdef __AVX512F__
+// Explicit AVX-512 blocks: 16 zmm accumulators (4 rows or ranks x 64 columns, or 4 rows x
+// 4 ranks), so each loaded vector feeds 4 FMAs.  Tails reuse the last row / rank (computed
+// twice, stored once) or fall back to the generic blocks above.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(uint16_t* p, __m512 v) {  // round to nearest even, as f32_to_bf16
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+inline __mmask16 keep_bits(const uint8_t* m) {
+  return _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)),
+                            _mm_set1_epi8(-1));
+}
+
+template <typename T>
+void up_add_avx512(const LoraUpAddArgs& a, int64_t n0, int64_t rb, int64_t j0) {
+  __m512 acc[kRows][4];
+  for (int i = 0; i < kRows; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+  const float* u[kRows];
+  for (int i = 0; i < kRows; ++i) u[i] = a.u + (n0 + std::min<int64_t>(i, rb - 1)) * a.r;
+  for (int64_t k = 0; k < a.r; ++k) {
+    const float* wk = a.w + k * a.m + j0;
+    __m512 w[4] = {load16(wk), load16(wk + 16), load16(wk + 32), load16(wk + 48)};
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 coef = _mm512_set1_ps(u[i][k]);
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(coef, w[c], acc[i][c]);
+    }
+  }
+  const __m512 alpha = _mm512_set1_ps(a.alpha);
+  for (int64_t i = 0; i < rb; ++i) {
+    T* o = static_cast<T*>(a.out) + (n0 + i) * a.m + j0;
+    for (int c = 0; c < 4; ++c) {
+      const __m512 old = load16(o + 16 * c);
+      const __mmask16 keep = a.mask ? keep_bits(a.mask + (n0 + i) * a.m + j0 + 16 * c) : 0xffff;
+      store16(o + 16 * c, _mm512_mask3_fmadd_ps(alpha, acc[i][c], old, keep));
+    }
+  }
+}
+
+template <typename T>
+void down_avx512(const LoraDownArgs& a, int64_t n0, int64_t rb) {
+  const int64_t K = a.k, R = a.r;
+  const T* x[kRows];
+  const uint8_t* mk[kRows];
+  for (int i = 0; i < kRows; ++i) {
+    const int64_t n = n0 + std::min<int64_t>(i, rb - 1);
+    x[i] = static_cast<const T*>(a.x) + n * K;
+    mk[i] = a.mask ? a.mask + n * K : nullptr;
+  }
+  for (int64_t k0 = 0; k0 < R; k0 += 4) {
+    const float* w[4];
+    for (int q = 0; q < 4; ++q) w[q] = a.w + std::min<int64_t>(k0 + q, R - 1) * K;
+    __m512 acc[kRows][4];
+    for (int i = 0; i < kRows; ++i)
+      for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; j += 16) {
+      const __mmask16 tail = K - j >= 16 ? 0xffff : __mmask16((1u << (K - j)) - 1);
+      __m512 wv[4], xv[kRows];
+      for (int q = 0; q < 4; ++q) wv[q] = load16(w[q] + j, tail);
+      for (int i = 0; i < kRows; ++i) {
+        const __mmask16 m = mk[i] ? __mmask16(tail & keep_bits(mk[i] + j)) : tail;
+        xv[i] = load16(x[i] + j, m);
+      }
+      for (int i = 0; i < kRows; ++i)
+        for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_fmadd_ps(xv[i], wv[q], acc[i][q]);
+    }
+    for (int64_t i = 0; i < rb; ++i)
+      for (int q = 0; q < 4 && k0 + q < R; ++q)
+        a.u[(n0 + i) * R + k0 + q] = a.keep * _mm512_reduce_add_ps(acc[i][q]);
+  }
+}
+
+template <typename T>
+void outer_avx512(const LoraOuterArgs& a, int64_t k0, int64_t kb, int64_t j0) {
+  __m512 acc[kRows][4];
+  for (int i = 0; i < kRows; ++i)
+    for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_setzero_ps();
+  int64_t rank[kRows];
+  for (int i = 0; i < kRows; ++i) rank[i] = k0 + std::min<int64_t>(i, kb - 1);
+  const T* x = static_cast<const T*>(a.x) + j0;
+  for (int64_t n = 0; n < a.n; ++n) {
+    __m512 xv[4];
+    const T* xr = x + n * a.k;
+    if (a.mask) {
+      const uint8_t* mr = a.mask + n * a.k + j0;
+      for (int c = 0; c < 4; ++c) xv[c] = load16(xr + 16 * c, keep_bits(mr + 16 * c));
+    } else {
+      for (int c = 0; c < 4; ++c) xv[c] = load16(xr + 16 * c);
+    }
+    const float* un = a.u + n * a.r;
+    for (int i = 0; i < kRows; ++i) {
+      const __m512 coef = _mm512_set1_ps(un[rank[i]]);
+      for (int c = 0; c < 4; ++c) acc[i][c] = _mm512_fmadd_ps(coef, xv[c], acc[i][c]);
+    }
+  }
+  const __m512 alpha = _mm512_set1_ps(a.alpha);
+  for (int64_t i = 0; i < kb; ++i)
+    for (int c = 0; c < 4; ++c)
+      _mm512_storeu_ps(a.g + (k0 + i) * a.k + j0 + 16 * c, _mm512_mul_ps(alpha, acc[i][c]));
+}
+#endif  // __AVX512F__
+
 template <typename D>
 void down(const LoraDownArgs& a, int64_t begin, int64_t end) {
+#ifdef __AVX512F__
+  for (int64_t n0 = begin; n0 < end; n0 += kRows)
+    down_avx512<typename D::T>(a, n0, std::min<int64_t>(kRows, end - n0));
+#else
   const int64_t K = a.k, R = a.r;
   std::vector<float> buf(kRows * K, 0.f);
   const auto* x = static_cast<const typename D::T*>(a.x);
@@ -66,6 +184,7 @@ void down(const LoraDownArgs& a, int64_t begin, int64_t end) {
       }
     }
   }
+#endif
 }
 
 // out[n0 + i, j0 : j0 + len] += alpha * (u @ w)[...] * mask, for i < rb.
@@ -102,7 +221,13 @@ void up_add(const LoraUpAddArgs& a, int64_t begin, int64_t end) {
   for (int64_t n0 = begin; n0 < end; n0 += kRows) {
     const int64_t rb = std::min<int64_t>(kRows, end - n0);
     int64_t j0 = 0;
-    for (; j0 + kCols <= a.m; j0 += kCols) up_add_block<D, kCols>(a, n0, rb, j0, kCols);
+    for (; j0 + kCols <= a.m; j0 += kCols) {
+#ifdef __AVX512F__
+      up_add_avx512<typename D::T>(a, n0, rb, j0);
+#else
+      up_add_block<D, kCols>(a, n0, rb, j0, kCols);
+#endif
+    }
     if (j0 < a.m) up_add_block<D, 0>(a, n0, rb, j0, a.m - j0);
   }
 }
@@ -133,11 +258,21 @@ inline void outer_block(const LoraOuterArgs& a, int64_t k0, int64_t kb, int64_t 
 
 template <typename D>
 void outer(const LoraOuterArgs& a, int64_t begin, int64_t end) {
-  for (int64_t k0 = 0; k0 < a.r; k0 += kRows) {
-    const int64_t kb = std::min<int64_t>(kRows, a.r - k0);
-    int64_t j0 = begin;
-    for (; j0 + kCols <= end; j0 += kCols) outer_block<D, kCols>(a, k0, kb, j0, kCols);
-    if (j0 < end) outer_block<D, 0>(a, k0, kb, j0, end - j0);
+  // column strip outer, ranks inner: the strip x[:, j0 : j0 + 64] stays in L2 across ranks
+  for (int64_t j0 = begin; j0 < end; j0 += kCols) {
+    const int64_t len = std::min<int64_t>(kCols, end - j0);
+    for (int64_t k0 = 0; k0 < a.r; k0 += kRows) {
+      const int64_t kb = std::min<int64_t>(kRows, a.r - k0);
+      if (len < kCols) {
+        outer_block<D, 0>(a, k0, kb, j0, len);
+      } else {
+#ifdef __AVX512F__
+        outer_avx512<typename D::T>(a, k0, kb, j0);
+#else
+        outer_block<D, kCols>(a, k0, kb, j0, kCols);
+#endif
+      }
+    }
   }
 }
 

@@ -182,27 +182,45 @@ def test_isa_variants_match_scalar(dtype, r):
                 continue
             C.set_isa_cap(isa)
             u = torch.empty(n, r)
-            C.lora_down(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
-                        mask_k.data_ptr(), 1.5, u.data_ptr(), 2)
-            out = out0.clone()
-            C.lora_up_add(out.data_ptr(), _ext.dtype_code(out), n, m, u_in.data_ptr(),
-                          w_up.data_ptr(), r, 0.7, mask_m.data_ptr(), 2)
-            gw = torch.empty(r, k)
-            C.lora_outer(x.data_ptr(), _ext.dtype_code(x), n, k, u_in.data_ptr(), r,
-                         mask_k.data_ptr(), 0.3, gw.data_ptr(), 2)
-            results[isa] = (u, out, gw)
+            out = out0.clone()  # u = 1.5 * (x * mask) @ w_down.T, then out += 0.7 * u @ w_up
+            C.lora_down_up_add(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
+                               mask_k.data_ptr(), 1.5, u.data_ptr(), out.data_ptr(),
+                               _ext.dtype_code(out), m, w_up.data_ptr(), 0.7,
+                               mask_m.data_ptr(), 2)
+            gw, gw2 = torch.empty(r, k), torch.empty(r, m)
+            C.lora_outer2(x.data_ptr(), _ext.dtype_code(x), k, u_in.data_ptr(),
+                          mask_k.data_ptr(), 0.3, gw.data_ptr(), out0.data_ptr(),
+                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r, 2)
+            results[isa] = (u, out, gw, gw2)
     finally:
         C.set_isa_cap("avx512")
     xm = x.double() * mask_k
-    want = (1.5 * xm @ w_down.double().T,
-            out0.double() + 0.7 * (u_in.double() @ w_up.double()) * mask_m,
-            0.3 * u_in.double().T @ xm)
+    u64 = 1.5 * xm @ w_down.double().T
+    want = (u64, out0.double() + 0.7 * (u64 @ w_up.double()) * mask_m,
+            0.3 * u_in.double().T @ xm, 0.9 * u_in.double().T @ out0.double())
     out_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    tols = (1e-5, out_tol, 1e-5, 1e-5)
     for isa, got in results.items():
-        for name, g_, w_, tol in zip(("down", "up_add", "outer"), got, want, (1e-5, out_tol, 1e-5)):
+        for name, g_, w_, tol in zip(("down", "up_add", "outer", "outer2"), got, want, tols):
             err = (g_.double() - w_).abs().max().item() / w_.abs().max().item()
             assert err < tol, f"{isa} {name}: rel err {err:.3g}"
         if isa != "scalar":
-            for g_, s_, tol in zip(got, results["scalar"], (1e-5, out_tol, 1e-5)):
+            for g_, s_, tol in zip(got, results["scalar"], tols):
                 diff = (g_.double() - s_.double()).abs().max().item()
                 assert diff <= tol * s_.double().abs().max().item(), f"{isa} vs scalar: {diff:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["a", "b", "ab"])
+def test_partial_grads(backend, which):
+    """Frozen x (first layer) and one frozen adapter half take the other code paths."""
+    x, w, a, b, _ = make(21, 40, 66, 5, bias=False)
+    a_, b_ = a.clone().requires_grad_("a" in which), b.clone().requires_grad_("b" in which)
+    lora_linear(x, w, a_, b_, 0.9, dropout_p=0.0, backend=backend).square().sum().backward()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    (x.double() @ w.double().T + 0.9 * x.double() @ a64.T @ b64.T).square().sum().backward()
+    for t, t64, name in ((a_, a64, "a"), (b_, b64, "b")):
+        if name in which:
+            torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4 * t64.grad.abs().max().item())
+        else:
+            assert t.grad is None

@@ -66,8 +66,12 @@ def reference_lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Ten
 
 
 # --------------------------------------------------------------------------- skinny products
-# down(x, w, mask, keep) -> keep * (x * mask) @ w.T           [N, r] in w's dtype
-# up_add(out, u, w, alpha, mask): out += alpha * (u @ w) * mask  (in place, out [N, M])
+# Each backend provides two steps (w_* in the compute dtype, contiguous):
+# lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask) -> u
+#     u = keep * (x * x_mask) @ w_down.T   [N, r]; then, unless out is None,
+#     out += alpha * (u @ w_up) * out_mask  in place (out [N, M], w_up [r, M])
+# outer2(x1, u1, mask1, alpha1, x2, u2, alpha2) -> (alpha1 * u1.T @ (x1 * mask1),
+#     alpha2 * u2.T @ x2)  [r, K1], [r, K2]; a pair whose x is None gives None
 def _torch_down(x, w, mask, keep):
     xm = x if mask is None else x * mask
     u = xm.to(w.dtype) @ w.t()
@@ -82,34 +86,63 @@ def _torch_up_add(out, u, w, alpha, mask):
         out.add_(t if mask is None else t.mul_(mask), alpha=alpha)
 
 
-def _cpu_down(x, w, mask, keep):
-    if w.dtype != torch.float32:  # the C++ kernels take fp32 adapters (bf16 ones: torch)
-        return _torch_down(x, w, mask, keep)
-    u = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
-    _ext._C.lora_down(x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], w.data_ptr(),
-                      w.shape[0], _ext.ptr(mask), keep, u.data_ptr(), _ext.num_threads())
+def _torch_outer(x, u, mask, alpha):
+    if x is None:
+        return None
+    xm = x if mask is None else x * mask
+    return torch.mm(u.t(), xm.to(u.dtype)).mul_(alpha)
+
+
+def _torch_outer2(x1, u1, mask1, alpha1, x2, u2, alpha2):
+    return _torch_outer(x1, u1, mask1, alpha1), _torch_outer(x2, u2, None, alpha2)
+
+
+def _composed_lowrank_add(down, up_add):
+    def lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
+        u = down(x, w_down, x_mask, keep)
+        if out is not None:
+            up_add(out, u, w_up, alpha, out_mask)
+        return u
+    return lowrank_add
+
+
+_torch_lowrank_add = _composed_lowrank_add(_torch_down, _torch_up_add)
+
+
+def _cpu_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
+    if w_down.dtype != torch.float32:  # the C++ kernels take fp32 adapters (bf16 ones: torch)
+        return _torch_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask)
+    u = torch.empty(x.shape[0], w_down.shape[0], dtype=torch.float32)
+    _ext._C.lora_down_up_add(
+        x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], w_down.data_ptr(),
+        w_down.shape[0], _ext.ptr(x_mask), keep, u.data_ptr(), _ext.ptr(out),
+        _ext.dtype_code(x if out is None else out), 0 if out is None else out.shape[1],
+        _ext.ptr(w_up), alpha, _ext.ptr(out_mask), _ext.num_threads())
     return u
 
 
-def _cpu_up_add(out, u, w, alpha, mask):
-    if u.dtype != torch.float32:
-        return _torch_up_add(out, u, w, alpha, mask)
-    _ext._C.lora_up_add(out.data_ptr(), _ext.dtype_code(out), out.shape[0], out.shape[1],
-                        u.data_ptr(), w.data_ptr(), w.shape[0], alpha, _ext.ptr(mask),
-                        _ext.num_threads())
+def _cpu_outer2(x1, u1, mask1, alpha1, x2, u2, alpha2):
+    if (u1 if x1 is not None else u2).dtype != torch.float32:
+        return _torch_outer2(x1, u1, mask1, alpha1, x2, u2, alpha2)
+    if x1 is None:  # the kernel's optional pair is the second one
+        return None, _cpu_outer2(x2, u2, None, alpha2, None, None, 0.0)[0]
+    g1 = torch.empty(u1.shape[1], x1.shape[1], dtype=torch.float32)
+    g2 = None if x2 is None else torch.empty(u2.shape[1], x2.shape[1], dtype=torch.float32)
+    _ext._C.lora_outer2(
+        x1.data_ptr(), _ext.dtype_code(x1), x1.shape[1], u1.data_ptr(), _ext.ptr(mask1), alpha1,
+        g1.data_ptr(), _ext.ptr(x2), _ext.dtype_code(x1 if x2 is None else x2),
+        0 if x2 is None else x2.shape[1], _ext.ptr(u2), alpha2, _ext.ptr(g2), x1.shape[0],
+        u1.shape[1], _ext.num_threads())
+    return g1, g2
 
 
-def _triton_down(x, w, mask, keep):
-    from pyengine.kernels.lora import lora_down
-    return lora_down(x, w, mask, keep)
+def _triton_lowrank_add(*args):
+    from pyengine.kernels.lora import lora_down, lora_up_add
+    return _composed_lowrank_add(lora_down, lora_up_add)(*args)
 
 
-def _triton_up_add(out, u, w, alpha, mask):
-    from pyengine.kernels.lora import lora_up_add
-    lora_up_add(out, u, w, alpha, mask)
-
-
-SKINNY = {"cpu": (_cpu_down, _cpu_up_add), "triton": (_triton_down, _triton_up_add)}
+SKINNY = {"cpu": (_cpu_lowrank_add, _cpu_outer2),
+          "triton": (_triton_lowrank_add, _torch_outer2)}
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -122,11 +155,10 @@ def _lora_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: O
               mask: Optional[Tensor], scale: float, keep: float,
               backend: str) -> tuple[Tensor, Tensor]:
     """(y, u): x [N, in] contiguous; u = keep * (x * mask) @ A.T in the compute dtype."""
-    down, up_add = SKINNY[backend]
+    lowrank_add, _ = SKINNY[backend]
     ct = _compute_dtype(x, lora_a)
     y = F.linear(x, weight, bias)
-    u = down(x, lora_a.to(ct), mask, keep)
-    up_add(y, u, lora_b.to(ct).t().contiguous(), scale, None)
+    u = lowrank_add(x, lora_a.to(ct), mask, keep, y, lora_b.to(ct).t().contiguous(), scale, None)
     return y, u
 
 
@@ -142,20 +174,20 @@ def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: Tens
               need_gx: bool, need_ga: bool, need_gb: bool,
               need_gbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dbias); empty where not asked for."""
-    down, up_add = SKINNY[backend]
+    lowrank_add, outer2 = SKINNY[backend]
     ct = u.dtype
     grad_y = grad_y.contiguous()
-    a = lora_a.to(ct)
-    v = down(grad_y, lora_b.to(ct).t().contiguous(), None, 1.0) if need_gx or need_ga else None
     gx = ga = gb = gbias = None
     if need_gx:
         gx = grad_y @ weight
-        up_add(gx, v, a, scale * keep, mask)
-    if need_ga:
-        xm = x if mask is None else x * mask
-        ga = torch.mm(v.t(), xm.to(ct)).mul_(scale * keep).to(lora_a.dtype)
-    if need_gb:
-        gb = torch.mm(grad_y.to(ct).t(), u).mul_(scale).to(lora_b.dtype)
+    if need_gx or need_ga:
+        v = lowrank_add(grad_y, lora_b.to(ct).t().contiguous(), None, 1.0, gx,
+                        lora_a.to(ct), scale * keep, mask)
+    if need_ga or need_gb:
+        ga, gbt = outer2(x if need_ga else None, v if need_ga else None, mask, scale * keep,
+                         grad_y if need_gb else None, u, scale)
+        ga = None if ga is None else ga.to(lora_a.dtype)
+        gb = None if gbt is None else gbt.t().contiguous().to(lora_b.dtype)
     if need_gbias:
         gbias = grad_y.sum(0, dtype=torch.float32).to(x.dtype)
     return (x.new_empty(0) if gx is None else gx,
