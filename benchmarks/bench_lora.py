@@ -113,7 +113,7 @@ def test_train_step_vs_peft(benchmark):
     cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
     peft_model = peft.get_peft_model(tiny_llama(), cfg).train()
     steps = {"pyengine": train_step_fn(ours_model, batch), "peft": train_step_fn(peft_model, batch)}
-    med = interleaved_medians(steps, rounds=3)
+    med = interleaved_medians(steps, rounds=5)
     tokens = batch.numel()
     tps = {k: tokens / v for k, v in med.items()}
     benchmark.extra_info.update({f"{k}_tokens_per_s": round(v, 1) for k, v in tps.items()})
