@@ -6,6 +6,7 @@
 
 #include "cpu_features.h"
 #include "cross_entropy.h"
+#include "swiglu.h"
 
 namespace py = pybind11;
 using namespace pyengine;
@@ -37,4 +38,24 @@ PYBIND11_MODULE(_C, m) {
         ce_rows(a, num_threads);
       },
       "Cross-entropy over logits rows in place (see csrc/cross_entropy.h).");
+
+  m.def(
+      "swiglu_forward",
+      [](uintptr_t g, uintptr_t u, uintptr_t h, int dtype, int64_t n, int num_threads) {
+        SwigluArgs a{dtype, n, ptr<const void>(g), ptr<const void>(u), nullptr, ptr<void>(h),
+                     nullptr, nullptr};
+        py::gil_scoped_release nogil;
+        swiglu_forward(a, num_threads);
+      },
+      "h = silu(g) * u over n contiguous elements (see csrc/swiglu.h).");
+  m.def(
+      "swiglu_backward",
+      [](uintptr_t dh, uintptr_t g, uintptr_t u, uintptr_t dg, uintptr_t du, uintptr_t h,
+         int dtype, int64_t n, int num_threads) {
+        SwigluArgs a{dtype, n, ptr<const void>(g), ptr<const void>(u), ptr<const void>(dh),
+                     ptr<void>(h), ptr<void>(dg), ptr<void>(du)};
+        py::gil_scoped_release nogil;
+        swiglu_backward(a, num_threads);
+      },
+      "dg, du (and h when its pointer is non-zero) of h = silu(g) * u (see csrc/swiglu.h).");
 }

@@ -1,4 +1,6 @@
 """Modules over pyengine.ops."""
+from pyengine.nn.lora_mlp import LoRAMLP
 from pyengine.nn.loss import FusedLinearCrossEntropyLoss
 
 __all__ = ["FusedLinearCrossEntropyLoss"]
+__all__ += ["LoRAMLP"]
