@@ -58,4 +58,39 @@ PYBIND11_MODULE(_C, m) {
         swiglu_backward(a, num_threads);
       },
       "dg, du (and h when its pointer is non-zero) of h = silu(g) * u (see csrc/swiglu.h).");
+  m.def(
+      "lora_swiglu_forward",
+      [](int dtype, int64_t n_rows, int64_t inter, int64_t rg, int64_t ru, int64_t rd,
+         float scale, uintptr_t g, uintptr_t u, uintptr_t h, uintptr_t xa, uintptr_t bg_t,
+         uintptr_t bu_t, uintptr_t a_down, uintptr_t ha, int num_threads) {
+        LoraSwigluArgs a{};
+        a.dtype = dtype; a.n_rows = n_rows; a.inter = inter;
+        a.rg = rg; a.ru = ru; a.rd = rd; a.scale = scale;
+        a.g = ptr<void>(g); a.u = ptr<void>(u); a.h = ptr<void>(h);
+        a.xa = ptr<const float>(xa); a.bg_t = ptr<const float>(bg_t);
+        a.bu_t = ptr<const float>(bu_t); a.a_down = ptr<const float>(a_down);
+        a.ha = ptr<float>(ha);
+        py::gil_scoped_release nogil;
+        lora_swiglu_forward(a, num_threads);
+      },
+      "LoRA-fused SwiGLU forward of lora_mlp (see csrc/swiglu.h).");
+  m.def(
+      "lora_swiglu_backward",
+      [](int dtype, int64_t n_rows, int64_t inter, int64_t rg, int64_t ru, int64_t rd,
+         float scale, uintptr_t g, uintptr_t u, uintptr_t dh, uintptr_t du, uintptr_t xa,
+         uintptr_t bg_t, uintptr_t bu_t, uintptr_t a_down, uintptr_t p_down, uintptr_t p_gu,
+         uintptr_t d_a_down, uintptr_t d_bg_t, uintptr_t d_bu_t, int num_threads) {
+        LoraSwigluArgs a{};
+        a.dtype = dtype; a.n_rows = n_rows; a.inter = inter;
+        a.rg = rg; a.ru = ru; a.rd = rd; a.scale = scale;
+        a.g = ptr<void>(g); a.u = ptr<void>(u); a.dh = ptr<void>(dh); a.du = ptr<void>(du);
+        a.xa = ptr<const float>(xa); a.bg_t = ptr<const float>(bg_t);
+        a.bu_t = ptr<const float>(bu_t); a.a_down = ptr<const float>(a_down);
+        a.p_down = ptr<const float>(p_down); a.p_gu = ptr<float>(p_gu);
+        a.d_a_down = ptr<float>(d_a_down); a.d_bg_t = ptr<float>(d_bg_t);
+        a.d_bu_t = ptr<float>(d_bu_t);
+        py::gil_scoped_release nogil;
+        lora_swiglu_backward(a, num_threads);
+      },
+      "LoRA-fused SwiGLU backward of lora_mlp (see csrc/swiglu.h).");
 }

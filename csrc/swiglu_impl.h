@@ -1,6 +1,9 @@
 // Element loops of swiglu.h, written once and compiled per ISA: each including TU defines
 // PYENGINE_ISA_NS (scalar / avx2 / avx512) and gets its own compiler flags; the loops are
 // `omp simd` (-fopenmp-simd: vectorisation only, no OpenMP runtime).
+#include <algorithm>
+#include <vector>
+
 #include "common.h"
 #include "swiglu.h"
 
@@ -64,7 +67,143 @@ void backward_dispatch(const SwigluArgs& a, int64_t begin, int64_t end) {
   else backward<D, false>(a, begin, end);
 }
 
+constexpr int64_t kChunk = 64;     // columns per register/L1 tile
+constexpr int64_t kRowBlock = 8;   // rows sharing one L1 tile of the backward accumulators
+
+// acc[j] += sum_k coef[k] * mat[k * ld + j] for j < len  (mat rows are contiguous)
+static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = coef[k];
+    const float* m = mat + k * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) acc[j] += c * m[j];
+  }
+}
+
+// out[k] += sum_j v[j] * mat[k * ld + j] for k < rank
+static inline void dot_rows(float* out, const float* v, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* m = mat + k * ld;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) sum += v[j] * m[j];
+    out[k] += sum;
+  }
+}
+
+// acc[k * ld + j] += coef[k] * v[j]  (rank-1 updates of an accumulator tile)
+static inline void outer_add(float* acc, const float* coef, const float* v, int64_t rank,
+                             int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = coef[k];
+    float* m = acc + k * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) m[j] += c * v[j];
+  }
+}
+
+template <typename D>
+void lora_forward(const LoraSwigluArgs& a, int64_t begin, int64_t end) {
+  using T = typename D::T;
+  const int64_t I = a.inter, rgu = a.rg + a.ru;
+  T* g = static_cast<T*>(a.g);
+  T* u = static_cast<T*>(a.u);
+  T* h = static_cast<T*>(a.h);
+  float gv[kChunk], uv[kChunk], hv[kChunk];
+  std::vector<float> ha(a.rd);
+  for (int64_t n = begin; n < end; ++n) {
+    const float* xa = a.xa + n * rgu;
+    std::fill(ha.begin(), ha.end(), 0.f);
+    for (int64_t j0 = 0; j0 < I; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, I - j0), off = n * I + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        gv[j] = D::load(g, off + j);
+        uv[j] = D::load(u, off + j);
+      }
+      add_rows(gv, xa, a.bg_t + j0, a.rg, I, len);
+      add_rows(uv, xa + a.rg, a.bu_t + j0, a.ru, I, len);
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        hv[j] = gv[j] * sigmoid(gv[j]) * uv[j];
+        D::store(g, off + j, gv[j]);
+        D::store(u, off + j, uv[j]);
+        D::store(h, off + j, hv[j]);
+      }
+      dot_rows(ha.data(), hv, a.a_down + j0, a.rd, I, len);
+    }
+    for (int64_t k = 0; k < a.rd; ++k) a.ha[n * a.rd + k] = a.scale * ha[k];
+  }
+}
+
+template <typename D>
+void lora_backward(const LoraSwigluArgs& a, int64_t begin, int64_t end, float* acc) {
+  using T = typename D::T;
+  const int64_t I = a.inter, rg = a.rg, ru = a.ru, rd = a.rd, rgu = rg + ru;
+  const T* g = static_cast<const T*>(a.g);
+  const T* u = static_cast<const T*>(a.u);
+  T* dh = static_cast<T*>(a.dh);
+  T* du = static_cast<T*>(a.du);
+  float* acc_a_down = acc;
+  float* acc_bg = acc + rd * I;
+  float* acc_bu = acc_bg + rg * I;
+  float dhv[kChunk], dgv[kChunk], duv[kChunk], hv[kChunk];
+  std::vector<float> p(kRowBlock * rgu);
+  for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
+    const int64_t n1 = std::min(end, n0 + kRowBlock);
+    std::fill(p.begin(), p.end(), 0.f);
+    for (int64_t j0 = 0; j0 < I; j0 += kChunk) {
+      const int64_t len = std::min(kChunk, I - j0);
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t off = n * I + j0;
+        const float* pd = a.p_down + n * rd;
+        const float* xa = a.xa + n * rgu;
+        float* pn = p.data() + (n - n0) * rgu;
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) dhv[j] = D::load(dh, off + j);
+        add_rows(dhv, pd, a.a_down + j0, rd, I, len);
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          const float gj = D::load(g, off + j), uj = D::load(u, off + j);
+          const float sg = sigmoid(gj), silu = gj * sg;
+          dgv[j] = dhv[j] * uj * sg * (1.0f + gj * (1.0f - sg));
+          duv[j] = dhv[j] * silu;
+          hv[j] = silu * uj;
+          D::store(dh, off + j, dgv[j]);
+          D::store(du, off + j, duv[j]);
+        }
+        outer_add(acc_a_down + j0, pd, hv, rd, I, len);
+        outer_add(acc_bg + j0, xa, dgv, rg, I, len);
+        outer_add(acc_bu + j0, xa + rg, duv, ru, I, len);
+        dot_rows(pn, dgv, a.bg_t + j0, rg, I, len);
+        dot_rows(pn + rg, duv, a.bu_t + j0, ru, I, len);
+      }
+    }
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < rgu; ++k) a.p_gu[n * rgu + k] = a.scale * p[(n - n0) * rgu + k];
+  }
+}
+
 }  // namespace
+
+void lora_swiglu_forward_range(const LoraSwigluArgs& a, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case kF32: lora_forward<F32>(a, begin, end); break;
+    case kBF16: lora_forward<BF16>(a, begin, end); break;
+    default: lora_forward<F16>(a, begin, end); break;
+  }
+}
+
+void lora_swiglu_backward_range(const LoraSwigluArgs& a, int64_t begin, int64_t end,
+                                float* acc) {
+  switch (a.dtype) {
+    case kF32: lora_backward<F32>(a, begin, end, acc); break;
+    case kBF16: lora_backward<BF16>(a, begin, end, acc); break;
+    default: lora_backward<F16>(a, begin, end, acc); break;
+  }
+}
 
 void swiglu_forward_range(const SwigluArgs& a, int64_t begin, int64_t end) {
   switch (a.dtype) {

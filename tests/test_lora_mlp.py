@@ -153,6 +153,23 @@ def test_lora_mlp_matches_fp64_reference(dtype, adapter_dtype, ranks, recompute)
         assert err <= 2 * plain_err + 1e-6, f"{name}: error {err:.2e} vs plain {plain_err:.2e}"
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+def test_lora_mlp_fused_isa_variants_match_scalar(dtype, adapter_dtype, restore_isa):
+    """The fused LoRA-SwiGLU passes (csrc/swiglu_impl.h) per ISA vs the scalar build."""
+    x, ws = mlp_tensors(37, 29, 150, (5, 17, 3), dtype, adapter_dtype, seed=3)
+    dy = torch.randn(37, 29, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for isa in ISAS[:ISAS.index(_ext._C.best_isa()) + 1]:
+        _ext._C.set_isa_cap(isa)
+        results[isa] = run_with_grads(lora_mlp, x, ws, dy, 1.3, backend="cpu")
+    tol = max(LOW[dtype], 1e-4)  # fp32: summation order differs between vector widths
+    for isa, got in results.items():
+        for g, s in zip(got, results["scalar"]):
+            torch.testing.assert_close(g.float(), s.float(), rtol=tol, atol=1e-4,
+                                       msg=lambda m: f"{isa}: {m}")
+
+
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(1, 40), hidden=st.integers(1, 24), inter=st.integers(1, 40),
        ranks=st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9)),

@@ -21,8 +21,11 @@ x, g, silu(g), u and h (4 N*I + N*H elements); this op keeps 2 N*I + N*H (+ smal
 Floor: 6 base GEMMs (3 forward, 3 for dx in backward) = 12 N*H*I flops; everything else
 is O(N*(H+I)*r) or elementwise (memory-bound, a few passes over N*I).
 
-Backends: "ref" (plain PyTorch autograd: the spec), "cpu" (torch GEMMs + C++ SwiGLU),
-"triton" (torch GEMMs + Triton SwiGLU).
+Backends: "ref" (plain PyTorch autograd: the spec); "cpu": torch does the base GEMMs and
+the [N, r]-sized products, one fused C++ pass each way does the rest (low-rank updates of
+the [N, I] tensors, SwiGLU, the down/gate/up adapter gradients that reduce over [N, I];
+low-rank math in fp32 whatever the adapter dtype, csrc/swiglu.h); "triton": torch GEMMs +
+the Triton SwiGLU.
 """
 from __future__ import annotations
 
@@ -30,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pyengine import _ext
 from pyengine.backends import register_op, resolve
-from pyengine.ops.swiglu import DTYPES, swiglu_backward, swiglu_forward
+from pyengine.ops.swiglu import DTYPES, KERNEL_DTYPES, swiglu_backward, swiglu_forward
 
 OP = "lora_mlp"
 register_op(OP, ("ref", "cpu", "triton"))
@@ -53,7 +57,11 @@ def reference_lora_mlp(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_do
     return proj(h, w_down, a_down, b_down).to(x.dtype)
 
 
-# --------------------------------------------------------------------------- pieces
+# --------------------------------------------------------------------------- middles
+# The part between the base GEMMs: low-rank updates of the [N, I] tensors and SwiGLU.
+# "cpu" runs it as one fused C++ pass each way (csrc/swiglu.h); other backends (and fp64)
+# compose torch skinny GEMMs with the backend's SwiGLU kernel.
+
 def _add_low_rank(out, inp, b):
     """out += inp @ b.T (inp [N, r] already scaled), in place in our own buffer; the
     product is formed in the adapter dtype and added with one rounding to out's dtype."""
@@ -63,12 +71,75 @@ def _add_low_rank(out, inp, b):
         out.add_(inp @ b.t())
 
 
-def _gate_up(x, w_gate, b_gate, w_up, b_up, xa_scaled, rank_gate):
-    """g, u = gate(x), up(x) from the base GEMMs plus the saved scaled x @ A.T."""
-    g, u = x @ w_gate.t(), x @ w_up.t()
-    _add_low_rank(g, xa_scaled[:, :rank_gate], b_gate)
-    _add_low_rank(u, xa_scaled[:, rank_gate:], b_up)
-    return g, u
+def _torch_middle_forward(g, u, xa, b_gate, b_up, a_down, scale, backend):
+    """g, u (base products, updated in place) -> (g, u, h, scale * h @ Ad.T)."""
+    rg = b_gate.shape[1]
+    _add_low_rank(g, xa[:, :rg], b_gate)
+    _add_low_rank(u, xa[:, rg:], b_up)
+    h = swiglu_forward(g, u, backend)
+    ha = h.to(a_down.dtype) @ a_down.t()
+    return g, u, h, ha.mul_(scale)
+
+
+def _torch_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, backend):
+    """dh = dy @ Wd (updated in place) -> (dg, du, p_gu = scale * [dg @ Bg, du @ Bu],
+    dAd, dBg, dBu)."""
+    lr = a_down.dtype
+    rg = b_gate.shape[1]
+    _add_low_rank(dh, p_down, a_down.t())
+    dg, du, h = swiglu_backward(dh, g, u, backend, want_h=True)
+    d_a_down = p_down.t() @ h.to(lr)
+    dg_lr, du_lr = dg.to(lr), du.to(lr)
+    d_b_gate, d_b_up = dg_lr.t() @ xa[:, :rg], du_lr.t() @ xa[:, rg:]
+    p_gu = torch.cat([dg_lr @ b_gate, du_lr @ b_up], dim=1)
+    return dg, du, p_gu.mul_(scale), d_a_down, d_b_gate, d_b_up
+
+
+def _f32(t):
+    return t.to(torch.float32).contiguous()
+
+
+def _cpu_middle_forward(g, u, xa, b_gate, b_up, a_down, scale, backend):
+    n, inter = g.shape
+    rg, ru, rd = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
+    h = torch.empty_like(g)
+    ha = g.new_empty(n, rd, dtype=torch.float32)
+    keep = (_f32(xa), _f32(b_gate.t()), _f32(b_up.t()), _f32(a_down))
+    _ext._C.lora_swiglu_forward(_ext.dtype_code(g), n, inter, rg, ru, rd, float(scale),
+                                g.data_ptr(), u.data_ptr(), h.data_ptr(),
+                                *(t.data_ptr() for t in keep), ha.data_ptr(),
+                                _ext.num_threads())
+    return g, u, h, ha.to(a_down.dtype)
+
+
+def _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, backend):
+    n, inter = g.shape
+    rg, ru, rd = b_gate.shape[1], b_up.shape[1], a_down.shape[0]
+    du = torch.empty_like(g)
+    p_gu = g.new_empty(n, rg + ru, dtype=torch.float32)
+    d_a_down = g.new_zeros(rd, inter, dtype=torch.float32)
+    d_bg_t = g.new_zeros(rg, inter, dtype=torch.float32)
+    d_bu_t = g.new_zeros(ru, inter, dtype=torch.float32)
+    keep = (_f32(xa), _f32(b_gate.t()), _f32(b_up.t()), _f32(a_down), _f32(p_down))
+    _ext._C.lora_swiglu_backward(_ext.dtype_code(g), n, inter, rg, ru, rd, float(scale),
+                                 g.data_ptr(), u.data_ptr(), dh.data_ptr(), du.data_ptr(),
+                                 *(t.data_ptr() for t in keep), p_gu.data_ptr(),
+                                 d_a_down.data_ptr(), d_bg_t.data_ptr(), d_bu_t.data_ptr(),
+                                 _ext.num_threads())
+    lr = a_down.dtype
+    return (dh, du, p_gu.to(lr), d_a_down.to(lr), d_bg_t.t().to(lr), d_bu_t.t().to(lr))
+
+
+def _middles(backend, dtype):
+    if backend == "cpu" and dtype in KERNEL_DTYPES:
+        return _cpu_middle_forward, _cpu_middle_backward
+    return _torch_middle_forward, _torch_middle_backward
+
+
+def _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend):
+    """(g, u, h, ha): the gate/up base GEMMs, then the forward middle."""
+    forward, _ = _middles(backend, x.dtype)
+    return forward(x @ w_gate.t(), x @ w_up.t(), xa, b_gate, b_up, a_down, scale, backend)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -79,12 +150,8 @@ def _lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: T
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, g, u, scale * x @ [Ag; Au].T, scale * h @ Ad.T); g and u are empty unless
     keep_gate_up.  x [N, H] contiguous."""
-    xa = x.to(a_gate.dtype) @ torch.cat([a_gate, a_up]).t()
-    xa.mul_(scale)
-    g, u = _gate_up(x, w_gate, b_gate, w_up, b_up, xa, a_gate.shape[0])
-    h = swiglu_forward(g, u, backend)
-    ha = h.to(a_down.dtype) @ a_down.t()
-    ha.mul_(scale)
+    xa = x.to(a_gate.dtype) @ (torch.cat([a_gate, a_up]) * scale).t()
+    g, u, h, ha = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
     y = h @ w_down.t()
     _add_low_rank(y, ha, b_down)
     if not keep_gate_up:
@@ -113,27 +180,19 @@ def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_
     lr = a_gate.dtype  # dtype of every low-rank product
     rg = a_gate.shape[0]
     if g.numel() == 0:
-        g, u = _gate_up(x, w_gate, b_gate, w_up, b_up, xa, rg)
+        g, u, _, _ = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
     dy_lr = dy.to(lr)
     d_b_down = dy_lr.t() @ ha
-    p_down = dy_lr @ b_down
-    p_down.mul_(scale)
-    dh = dy @ w_down
-    _add_low_rank(dh, p_down, a_down.t())
-    dg, du, h = swiglu_backward(dh, g, u, backend, want_h=True)
-    del dh
-    d_a_down = p_down.t() @ h.to(lr)
-    del h
-    dg_lr, du_lr = dg.to(lr), du.to(lr)
-    d_b_gate, d_b_up = dg_lr.t() @ xa[:, :rg], du_lr.t() @ xa[:, rg:]
-    p_gate_up = torch.cat([dg_lr @ b_gate, du_lr @ b_up], dim=1)
-    p_gate_up.mul_(scale)
+    p_down = (dy_lr @ b_down).mul_(scale)
+    _, backward = _middles(backend, x.dtype)
+    dg, du, p_gu, d_a_down, d_b_gate, d_b_up = backward(dy @ w_down, g, u, xa, p_down, a_down,
+                                                        b_gate, b_up, scale, backend)
     x_lr = x.to(lr)
-    d_a_gate, d_a_up = p_gate_up[:, :rg].t() @ x_lr, p_gate_up[:, rg:].t() @ x_lr
+    d_a_gate, d_a_up = p_gu[:, :rg].t() @ x_lr, p_gu[:, rg:].t() @ x_lr
     if need_dx:
         dx = dg @ w_gate
         dx.addmm_(du, w_up)
-        _add_low_rank(dx, p_gate_up, torch.cat([a_gate, a_up]).t())
+        _add_low_rank(dx, p_gu, torch.cat([a_gate, a_up]).t())
     else:
         dx = x.new_empty(0)
     return dx, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down
