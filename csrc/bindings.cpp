@@ -6,6 +6,7 @@
 
 #include "cpu_features.h"
 #include "cross_entropy.h"
+#include "lowrank_rows.h"
 #include "swiglu.h"
 
 namespace py = pybind11;
@@ -93,4 +94,18 @@ PYBIND11_MODULE(_C, m) {
         lora_swiglu_backward(a, num_threads);
       },
       "LoRA-fused SwiGLU backward of lora_mlp (see csrc/swiglu.h).");
+  m.def(
+      "lowrank_rows",
+      [](int dtype, int64_t n_rows, int64_t cols, uintptr_t src, int64_t proj_rank,
+         uintptr_t proj_w, uintptr_t proj_out, float scale, int64_t grad_rank,
+         uintptr_t grad_coef, uintptr_t grad_out, int64_t add_rank, uintptr_t add_coef,
+         uintptr_t add_w, uintptr_t dst, int num_threads) {
+        LowRankRowsArgs a{dtype, n_rows, cols, ptr<const void>(src), proj_rank,
+                          ptr<const float>(proj_w), ptr<float>(proj_out), scale, grad_rank,
+                          ptr<const float>(grad_coef), ptr<float>(grad_out), add_rank,
+                          ptr<const float>(add_coef), ptr<const float>(add_w), ptr<void>(dst)};
+        py::gil_scoped_release nogil;
+        lowrank_rows(a, num_threads);
+      },
+      "Fused skinny low-rank products over rows: proj / grad / add (see csrc/lowrank_rows.h).");
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "lowrank_tiles.h"
 #include "swiglu.h"
 
 namespace pyengine {
@@ -12,22 +13,6 @@ namespace PYENGINE_ISA_NS {
 namespace {
 
 static inline float sigmoid(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
-
-struct F32 {
-  using T = float;
-  static float load(const T* p, int64_t i) { return p[i]; }
-  static void store(T* p, int64_t i, float v) { p[i] = v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float load(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
-  static void store(T* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
-};
-struct F16 {
-  using T = uint16_t;
-  static float load(const T* p, int64_t i) { return f16_to_f32(p[i]); }
-  static void store(T* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
-};
 
 template <typename D>
 void forward(const SwigluArgs& a, int64_t begin, int64_t end) {
@@ -69,40 +54,6 @@ void backward_dispatch(const SwigluArgs& a, int64_t begin, int64_t end) {
 
 constexpr int64_t kChunk = 64;     // columns per register/L1 tile
 constexpr int64_t kRowBlock = 8;   // rows sharing one L1 tile of the backward accumulators
-
-// acc[j] += sum_k coef[k] * mat[k * ld + j] for j < len  (mat rows are contiguous)
-static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
-                            int64_t ld, int64_t len) {
-  for (int64_t k = 0; k < rank; ++k) {
-    const float c = coef[k];
-    const float* m = mat + k * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) acc[j] += c * m[j];
-  }
-}
-
-// out[k] += sum_j v[j] * mat[k * ld + j] for k < rank
-static inline void dot_rows(float* out, const float* v, const float* mat, int64_t rank,
-                            int64_t ld, int64_t len) {
-  for (int64_t k = 0; k < rank; ++k) {
-    const float* m = mat + k * ld;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) sum += v[j] * m[j];
-    out[k] += sum;
-  }
-}
-
-// acc[k * ld + j] += coef[k] * v[j]  (rank-1 updates of an accumulator tile)
-static inline void outer_add(float* acc, const float* coef, const float* v, int64_t rank,
-                             int64_t ld, int64_t len) {
-  for (int64_t k = 0; k < rank; ++k) {
-    const float c = coef[k];
-    float* m = acc + k * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) m[j] += c * v[j];
-  }
-}
 
 template <typename D>
 void lora_forward(const LoraSwigluArgs& a, int64_t begin, int64_t end) {

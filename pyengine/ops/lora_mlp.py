@@ -21,11 +21,12 @@ x, g, silu(g), u and h (4 N*I + N*H elements); this op keeps 2 N*I + N*H (+ smal
 Floor: 6 base GEMMs (3 forward, 3 for dx in backward) = 12 N*H*I flops; everything else
 is O(N*(H+I)*r) or elementwise (memory-bound, a few passes over N*I).
 
-Backends: "ref" (plain PyTorch autograd: the spec); "cpu": torch does the base GEMMs and
-the [N, r]-sized products, one fused C++ pass each way does the rest (low-rank updates of
-the [N, I] tensors, SwiGLU, the down/gate/up adapter gradients that reduce over [N, I];
-low-rank math in fp32 whatever the adapter dtype, csrc/swiglu.h); "triton": torch GEMMs +
-the Triton SwiGLU.
+Backends: "ref" (plain PyTorch autograd: the spec); "cpu": torch does the six base GEMMs
+and C++ does every low-rank product, fused into row passes that are made anyway: over
+[N, I] one pass each way with the SwiGLU (csrc/swiglu.h), over [N, H] one pass for x and
+one for y (forward), one for dy and one for x/dx (backward) (csrc/lowrank_rows.h); all
+low-rank math in fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch
+GEMMs and low-rank products + the Triton SwiGLU.
 """
 from __future__ import annotations
 
@@ -130,15 +131,47 @@ def _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, back
     return (dh, du, p_gu.to(lr), d_a_down.to(lr), d_bg_t.t().to(lr), d_bu_t.t().to(lr))
 
 
-def _middles(backend, dtype):
+def _torch_low_rank_pass(lr, src=None, proj_w=None, scale=1.0, grad_coef=None, dst=None,
+                         add_coef=None, add_w=None):
+    """(scale * src @ proj_w.T, grad_coef.T @ src), each None when not asked for; and
+    dst += add_coef @ add_w in place.  Products in the adapter dtype lr."""
+    src_lr = None if src is None else src.to(lr)
+    proj = None if proj_w is None else (src_lr @ proj_w.t()).mul_(scale)
+    grad = None if grad_coef is None else grad_coef.t() @ src_lr
+    if dst is not None:
+        _add_low_rank(dst, add_coef, add_w.t())
+    return proj, grad
+
+
+def _cpu_low_rank_pass(lr, src=None, proj_w=None, scale=1.0, grad_coef=None, dst=None,
+                       add_coef=None, add_w=None):
+    """Same contract, one fused C++ pass over the rows (csrc/lowrank_rows.h)."""
+    rows = src if src is not None else dst
+    n, k = rows.shape
+    keep = [None if t is None else _f32(t) for t in (proj_w, grad_coef, add_coef, add_w)]
+    proj_w, grad_coef, add_coef, add_w = keep
+    proj = None if proj_w is None else rows.new_empty(n, proj_w.shape[0], dtype=torch.float32)
+    grad = None if grad_coef is None else rows.new_zeros(grad_coef.shape[1], k,
+                                                          dtype=torch.float32)
+    _ext._C.lowrank_rows(_ext.dtype_code(rows), n, k, _ext.ptr(src),
+                         0 if proj is None else proj.shape[1], _ext.ptr(proj_w), _ext.ptr(proj),
+                         float(scale), 0 if grad is None else grad.shape[0],
+                         _ext.ptr(grad_coef), _ext.ptr(grad),
+                         0 if add_coef is None else add_coef.shape[1], _ext.ptr(add_coef),
+                         _ext.ptr(add_w), _ext.ptr(dst), _ext.num_threads())
+    return (None if proj is None else proj.to(lr)), (None if grad is None else grad.to(lr))
+
+
+def _kernels(backend, dtype):
+    """(low-rank row pass, forward middle, backward middle) for a backend and dtype."""
     if backend == "cpu" and dtype in KERNEL_DTYPES:
-        return _cpu_middle_forward, _cpu_middle_backward
-    return _torch_middle_forward, _torch_middle_backward
+        return _cpu_low_rank_pass, _cpu_middle_forward, _cpu_middle_backward
+    return _torch_low_rank_pass, _torch_middle_forward, _torch_middle_backward
 
 
 def _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend):
     """(g, u, h, ha): the gate/up base GEMMs, then the forward middle."""
-    forward, _ = _middles(backend, x.dtype)
+    _, forward, _ = _kernels(backend, x.dtype)
     return forward(x @ w_gate.t(), x @ w_up.t(), xa, b_gate, b_up, a_down, scale, backend)
 
 
@@ -150,10 +183,11 @@ def _lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: T
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, g, u, scale * x @ [Ag; Au].T, scale * h @ Ad.T); g and u are empty unless
     keep_gate_up.  x [N, H] contiguous."""
-    xa = x.to(a_gate.dtype) @ (torch.cat([a_gate, a_up]) * scale).t()
+    low_rank_pass, _, _ = _kernels(backend, x.dtype)
+    xa, _ = low_rank_pass(a_gate.dtype, src=x, proj_w=torch.cat([a_gate, a_up]), scale=scale)
     g, u, h, ha = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
     y = h @ w_down.t()
-    _add_low_rank(y, ha, b_down)
+    low_rank_pass(a_gate.dtype, dst=y, add_coef=ha, add_w=b_down.t())
     if not keep_gate_up:
         g, u = x.new_empty(0), x.new_empty(0)
     return y, g, u, xa, ha
@@ -181,21 +215,19 @@ def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_
     rg = a_gate.shape[0]
     if g.numel() == 0:
         g, u, _, _ = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
-    dy_lr = dy.to(lr)
-    d_b_down = dy_lr.t() @ ha
-    p_down = (dy_lr @ b_down).mul_(scale)
-    _, backward = _middles(backend, x.dtype)
+    low_rank_pass, _, backward = _kernels(backend, x.dtype)
+    p_down, d_b_down_t = low_rank_pass(lr, src=dy, proj_w=b_down.t(), scale=scale,
+                                       grad_coef=ha)
     dg, du, p_gu, d_a_down, d_b_gate, d_b_up = backward(dy @ w_down, g, u, xa, p_down, a_down,
                                                         b_gate, b_up, scale, backend)
-    x_lr = x.to(lr)
-    d_a_gate, d_a_up = p_gu[:, :rg].t() @ x_lr, p_gu[:, rg:].t() @ x_lr
+    dx = x.new_empty(0)
     if need_dx:
         dx = dg @ w_gate
         dx.addmm_(du, w_up)
-        _add_low_rank(dx, p_gu, torch.cat([a_gate, a_up]).t())
-    else:
-        dx = x.new_empty(0)
-    return dx, d_a_gate, d_b_gate, d_a_up, d_b_up, d_a_down, d_b_down
+    _, d_a = low_rank_pass(lr, src=x, grad_coef=p_gu, dst=dx if need_dx else None,
+                           add_coef=p_gu, add_w=torch.cat([a_gate, a_up]))
+    return (dx, d_a[:rg].clone(), d_b_gate, d_a[rg:].clone(), d_b_up, d_a_down,
+            d_b_down_t.t().contiguous())
 
 
 @_lora_mlp_backward.register_fake

@@ -1,0 +1,67 @@
+// Inner loops shared by the kernels that fuse skinny low-rank products into row passes
+// (swiglu_impl.h, lowrank_rows_impl.h).  Included by *_impl.h inside each ISA build:
+// PYENGINE_ISA_NS must be defined, and every function is static inline in that namespace.
+// Element access per DType (load to fp32, store rounded) and the tile loops: all tile
+// operands fp32; `mat` rows are contiguous with leading dimension ld; loops are `omp simd`
+// over a column tile of `len` entries.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+namespace pyengine {
+namespace PYENGINE_ISA_NS {
+
+struct F32 {
+  using T = float;
+  static float load(const T* p, int64_t i) { return p[i]; }
+  static void store(T* p, int64_t i, float v) { p[i] = v; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(const T* p, int64_t i) { return bf16_to_f32(p[i]); }
+  static void store(T* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+};
+struct F16 {
+  using T = uint16_t;
+  static float load(const T* p, int64_t i) { return f16_to_f32(p[i]); }
+  static void store(T* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
+};
+
+
+// acc[j] += sum_k coef[k] * mat[k * ld + j]
+static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = coef[k];
+    const float* m = mat + k * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) acc[j] += c * m[j];
+  }
+}
+
+// out[k] += sum_j v[j] * mat[k * ld + j]
+static inline void dot_rows(float* out, const float* v, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* m = mat + k * ld;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < len; ++j) sum += v[j] * m[j];
+    out[k] += sum;
+  }
+}
+
+// acc[k * ld + j] += coef[k] * v[j]   (rank-1 updates of an accumulator tile)
+static inline void outer_add(float* acc, const float* coef, const float* v, int64_t rank,
+                             int64_t ld, int64_t len) {
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = coef[k];
+    float* m = acc + k * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) m[j] += c * v[j];
+  }
+}
+
+}  // namespace PYENGINE_ISA_NS
+}  // namespace pyengine
