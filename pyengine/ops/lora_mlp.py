@@ -244,11 +244,14 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.backend = scale, backend
     ctx.need_dx = x.requires_grad
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero [N, I] grads for the saved-only outputs
     ctx.save_for_backward(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down,
                           g, u, xa, ha)
 
 
 def _lora_mlp_grad(ctx, dy, *_unused):
+    if dy is None:
+        return (None,) * 13
     saved = ctx.saved_tensors
     dx, *d_adapters = _lora_mlp_backward(dy.contiguous(), *saved, ctx.scale, ctx.backend,
                                          ctx.need_dx)
