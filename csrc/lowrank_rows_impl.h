@@ -11,7 +11,7 @@ namespace pyengine {
 namespace PYENGINE_ISA_NS {
 namespace {
 
-constexpr int64_t kChunk = 64;
+constexpr int64_t kChunk = kTile;
 constexpr int64_t kRowBlock = 8;
 
 template <typename D>

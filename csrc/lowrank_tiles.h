@@ -29,38 +29,66 @@ struct F16 {
 };
 
 
-// acc[j] += sum_k coef[k] * mat[k * ld + j]
-static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
-                            int64_t ld, int64_t len) {
+// Column tile width of every kernel using these loops.  A full tile runs with a
+// compile-time trip count (unrolled, no peeling); only a row's last tile is generic.
+constexpr int64_t kTile = 64;
+
+template <int64_t kLen>
+static inline void add_rows_n(float* acc, const float* coef, const float* mat, int64_t rank,
+                              int64_t ld, int64_t len) {
+  const int64_t n = kLen ? kLen : len;
   for (int64_t k = 0; k < rank; ++k) {
     const float c = coef[k];
     const float* m = mat + k * ld;
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) acc[j] += c * m[j];
+    for (int64_t j = 0; j < n; ++j) acc[j] += c * m[j];
   }
 }
 
-// out[k] += sum_j v[j] * mat[k * ld + j]
-static inline void dot_rows(float* out, const float* v, const float* mat, int64_t rank,
-                            int64_t ld, int64_t len) {
+template <int64_t kLen>
+static inline void dot_rows_n(float* out, const float* v, const float* mat, int64_t rank,
+                              int64_t ld, int64_t len) {
+  const int64_t n = kLen ? kLen : len;
   for (int64_t k = 0; k < rank; ++k) {
     const float* m = mat + k * ld;
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < len; ++j) sum += v[j] * m[j];
+    for (int64_t j = 0; j < n; ++j) sum += v[j] * m[j];
     out[k] += sum;
   }
+}
+
+template <int64_t kLen>
+static inline void outer_add_n(float* acc, const float* coef, const float* v, int64_t rank,
+                               int64_t ld, int64_t len) {
+  const int64_t n = kLen ? kLen : len;
+  for (int64_t k = 0; k < rank; ++k) {
+    const float c = coef[k];
+    float* m = acc + k * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) m[j] += c * v[j];
+  }
+}
+
+// acc[j] += sum_k coef[k] * mat[k * ld + j]   for j < len <= kTile
+static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  if (len == kTile) add_rows_n<kTile>(acc, coef, mat, rank, ld, len);
+  else add_rows_n<0>(acc, coef, mat, rank, ld, len);
+}
+
+// out[k] += sum_j v[j] * mat[k * ld + j]   for j < len <= kTile
+static inline void dot_rows(float* out, const float* v, const float* mat, int64_t rank,
+                            int64_t ld, int64_t len) {
+  if (len == kTile) dot_rows_n<kTile>(out, v, mat, rank, ld, len);
+  else dot_rows_n<0>(out, v, mat, rank, ld, len);
 }
 
 // acc[k * ld + j] += coef[k] * v[j]   (rank-1 updates of an accumulator tile)
 static inline void outer_add(float* acc, const float* coef, const float* v, int64_t rank,
                              int64_t ld, int64_t len) {
-  for (int64_t k = 0; k < rank; ++k) {
-    const float c = coef[k];
-    float* m = acc + k * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) m[j] += c * v[j];
-  }
+  if (len == kTile) outer_add_n<kTile>(acc, coef, v, rank, ld, len);
+  else outer_add_n<0>(acc, coef, v, rank, ld, len);
 }
 
 }  // namespace PYENGINE_ISA_NS

@@ -52,7 +52,7 @@ void backward_dispatch(const SwigluArgs& a, int64_t begin, int64_t end) {
   else backward<D, false>(a, begin, end);
 }
 
-constexpr int64_t kChunk = 64;     // columns per register/L1 tile
+constexpr int64_t kChunk = kTile;  // columns per register/L1 tile
 constexpr int64_t kRowBlock = 8;   // rows sharing one L1 tile of the backward accumulators
 
 template <typename D>
