@@ -221,6 +221,11 @@ def test_lora_mlp_opcheck(adapter_dtype):
         ws[i].requires_grad_()
     for keep in (True, False):
         torch.library.opcheck(torch.ops.pyengine.lora_mlp.default, (x, *ws, 2.0, "cpu", keep))
+        _, g, u, xa, ha = torch.ops.pyengine.lora_mlp(x.detach(), *ws, 2.0, "cpu", keep)
+        dy = torch.randn(9, 8, dtype=torch.bfloat16)
+        torch.library.opcheck(torch.ops.pyengine.lora_mlp_backward.default,
+                              (dy, x.detach(), *(w.detach() for w in ws), g, u, xa, ha, 2.0,
+                               "cpu", True))
 
 
 def saved_bytes(fn):
@@ -329,3 +334,22 @@ def test_from_mlp_rejects_non_silu():
     mlp.act_fn = nn.GELU()
     with pytest.raises(ValueError, match="SiLU"):
         LoRAMLP.from_mlp(mlp, r=2, alpha=4)
+
+
+@needs_ext
+def test_loramlp_under_torch_compile():
+    mlp = tiny_llama_mlp(hidden=16, inter=24)
+    mod = LoRAMLP.from_mlp(mlp, r=3, alpha=6, backend="cpu")
+    for p in (mod.gate_proj, mod.up_proj, mod.down_proj):
+        nn.init.normal_(p.lora_B.weight, std=0.3)
+    x = torch.randn(2, 5, 16)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye = mod(xe)
+    ye.sum().backward()
+    grad_eager = mod.up_proj.lora_A.weight.grad.clone()
+    mod.zero_grad()
+    yc = torch.compile(mod)(xc)
+    yc.sum().backward()
+    torch.testing.assert_close(yc, ye)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(mod.up_proj.lora_A.weight.grad, grad_eager)

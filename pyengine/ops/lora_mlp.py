@@ -128,7 +128,8 @@ def _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, back
                                  d_a_down.data_ptr(), d_bg_t.data_ptr(), d_bu_t.data_ptr(),
                                  _ext.num_threads())
     lr = a_down.dtype
-    return (dh, du, p_gu.to(lr), d_a_down.to(lr), d_bg_t.t().to(lr), d_bu_t.t().to(lr))
+    return (dh, du, p_gu.to(lr), d_a_down.to(lr), d_bg_t.t().to(lr).contiguous(),
+            d_bu_t.t().to(lr).contiguous())
 
 
 def _torch_low_rank_pass(lr, src=None, proj_w=None, scale=1.0, grad_coef=None, dst=None,
