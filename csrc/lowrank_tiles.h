@@ -70,6 +70,82 @@ static inline void outer_add_n(float* acc, const float* coef, const float* v, in
   }
 }
 
+// Block versions: `rows` rows at once, per-row tiles of kTile floats (acc / v laid out
+// [rows][kTile]), per-row coefficients coef[r * stride + k].  Each `mat` row tile is
+// loaded once per block instead of once per row (mat usually lives in L2).
+
+// acc[r * kTile + j] += sum_k coef[r * stride + k] * mat[k * ld + j]
+template <int64_t kLen>
+static inline void add_rows_block_n(float* acc, const float* coef, int64_t stride,
+                                    const float* mat, int64_t rows, int64_t rank, int64_t ld,
+                                    int64_t len) {
+  const int64_t n = kLen ? kLen : len;
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* m = mat + k * ld;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float c = coef[r * stride + k];
+      float* a = acc + r * kTile;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) a[j] += c * m[j];
+    }
+  }
+}
+
+// out[r * ostride + k] += sum_j v[r * kTile + j] * mat[k * ld + j]
+template <int64_t kLen>
+static inline void dot_rows_block_n(float* out, int64_t ostride, const float* v,
+                                    const float* mat, int64_t rows, int64_t rank, int64_t ld,
+                                    int64_t len) {
+  const int64_t n = kLen ? kLen : len;
+  for (int64_t k = 0; k < rank; ++k) {
+    const float* m = mat + k * ld;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* vr = v + r * kTile;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < n; ++j) sum += vr[j] * m[j];
+      out[r * ostride + k] += sum;
+    }
+  }
+}
+
+static inline void add_rows_block(float* acc, const float* coef, int64_t stride,
+                                  const float* mat, int64_t rows, int64_t rank, int64_t ld,
+                                  int64_t len) {
+  if (len == kTile) add_rows_block_n<kTile>(acc, coef, stride, mat, rows, rank, ld, len);
+  else add_rows_block_n<0>(acc, coef, stride, mat, rows, rank, ld, len);
+}
+
+static inline void dot_rows_block(float* out, int64_t ostride, const float* v,
+                                  const float* mat, int64_t rows, int64_t rank, int64_t ld,
+                                  int64_t len) {
+  if (len == kTile) dot_rows_block_n<kTile>(out, ostride, v, mat, rows, rank, ld, len);
+  else dot_rows_block_n<0>(out, ostride, v, mat, rows, rank, ld, len);
+}
+
+// acc[k * ld + j] += sum_r coef[r * stride + k] * v[r * kTile + j] for r < rows: the
+// accumulator row stays in registers across the rows (one load/store per k, not per row)
+template <int64_t kLen>
+static inline void outer_add_block_n(float* acc, const float* coef, int64_t stride,
+                                     const float* v, int64_t rows, int64_t rank, int64_t ld,
+                                     int64_t len) {
+  const int64_t n = kLen ? kLen : len;
+  for (int64_t k = 0; k < rank; ++k) {
+    float* m = acc + k * ld;
+    float t[kTile];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) t[j] = m[j];
+    for (int64_t r = 0; r < rows; ++r) {
+      const float c = coef[r * stride + k];
+      const float* vr = v + r * kTile;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) t[j] += c * vr[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) m[j] = t[j];
+  }
+}
+
 // acc[j] += sum_k coef[k] * mat[k * ld + j]   for j < len <= kTile
 static inline void add_rows(float* acc, const float* coef, const float* mat, int64_t rank,
                             int64_t ld, int64_t len) {
@@ -82,6 +158,13 @@ static inline void dot_rows(float* out, const float* v, const float* mat, int64_
                             int64_t ld, int64_t len) {
   if (len == kTile) dot_rows_n<kTile>(out, v, mat, rank, ld, len);
   else dot_rows_n<0>(out, v, mat, rank, ld, len);
+}
+
+static inline void outer_add_block(float* acc, const float* coef, int64_t stride,
+                                   const float* v, int64_t rows, int64_t rank, int64_t ld,
+                                   int64_t len) {
+  if (len == kTile) outer_add_block_n<kTile>(acc, coef, stride, v, rows, rank, ld, len);
+  else outer_add_block_n<0>(acc, coef, stride, v, rows, rank, ld, len);
 }
 
 // acc[k * ld + j] += coef[k] * v[j]   (rank-1 updates of an accumulator tile)

@@ -100,37 +100,42 @@ void lora_backward(const LoraSwigluArgs& a, int64_t begin, int64_t end, float* a
   float* acc_a_down = acc;
   float* acc_bg = acc + rd * I;
   float* acc_bu = acc_bg + rg * I;
-  float dhv[kChunk], dgv[kChunk], duv[kChunk], hv[kChunk];
+  // per row of the block: dh, dg, du, h of the current column tile (fp32)
+  float dhv[kRowBlock][kChunk], dgv[kRowBlock][kChunk], duv[kRowBlock][kChunk],
+      hv[kRowBlock][kChunk];
   std::vector<float> p(kRowBlock * rgu);
   for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
-    const int64_t n1 = std::min(end, n0 + kRowBlock);
+    const int64_t n1 = std::min(end, n0 + kRowBlock), rows = n1 - n0;
+    const float* pd = a.p_down + n0 * rd;
+    const float* xa = a.xa + n0 * rgu;
     std::fill(p.begin(), p.end(), 0.f);
     for (int64_t j0 = 0; j0 < I; j0 += kChunk) {
       const int64_t len = std::min(kChunk, I - j0);
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t off = n * I + j0;
-        const float* pd = a.p_down + n * rd;
-        const float* xa = a.xa + n * rgu;
-        float* pn = p.data() + (n - n0) * rgu;
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t off = (n0 + b) * I + j0;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) dhv[j] = D::load(dh, off + j);
-        add_rows(dhv, pd, a.a_down + j0, rd, I, len);
+        for (int64_t j = 0; j < len; ++j) dhv[b][j] = D::load(dh, off + j);
+      }
+      add_rows_block(dhv[0], pd, rd, a.a_down + j0, rows, rd, I, len);
+      for (int64_t b = 0; b < rows; ++b) {
+        const int64_t off = (n0 + b) * I + j0;
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) {
           const float gj = D::load(g, off + j), uj = D::load(u, off + j);
           const float sg = sigmoid(gj), silu = gj * sg;
-          dgv[j] = dhv[j] * uj * sg * (1.0f + gj * (1.0f - sg));
-          duv[j] = dhv[j] * silu;
-          hv[j] = silu * uj;
-          D::store(dh, off + j, dgv[j]);
-          D::store(du, off + j, duv[j]);
+          dgv[b][j] = dhv[b][j] * uj * sg * (1.0f + gj * (1.0f - sg));
+          duv[b][j] = dhv[b][j] * silu;
+          hv[b][j] = silu * uj;
+          D::store(dh, off + j, dgv[b][j]);
+          D::store(du, off + j, duv[b][j]);
         }
-        outer_add(acc_a_down + j0, pd, hv, rd, I, len);
-        outer_add(acc_bg + j0, xa, dgv, rg, I, len);
-        outer_add(acc_bu + j0, xa + rg, duv, ru, I, len);
-        dot_rows(pn, dgv, a.bg_t + j0, rg, I, len);
-        dot_rows(pn + rg, duv, a.bu_t + j0, ru, I, len);
       }
+      dot_rows_block(p.data(), rgu, dgv[0], a.bg_t + j0, rows, rg, I, len);
+      dot_rows_block(p.data() + rg, rgu, duv[0], a.bu_t + j0, rows, ru, I, len);
+      // weight-gradient tiles: each accumulator row updated once per block of rows
+      outer_add_block(acc_a_down + j0, pd, rd, hv[0], rows, rd, I, len);
+      outer_add_block(acc_bg + j0, xa, rgu, dgv[0], rows, rg, I, len);
+      outer_add_block(acc_bu + j0, xa + rg, rgu, duv[0], rows, ru, I, len);
     }
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t k = 0; k < rgu; ++k) a.p_gu[n * rgu + k] = a.scale * p[(n - n0) * rgu + k];
