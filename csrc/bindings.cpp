@@ -7,6 +7,8 @@
 #include "cpu_features.h"
 #include "cross_entropy.h"
 #include "lora.h"
+#include "lowrank_rows.h"
+#include "swiglu.h"
 
 namespace py = pybind11;
 using namespace pyengine;
@@ -74,4 +76,73 @@ PYBIND11_MODULE(_C, m) {
       },
       "g1 = alpha1 * u1.T @ (x1 * mask1) and g2 = alpha2 * u2.T @ x2 in one parallel "
       "region (x2 = 0: only g1) (see csrc/lora.h).");
+
+  m.def(
+      "swiglu_forward",
+      [](uintptr_t g, uintptr_t u, uintptr_t h, int dtype, int64_t n, int num_threads) {
+        SwigluArgs a{dtype, n, ptr<const void>(g), ptr<const void>(u), nullptr, ptr<void>(h),
+                     nullptr, nullptr};
+        py::gil_scoped_release nogil;
+        swiglu_forward(a, num_threads);
+      },
+      "h = silu(g) * u over n contiguous elements (see csrc/swiglu.h).");
+  m.def(
+      "swiglu_backward",
+      [](uintptr_t dh, uintptr_t g, uintptr_t u, uintptr_t dg, uintptr_t du, uintptr_t h,
+         int dtype, int64_t n, int num_threads) {
+        SwigluArgs a{dtype, n, ptr<const void>(g), ptr<const void>(u), ptr<const void>(dh),
+                     ptr<void>(h), ptr<void>(dg), ptr<void>(du)};
+        py::gil_scoped_release nogil;
+        swiglu_backward(a, num_threads);
+      },
+      "dg, du (and h when its pointer is non-zero) of h = silu(g) * u (see csrc/swiglu.h).");
+  m.def(
+      "lora_swiglu_forward",
+      [](int dtype, int64_t n_rows, int64_t inter, int64_t rg, int64_t ru, int64_t rd,
+         float scale, uintptr_t g, uintptr_t u, uintptr_t h, uintptr_t xa, uintptr_t bg_t,
+         uintptr_t bu_t, uintptr_t a_down, uintptr_t ha, int num_threads) {
+        LoraSwigluArgs a{};
+        a.dtype = dtype; a.n_rows = n_rows; a.inter = inter;
+        a.rg = rg; a.ru = ru; a.rd = rd; a.scale = scale;
+        a.g = ptr<void>(g); a.u = ptr<void>(u); a.h = ptr<void>(h);
+        a.xa = ptr<const float>(xa); a.bg_t = ptr<const float>(bg_t);
+        a.bu_t = ptr<const float>(bu_t); a.a_down = ptr<const float>(a_down);
+        a.ha = ptr<float>(ha);
+        py::gil_scoped_release nogil;
+        lora_swiglu_forward(a, num_threads);
+      },
+      "LoRA-fused SwiGLU forward of lora_mlp (see csrc/swiglu.h).");
+  m.def(
+      "lora_swiglu_backward",
+      [](int dtype, int64_t n_rows, int64_t inter, int64_t rg, int64_t ru, int64_t rd,
+         float scale, uintptr_t g, uintptr_t u, uintptr_t dh, uintptr_t du, uintptr_t xa,
+         uintptr_t bg_t, uintptr_t bu_t, uintptr_t a_down, uintptr_t p_down, uintptr_t p_gu,
+         uintptr_t d_a_down, uintptr_t d_bg_t, uintptr_t d_bu_t, int num_threads) {
+        LoraSwigluArgs a{};
+        a.dtype = dtype; a.n_rows = n_rows; a.inter = inter;
+        a.rg = rg; a.ru = ru; a.rd = rd; a.scale = scale;
+        a.g = ptr<void>(g); a.u = ptr<void>(u); a.dh = ptr<void>(dh); a.du = ptr<void>(du);
+        a.xa = ptr<const float>(xa); a.bg_t = ptr<const float>(bg_t);
+        a.bu_t = ptr<const float>(bu_t); a.a_down = ptr<const float>(a_down);
+        a.p_down = ptr<const float>(p_down); a.p_gu = ptr<float>(p_gu);
+        a.d_a_down = ptr<float>(d_a_down); a.d_bg_t = ptr<float>(d_bg_t);
+        a.d_bu_t = ptr<float>(d_bu_t);
+        py::gil_scoped_release nogil;
+        lora_swiglu_backward(a, num_threads);
+      },
+      "LoRA-fused SwiGLU backward of lora_mlp (see csrc/swiglu.h).");
+  m.def(
+      "lowrank_rows",
+      [](int dtype, int64_t n_rows, int64_t cols, uintptr_t src, int64_t proj_rank,
+         uintptr_t proj_w, uintptr_t proj_out, float scale, int64_t grad_rank,
+         uintptr_t grad_coef, uintptr_t grad_out, int64_t add_rank, uintptr_t add_coef,
+         uintptr_t add_w, uintptr_t dst, int num_threads) {
+        LowRankRowsArgs a{dtype, n_rows, cols, ptr<const void>(src), proj_rank,
+                          ptr<const float>(proj_w), ptr<float>(proj_out), scale, grad_rank,
+                          ptr<const float>(grad_coef), ptr<float>(grad_out), add_rank,
+                          ptr<const float>(add_coef), ptr<const float>(add_w), ptr<void>(dst)};
+        py::gil_scoped_release nogil;
+        lowrank_rows(a, num_threads);
+      },
+      "Fused skinny low-rank products over rows: proj / grad / add (see csrc/lowrank_rows.h).");
 }

@@ -1,5 +1,6 @@
 """Modules over pyengine.ops."""
 from pyengine.nn.lora import LoRALinear
+from pyengine.nn.lora_mlp import LoRAMLP
 from pyengine.nn.loss import FusedLinearCrossEntropyLoss
 
-__all__ = ["FusedLinearCrossEntropyLoss", "LoRALinear"]
+__all__ = ["FusedLinearCrossEntropyLoss", "LoRALinear", "LoRAMLP"]

@@ -1,0 +1,76 @@
+// Dispatch + threading for the SwiGLU element kernels; also their scalar build.
+#define PYENGINE_ISA_NS scalar
+#include "swiglu_impl.h"
+
+#include <mutex>
+#include <vector>
+
+#include "cpu_features.h"
+#include "parallel.h"
+
+namespace pyengine {
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;  // elements per task at least: ~64 KB of fp32 traffic
+
+constexpr int64_t kRowGrain = 8;     // rows per task at least (LoRA variants)
+
+template <typename Fn>
+Fn pick(Fn scalar_fn, Fn avx2_fn, Fn avx512_fn) {
+  switch (active_isa()) {
+    case Isa::kAvx512: return avx512_fn;
+    case Isa::kAvx2: return avx2_fn;
+    default: return scalar_fn;
+  }
+}
+
+using RangeFn = void (*)(const SwigluArgs&, int64_t, int64_t);
+
+void run(const SwigluArgs& a, int num_threads, RangeFn scalar_fn, RangeFn avx2_fn,
+         RangeFn avx512_fn) {
+  RangeFn fn = pick(scalar_fn, avx2_fn, avx512_fn);
+  parallel_for(a.n, num_threads, kGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+}  // namespace
+
+void swiglu_forward(const SwigluArgs& a, int num_threads) {
+  run(a, num_threads, scalar::swiglu_forward_range, avx2::swiglu_forward_range,
+      avx512::swiglu_forward_range);
+}
+
+void swiglu_backward(const SwigluArgs& a, int num_threads) {
+  run(a, num_threads, scalar::swiglu_backward_range, avx2::swiglu_backward_range,
+      avx512::swiglu_backward_range);
+}
+
+void lora_swiglu_forward(const LoraSwigluArgs& a, int num_threads) {
+  auto fn = pick(scalar::lora_swiglu_forward_range, avx2::lora_swiglu_forward_range,
+                 avx512::lora_swiglu_forward_range);
+  parallel_for(a.n_rows, num_threads, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
+}
+
+// Each task accumulates the weight gradients of its rows privately, then adds them into
+// the caller's (zeroed) outputs under a lock: at most num_threads reductions.
+void lora_swiglu_backward(const LoraSwigluArgs& a, int num_threads) {
+  auto fn = pick(scalar::lora_swiglu_backward_range, avx2::lora_swiglu_backward_range,
+                 avx512::lora_swiglu_backward_range);
+  const int64_t I = a.inter;
+  float* outs[3] = {a.d_a_down, a.d_bg_t, a.d_bu_t};
+  const int64_t ranks[3] = {a.rd, a.rg, a.ru};
+  std::mutex mu;
+  parallel_for(a.n_rows, num_threads, kRowGrain, [&](int64_t b, int64_t e) {
+    std::vector<float> acc((a.rd + a.rg + a.ru) * I, 0.f);
+    fn(a, b, e, acc.data());
+    std::lock_guard<std::mutex> lock(mu);
+    const float* src = acc.data();
+    for (int i = 0; i < 3; ++i) {
+      float* dst = outs[i];
+      const int64_t count = ranks[i] * I;
+      for (int64_t j = 0; j < count; ++j) dst[j] += src[j];
+      src += count;
+    }
+  });
+}
+
+}  // namespace pyengine

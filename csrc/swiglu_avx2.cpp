@@ -1,0 +1,3 @@
+// avx2 build of the SwiGLU element kernels (flags set in CMakeLists.txt).
+#define PYENGINE_ISA_NS avx2
+#include "swiglu_impl.h"
