@@ -16,11 +16,15 @@
 //
 // Activation row layout (per token, per group, all 64-byte aligned):
 //   dsum[16] fp32 : -offset * post * d_a * sum(q_a) of each block   (offset removal)
-//   per chunk: q_a int8 [64 (q8_0) or 128 (lo, hi)], d_a * post expanded to its 16 lanes
+//   da[16] fp32   : post * d_a of each block
+//   per chunk: q_a int8 [64 (q8_0) or 128 (lo, hi)]
 // post = 1/127 for nf4 (int8 codes are 127 * NF4), else 1.
-// Lane accumulator: acc[l] = fma(float(isum[l]) * da[l], dw[block(l)], acc[l]) per chunk,
-// then acc[l] = fma(dw[l], dsum[l], acc[l]) per group; y = tree sum of the 16 lanes.
+// Per group s[b] = dw[b] * da[b]; per chunk acc[l] = fma(float(isum[l]), s[block(l)], acc[l]);
+// per group acc[l] = fma(dw[l], dsum[l], acc[l]); y = tree sum of the 16 lanes.
+// GEMM loop order: panels of weight rows that stay in L2, token tiles inside, so weights
+// are read from memory once and each activation tile is reused by a whole panel.
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 
@@ -40,9 +44,9 @@ struct Layout {
   bool nibbles;
   float post;
   constexpr int chunk_acts() const { return nibbles ? 128 : 64; }
-  constexpr int chunk_bytes() const { return chunk_acts() + 64; }
+  constexpr int chunk_bytes() const { return chunk_acts(); }
   constexpr int chunks_per_group() const { return 16 / bpc; }
-  constexpr int64_t group_bytes() const { return 64 + int64_t(chunks_per_group()) * chunk_bytes(); }
+  constexpr int64_t group_bytes() const { return 128 + int64_t(chunks_per_group()) * chunk_bytes(); }
 };
 
 constexpr Layout kLayouts[3] = {
@@ -71,7 +75,7 @@ void quantize_row(const Layout& L, const T* x, int64_t k, uint8_t* out, Load ld)
     const float id = d != 0.f ? 1.0f / d : 0.f;
     const int64_t g = b / 16, bb = b % 16, c = bb / L.bpc, s = bb % L.bpc;
     uint8_t* grp = out + g * L.group_bytes();
-    uint8_t* rec = grp + 64 + c * L.chunk_bytes();
+    uint8_t* rec = grp + 128 + c * L.chunk_bytes();
     int8_t* q = reinterpret_cast<int8_t*>(rec);
     int sum = 0;
     for (int j = 0; j < L.block; ++j) {
@@ -83,9 +87,8 @@ void quantize_row(const Layout& L, const T* x, int64_t k, uint8_t* out, Load ld)
       q[pos] = int8_t(v);
     }
     const float dp = d * L.post;
-    float* da = reinterpret_cast<float*>(rec + L.chunk_acts());
-    for (int l = 0; l < L.lanes_per_block; ++l) da[s * L.lanes_per_block + l] = dp;
     reinterpret_cast<float*>(grp)[bb] = -float(L.offset) * (dp * float(sum));
+    reinterpret_cast<float*>(grp)[16 + bb] = dp;
   }
 }
 
@@ -110,11 +113,14 @@ float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n)
     float dw[16];
     for (int l = 0; l < 16; ++l) dw[l] = l < nblk ? f16_to_f32(srow[g * 16 + l]) : 0.f;
     const uint8_t* grp = act_row + g * L.group_bytes();
+    const float* da = reinterpret_cast<const float*>(grp) + 16;
+    float sc[16];
+    for (int l = 0; l < 16; ++l) sc[l] = dw[l] * da[l];
     const int n_chunks = (nblk + L.bpc - 1) / L.bpc;
     for (int c = 0; c < n_chunks; ++c) {
       const uint8_t* wq = qrow + (g * 16 + c * L.bpc) * L.qbytes;
       const int valid = std::min(L.bpc, nblk - c * L.bpc) * L.qbytes;
-      const uint8_t* rec = grp + 64 + c * L.chunk_bytes();
+      const uint8_t* rec = grp + 128 + c * L.chunk_bytes();
       const int8_t* a = reinterpret_cast<const int8_t*>(rec);
       int32_t isum[16] = {0};
       for (int p = 0; p < 64; ++p) {
@@ -129,9 +135,8 @@ float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n)
         }
         isum[p / 4] += v;
       }
-      const float* da = reinterpret_cast<const float*>(rec + L.chunk_acts());
       for (int l = 0; l < 16; ++l)
-        acc[l] = std::fma(float(isum[l]) * da[l], dw[c * L.bpc + l / L.lanes_per_block], acc[l]);
+        acc[l] = std::fma(float(isum[l]), sc[c * L.bpc + l / L.lanes_per_block], acc[l]);
     }
     const float* dsum = reinterpret_cast<const float*>(grp);
     for (int l = 0; l < 16; ++l) acc[l] = std::fma(dw[l], dsum[l], acc[l]);
@@ -174,33 +179,34 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
   const __m512i nib_mask = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
   const __m512i code8 = _mm512_broadcast_i32x4(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8)));
-  __m512i expand[CPG];  // lane -> block-in-group index for chunk c
-  for (int c = 0; c < CPG; ++c) {
-    alignas(64) int32_t idx[16];
-    for (int l = 0; l < 16; ++l) idx[l] = c * L.bpc + l / L.lanes_per_block;
-    expand[c] = _mm512_load_si512(idx);
-  }
+  alignas(64) int32_t expand[CPG][16];  // lane -> block-in-group index, per chunk
+  for (int c = 0; c < CPG; ++c)
+    for (int l = 0; l < 16; ++l) expand[c][l] = c * L.bpc + l / L.lanes_per_block;
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const uint8_t* qrow[R];
+  for (int r = 0; r < R; ++r) qrow[r] = w.qs + (n0 + r) * row_qbytes;
   const int64_t ng = n_groups(L, w.k);
   for (int64_t g = 0; g < ng; ++g) {
     const int nblk = int(std::min<int64_t>(16, nb - g * 16));
     const __mmask16 smask = __mmask16((1u << nblk) - 1);
-    __m512 dw[R];
-    for (int r = 0; r < R; ++r)
-      dw[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + g * 16));
+    __m512 dw[R], sc[R][T];
     const uint8_t* grp[T];
     for (int t = 0; t < T; ++t) grp[t] = act + (t0 + t) * act_row + g * L.group_bytes();
+    for (int r = 0; r < R; ++r) {
+      dw[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + g * 16));
+      for (int t = 0; t < T; ++t)
+        sc[r][t] = _mm512_mul_ps(dw[r], _mm512_load_ps(reinterpret_cast<const float*>(grp[t]) + 16));
+    }
     const int n_chunks = (nblk + L.bpc - 1) / L.bpc;
     for (int c = 0; c < n_chunks; ++c) {
       const int valid = std::min(L.bpc, nblk - c * L.bpc) * L.qbytes;
       const __mmask64 bmask = valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1;
+      const __m512i idx = _mm512_load_si512(expand[c]);
       __m512i lo[R], hi[R];
-      __m512 dwe[R];
       for (int r = 0; r < R; ++r) {
-        const __m512i b = _mm512_maskz_loadu_epi8(
-            bmask, w.qs + (n0 + r) * row_qbytes + (g * 16 + c * L.bpc) * L.qbytes);
+        const __m512i b = _mm512_maskz_loadu_epi8(bmask, qrow[r] + (g * 16 + c * L.bpc) * L.qbytes);
         if (FMT == kQ8_0) {
           lo[r] = _mm512_xor_si512(b, flip);
         } else {
@@ -211,17 +217,16 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
             hi[r] = _mm512_shuffle_epi8(code8, hi[r]);
           }
         }
-        dwe[r] = _mm512_permutexvar_ps(expand[c], dw[r]);
       }
       for (int t = 0; t < T; ++t) {
-        const uint8_t* rec = grp[t] + 64 + c * L.chunk_bytes();
+        const uint8_t* rec = grp[t] + 128 + c * L.chunk_bytes();
         const __m512i a_lo = _mm512_load_si512(rec);
         const __m512i a_hi = L.nibbles ? _mm512_load_si512(rec + 64) : a_lo;
-        const __m512 da = _mm512_load_ps(reinterpret_cast<const float*>(rec + L.chunk_acts()));
         for (int r = 0; r < R; ++r) {
           __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], a_lo);
           if (L.nibbles) is = _mm512_dpbusd_epi32(is, hi[r], a_hi);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(is), da), dwe[r], acc[r][t]);
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is),
+                                      _mm512_permutexvar_ps(idx, sc[r][t]), acc[r][t]);
         }
       }
     }
@@ -236,27 +241,34 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
             tree_sum16(acc[r][t]) + (bias ? bias[n0 + r] : 0.f));
 }
 
-// Rows in blocks of R, tokens in tiles of T (remainders with smaller tiles).
-template <int FMT, int R>
-void row_block_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t m,
-                      int64_t n0, const float* bias, void* y, int y_dtype) {
-  constexpr int T = R == 1 ? 1 : (R >= 4 ? 1 : 4);
+// Rows [p0, p1) (a panel) x all tokens: token tiles of T outside, row blocks of R inside.
+template <int FMT, int R, int T>
+void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t m,
+                  int64_t p0, int64_t p1, const float* bias, void* y, int y_dtype) {
+  auto rows = [&](auto tile) {
+    int64_t n = p0;
+    for (; n + R <= p1; n += R) tile(n, std::integral_constant<int, R>());
+    for (; n < p1; ++n) tile(n, std::integral_constant<int, 1>());
+  };
   int64_t t = 0;
-  for (; t + T <= m; t += T) tile_avx512<FMT, R, T>(w, act, act_row, n0, t, bias, y, y_dtype);
-  for (; t < m; ++t) tile_avx512<FMT, R, 1>(w, act, act_row, n0, t, bias, y, y_dtype);
+  for (; t + T <= m; t += T)
+    rows([&](int64_t n, auto r) { tile_avx512<FMT, decltype(r)::value, T>(w, act, act_row, n, t, bias, y, y_dtype); });
+  for (; t < m; ++t)
+    rows([&](int64_t n, auto r) { tile_avx512<FMT, decltype(r)::value, 1>(w, act, act_row, n, t, bias, y, y_dtype); });
 }
 
 template <int FMT>
 void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                         int64_t r1, const float* bias, void* y, int y_dtype) {
-  const int64_t act_row = n_groups(kLayouts[FMT], w.k) * kLayouts[FMT].group_bytes();
-  int64_t n = r0;
-  if (m == 1) {  // decode GEMV: 4 weight streams per activation load
-    for (; n + 4 <= r1; n += 4) row_block_avx512<FMT, 4>(w, act, act_row, m, n, bias, y, y_dtype);
-  } else {       // prefill GEMM: 2 rows x 4 tokens per weight chunk load
-    for (; n + 2 <= r1; n += 2) row_block_avx512<FMT, 2>(w, act, act_row, m, n, bias, y, y_dtype);
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t act_row = n_groups(L, w.k) * L.group_bytes();
+  const int64_t row_bytes = w.k / L.block * (L.qbytes + 2);
+  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);  // ~256 KB
+  for (int64_t p0 = r0; p0 < r1; p0 += panel) {
+    const int64_t p1 = std::min(r1, p0 + panel);
+    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, m, p0, p1, bias, y, y_dtype);  // GEMV
+    else panel_avx512<FMT, 2, 4>(w, act, act_row, m, p0, p1, bias, y, y_dtype);
   }
-  for (; n < r1; ++n) row_block_avx512<FMT, 1>(w, act, act_row, m, n, bias, y, y_dtype);
 }
 #endif  // __AVX512F__
 
