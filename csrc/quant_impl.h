@@ -1,32 +1,31 @@
 // Kernels of quant.h, written once and compiled per ISA (PYENGINE_ISA_NS = scalar / avx2 /
 // avx512).  The portable code below is the spec and the scalar/avx2 path; the AVX-512
-// block (VNNI) computes exactly the same integers and the same fp32 operations in the same
-// order per lane, so every ISA gives bit-identical outputs.
+// block (VNNI) computes the same integers and the same fp32 operations in the same order
+// per lane, so every ISA gives bit-identical outputs.
 //
-// Work unit: a "chunk" = one 64-byte load of a row's quant bytes = `bpc` weight blocks;
-// its 16 int32 lanes hold 4-byte partial dot products, G = 16/bpc lanes per block.
-// A "group" = 16 blocks (one 32-byte load of fp16 scales).  Per format:
-//            block  quant bytes  bpc  lanes/block  weight u8 value         offset
-//   q8_0      32       32         2       8        w ^ 0x80 (= w + 128)     128
-//   q4_0      32       16         4       4        low / high nibble        8
-//   nf4       64       32         2       8        code8[nibble] + 128      128
-// With nibbles, the low nibbles of a chunk give elements [0, B/2) of each block and the
-// high nibbles elements [B/2, B), so the activation chunk is stored as two 64-byte halves
-// "lo" and "hi" in that order: lo[s*B/2 + j] = a[block s][j], hi[...] = a[block s][B/2 + j].
+// Weights (pyengine/quant.py): per row, groups of 16 blocks with their quant bytes
+// interleaved in 4-byte words (word c of block l at (c * n + l) * 4, n = blocks in the
+// group).  So one 64-byte load ("step" c) holds word c of 16 blocks and lane l of a
+// vpdpbusd accumulates block l's integer dot product over the block's words:
+//            block  quant bytes  steps  weight u8 value per byte           offset
+//   q8_0      32       32          8    w ^ 0x80 (= w + 128)               128
+//   q4_0      32       16          4    low nibble, high nibble            8
+//   nf4       64       32          8    code8[low], code8[high] (+128)     128
+// Byte j of a nibble block holds elements j (low) and j + B/2 (high).
 //
-// Activation row layout (per token, per group, all 64-byte aligned):
-//   dsum[16] fp32 : -offset * post * d_a * sum(q_a) of each block   (offset removal)
-//   da[16] fp32   : post * d_a of each block
-//   per chunk: q_a int8 [64 (q8_0) or 128 (lo, hi)]
-// post = 1/127 for nf4 (int8 codes are 127 * NF4), else 1.
-// Per group s[b] = dw[b] * da[b]; per chunk acc[l] = fma(float(isum[l]), s[block(l)], acc[l]);
-// per group acc[l] = fma(dw[l], dsum[l], acc[l]); y = tree sum of the 16 lanes.
+// Activation row layout (per token, per group of 16 blocks, 64-byte aligned):
+//   da[16] fp32      post * d_a of each block (post = 1/127 for nf4's int8 codes, else 1)
+//   osum[16] int32   offset * sum(q_a) of each block (removes the weight offset exactly)
+//   per step c: lo[64] int8 (lane l = the 4 activations meeting word c of block l) and,
+//   for nibble formats, hi[64] (those meeting the high nibbles).
+// Per group: isum[l] = sum_c dot4(w_l, a_l) - osum[l] (exact int32), then
+//   acc[l] = fma(float(isum[l]), dw[l] * da[l], acc[l]);   y = tree sum of the 16 lanes.
 // GEMM loop order: panels of weight rows that stay in L2, token tiles inside, so weights
 // are read from memory once and each activation tile is reused by a whole panel.
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "common.h"
 #include "quant.h"
@@ -40,19 +39,18 @@ namespace PYENGINE_ISA_NS {
 namespace {
 
 struct Layout {
-  int block, qbytes, bpc, lanes_per_block, offset;
+  int block, qbytes, offset;
   bool nibbles;
   float post;
-  constexpr int chunk_acts() const { return nibbles ? 128 : 64; }
-  constexpr int chunk_bytes() const { return chunk_acts(); }
-  constexpr int chunks_per_group() const { return 16 / bpc; }
-  constexpr int64_t group_bytes() const { return 128 + int64_t(chunks_per_group()) * chunk_bytes(); }
+  constexpr int steps() const { return qbytes / 4; }
+  constexpr int step_bytes() const { return nibbles ? 128 : 64; }
+  constexpr int64_t group_bytes() const { return 128 + int64_t(steps()) * step_bytes(); }
 };
 
 constexpr Layout kLayouts[3] = {
-    {32, 32, 2, 8, 128, false, 1.0f},          // q8_0
-    {32, 16, 4, 4, 8, true, 1.0f},             // q4_0
-    {64, 32, 2, 8, 128, true, 1.0f / 127.0f},  // nf4
+    {32, 32, 128, false, 1.0f},          // q8_0
+    {32, 16, 8, true, 1.0f},             // q4_0
+    {64, 32, 128, true, 1.0f / 127.0f},  // nf4
 };
 
 // round(127 * NF4[i]) + 128: the nf4 codes as unsigned bytes for u8 x s8 dot products.
@@ -73,23 +71,30 @@ void quantize_row(const Layout& L, const T* x, int64_t k, uint8_t* out, Load ld)
     for (int j = 0; j < L.block; ++j) amax = std::max(amax, std::fabs(ld(xb[j])));
     const float d = amax / 127.0f;
     const float id = d != 0.f ? 1.0f / d : 0.f;
-    const int64_t g = b / 16, bb = b % 16, c = bb / L.bpc, s = bb % L.bpc;
-    uint8_t* grp = out + g * L.group_bytes();
-    uint8_t* rec = grp + 128 + c * L.chunk_bytes();
-    int8_t* q = reinterpret_cast<int8_t*>(rec);
+    const int l = int(b % 16);
+    uint8_t* grp = out + (b / 16) * L.group_bytes();
+    int8_t* steps = reinterpret_cast<int8_t*>(grp + 128);
     int sum = 0;
     for (int j = 0; j < L.block; ++j) {
       const int v = int(std::lrint(ld(xb[j]) * id));
       sum += v;
-      const int64_t pos = !L.nibbles ? s * L.block + j
-                          : j < half ? s * half + j
-                                     : 64 + s * half + (j - half);
-      q[pos] = int8_t(v);
+      const bool high = L.nibbles && j >= half;
+      const int byte = high ? j - half : j;  // the weight byte this element meets
+      steps[(byte / 4) * L.step_bytes() + (high ? 64 : 0) + 4 * l + byte % 4] = int8_t(v);
     }
-    const float dp = d * L.post;
-    reinterpret_cast<float*>(grp)[bb] = -float(L.offset) * (dp * float(sum));
-    reinterpret_cast<float*>(grp)[16 + bb] = dp;
+    reinterpret_cast<float*>(grp)[l] = d * L.post;
+    reinterpret_cast<int32_t*>(grp + 64)[l] = L.offset * sum;
   }
+}
+
+// A group: its first block and how many blocks it has (16, or fewer at the row end).
+struct GroupGeom {
+  int64_t first_block;
+  int nblk;
+};
+
+inline GroupGeom group_geom(int64_t nb, int64_t g) {
+  return {g * 16, int(std::min<int64_t>(16, nb - g * 16))};
 }
 
 // ------------------------------------------------------------------ portable matmul
@@ -104,42 +109,37 @@ inline float tree_sum16(const float* a) {
 template <int FMT>
 float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n) {
   constexpr Layout L = kLayouts[FMT];
-  const int64_t nb = w.k / L.block, row_qbytes = nb * L.qbytes;
-  const uint8_t* qrow = w.qs + n * row_qbytes;
+  const int64_t nb = w.k / L.block;
+  const uint8_t* qrow = w.qs + n * nb * L.qbytes;
   const uint16_t* srow = w.scales + n * nb;
   float acc[16] = {0.f};
   for (int64_t g = 0; g < n_groups(L, w.k); ++g) {
-    const int nblk = int(std::min<int64_t>(16, nb - g * 16));
-    float dw[16];
-    for (int l = 0; l < 16; ++l) dw[l] = l < nblk ? f16_to_f32(srow[g * 16 + l]) : 0.f;
+    const GroupGeom geo = group_geom(nb, g);
     const uint8_t* grp = act_row + g * L.group_bytes();
-    const float* da = reinterpret_cast<const float*>(grp) + 16;
-    float sc[16];
-    for (int l = 0; l < 16; ++l) sc[l] = dw[l] * da[l];
-    const int n_chunks = (nblk + L.bpc - 1) / L.bpc;
-    for (int c = 0; c < n_chunks; ++c) {
-      const uint8_t* wq = qrow + (g * 16 + c * L.bpc) * L.qbytes;
-      const int valid = std::min(L.bpc, nblk - c * L.bpc) * L.qbytes;
-      const uint8_t* rec = grp + 128 + c * L.chunk_bytes();
-      const int8_t* a = reinterpret_cast<const int8_t*>(rec);
-      int32_t isum[16] = {0};
-      for (int p = 0; p < 64; ++p) {
-        const uint8_t b = p < valid ? wq[p] : 0;
-        int32_t v;
-        if (FMT == kQ8_0) {
-          v = int32_t(uint8_t(b ^ 0x80)) * a[p];
-        } else if (FMT == kQ4_0) {
-          v = int32_t(b & 15) * a[p] + int32_t(b >> 4) * a[64 + p];
-        } else {
-          v = int32_t(kNf4Code8[b & 15]) * a[p] + int32_t(kNf4Code8[b >> 4]) * a[64 + p];
+    const uint8_t* wg = qrow + geo.first_block * L.qbytes;
+    int32_t isum[16] = {0};
+    for (int c = 0; c < L.steps(); ++c) {
+      const int8_t* a = reinterpret_cast<const int8_t*>(grp + 128 + c * L.step_bytes());
+      for (int l = 0; l < geo.nblk; ++l) {
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t b = wg[(c * geo.nblk + l) * 4 + i];
+          const int p = 4 * l + i;
+          if (FMT == kQ8_0) {
+            isum[l] += int32_t(uint8_t(b ^ 0x80)) * a[p];
+          } else if (FMT == kQ4_0) {
+            isum[l] += int32_t(b & 15) * a[p] + int32_t(b >> 4) * a[64 + p];
+          } else {
+            isum[l] += int32_t(kNf4Code8[b & 15]) * a[p] + int32_t(kNf4Code8[b >> 4]) * a[64 + p];
+          }
         }
-        isum[p / 4] += v;
       }
-      for (int l = 0; l < 16; ++l)
-        acc[l] = std::fma(float(isum[l]), sc[c * L.bpc + l / L.lanes_per_block], acc[l]);
     }
-    const float* dsum = reinterpret_cast<const float*>(grp);
-    for (int l = 0; l < 16; ++l) acc[l] = std::fma(dw[l], dsum[l], acc[l]);
+    const float* da = reinterpret_cast<const float*>(grp);
+    const int32_t* osum = reinterpret_cast<const int32_t*>(grp + 64);
+    for (int l = 0; l < 16; ++l) {
+      const float dw = l < geo.nblk ? f16_to_f32(srow[geo.first_block + l]) : 0.f;
+      acc[l] = std::fma(float(isum[l] - osum[l]), dw * da[l], acc[l]);
+    }
   }
   return tree_sum16(acc);
 }
@@ -174,39 +174,28 @@ template <int FMT, int R, int T>
 void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t n0,
                  int64_t t0, const float* bias, void* y, int y_dtype) {
   constexpr Layout L = kLayouts[FMT];
-  constexpr int CPG = L.chunks_per_group();
   const int64_t nb = w.k / L.block, row_qbytes = nb * L.qbytes;
   const __m512i nib_mask = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
   const __m512i code8 = _mm512_broadcast_i32x4(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8)));
-  alignas(64) int32_t expand[CPG][16];  // lane -> block-in-group index, per chunk
-  for (int c = 0; c < CPG; ++c)
-    for (int l = 0; l < 16; ++l) expand[c][l] = c * L.bpc + l / L.lanes_per_block;
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
-  const uint8_t* qrow[R];
-  for (int r = 0; r < R; ++r) qrow[r] = w.qs + (n0 + r) * row_qbytes;
   const int64_t ng = n_groups(L, w.k);
   for (int64_t g = 0; g < ng; ++g) {
-    const int nblk = int(std::min<int64_t>(16, nb - g * 16));
-    const __mmask16 smask = __mmask16((1u << nblk) - 1);
-    __m512 dw[R], sc[R][T];
+    const GroupGeom geo = group_geom(nb, g);
+    const __mmask64 bmask = geo.nblk == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * geo.nblk)) - 1;
+    const uint8_t* wg[R];
+    for (int r = 0; r < R; ++r) wg[r] = w.qs + (n0 + r) * row_qbytes + geo.first_block * L.qbytes;
     const uint8_t* grp[T];
     for (int t = 0; t < T; ++t) grp[t] = act + (t0 + t) * act_row + g * L.group_bytes();
-    for (int r = 0; r < R; ++r) {
-      dw[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + g * 16));
-      for (int t = 0; t < T; ++t)
-        sc[r][t] = _mm512_mul_ps(dw[r], _mm512_load_ps(reinterpret_cast<const float*>(grp[t]) + 16));
-    }
-    const int n_chunks = (nblk + L.bpc - 1) / L.bpc;
-    for (int c = 0; c < n_chunks; ++c) {
-      const int valid = std::min(L.bpc, nblk - c * L.bpc) * L.qbytes;
-      const __mmask64 bmask = valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1;
-      const __m512i idx = _mm512_load_si512(expand[c]);
+    __m512i is[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) is[r][t] = _mm512_setzero_si512();
+    for (int c = 0; c < L.steps(); ++c) {
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
-        const __m512i b = _mm512_maskz_loadu_epi8(bmask, qrow[r] + (g * 16 + c * L.bpc) * L.qbytes);
+        const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg[r] + c * 4 * geo.nblk);
         if (FMT == kQ8_0) {
           lo[r] = _mm512_xor_si512(b, flip);
         } else {
@@ -219,20 +208,25 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
         }
       }
       for (int t = 0; t < T; ++t) {
-        const uint8_t* rec = grp[t] + 128 + c * L.chunk_bytes();
+        const uint8_t* rec = grp[t] + 128 + c * L.step_bytes();
         const __m512i a_lo = _mm512_load_si512(rec);
-        const __m512i a_hi = L.nibbles ? _mm512_load_si512(rec + 64) : a_lo;
-        for (int r = 0; r < R; ++r) {
-          __m512i is = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], a_lo);
-          if (L.nibbles) is = _mm512_dpbusd_epi32(is, hi[r], a_hi);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is),
-                                      _mm512_permutexvar_ps(idx, sc[r][t]), acc[r][t]);
+        for (int r = 0; r < R; ++r) is[r][t] = _mm512_dpbusd_epi32(is[r][t], lo[r], a_lo);
+        if (L.nibbles) {
+          const __m512i a_hi = _mm512_load_si512(rec + 64);
+          for (int r = 0; r < R; ++r) is[r][t] = _mm512_dpbusd_epi32(is[r][t], hi[r], a_hi);
         }
       }
     }
-    for (int t = 0; t < T; ++t) {
-      const __m512 ds = _mm512_load_ps(reinterpret_cast<const float*>(grp[t]));
-      for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(dw[r], ds, acc[r][t]);
+    const __mmask16 smask = __mmask16((1u << geo.nblk) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 dw = _mm512_cvtph_ps(
+          _mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + geo.first_block));
+      for (int t = 0; t < T; ++t) {
+        const __m512 da = _mm512_load_ps(reinterpret_cast<const float*>(grp[t]));
+        const __m512i osum = _mm512_load_si512(grp[t] + 64);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(is[r][t], osum)),
+                                    _mm512_mul_ps(dw, da), acc[r][t]);
+      }
     }
   }
   for (int r = 0; r < R; ++r)
@@ -252,9 +246,13 @@ void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, in
   };
   int64_t t = 0;
   for (; t + T <= m; t += T)
-    rows([&](int64_t n, auto r) { tile_avx512<FMT, decltype(r)::value, T>(w, act, act_row, n, t, bias, y, y_dtype); });
+    rows([&](int64_t n, auto r) {
+      tile_avx512<FMT, decltype(r)::value, T>(w, act, act_row, n, t, bias, y, y_dtype);
+    });
   for (; t < m; ++t)
-    rows([&](int64_t n, auto r) { tile_avx512<FMT, decltype(r)::value, 1>(w, act, act_row, n, t, bias, y, y_dtype); });
+    rows([&](int64_t n, auto r) {
+      tile_avx512<FMT, decltype(r)::value, 1>(w, act, act_row, n, t, bias, y, y_dtype);
+    });
 }
 
 template <int FMT>

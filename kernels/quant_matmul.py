@@ -3,7 +3,9 @@
 Dequantize-in-kernel: each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K one
 quant block at a time, decoding the weight block in registers (q8_0: int8 * d; q4_0:
 (nibble - 8) * d; nf4: NF4[nibble] * d, nibble j of a block is the low nibble of byte j for
-j < B/2, else the high nibble of byte j - B/2) and accumulating tl.dot in fp32.
+j < B/2, else the high nibble of byte j - B/2) and accumulating tl.dot in fp32.  Quant
+bytes are in QuantizedWeight's interleaved layout: byte j of block l of a 16-block group
+(n blocks in that group) is at (j // 4 * n + l) * 4 + j % 4 from the group's start.
 x [M, K] fp32/bf16, qs uint8 [N, K*bits/8], scales fp16 [N, K/B], bias fp32 [N] or None;
 y [M, N] in x's dtype.  Floor: weight bytes once per BLOCK_M rows of x; 2*M*N*K flops.
 Tested on CPU under TRITON_INTERPRET=1; GPU speed has not been measured.
@@ -34,14 +36,18 @@ def _quant_matmul_kernel(x_ptr, qs_ptr, sc_ptr, code_ptr, bias_ptr, y_ptr, M, N,
     for kb in range(0, n_blocks):
         x = tl.load(x_ptr + rm[:, None] * K + kb * B + j[None, :], mask=mask_m[:, None],
                     other=0.0).to(tl.float32)
-        row = qs_ptr + rn[:, None] * (n_blocks * QB) + kb * QB
+        n_in_group = tl.minimum(16, n_blocks - (kb // 16) * 16)
+        row = qs_ptr + rn[:, None] * (n_blocks * QB) + (kb // 16) * 16 * QB + (kb % 16) * 4
         d = tl.load(sc_ptr + rn * n_blocks + kb, mask=mask_n, other=0.0).to(tl.float32)
         if FMT == 0:
-            q = tl.load(row + j[None, :], mask=mask_n[:, None], other=0).to(tl.int8, bitcast=True)
+            byte_off = (j // 4) * n_in_group * 4 + j % 4
+            q = tl.load(row + byte_off[None, :], mask=mask_n[:, None], other=0).to(tl.int8, bitcast=True)
             w = q.to(tl.float32)
         else:
             half = B // 2
-            byte = tl.load(row + (j % half)[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
+            jb = j % half
+            byte_off = (jb // 4) * n_in_group * 4 + jb % 4
+            byte = tl.load(row + byte_off[None, :], mask=mask_n[:, None], other=0).to(tl.int32)
             nib = (byte >> ((j // half) * 4)[None, :]) & 15
             if FMT == 1:
                 w = (nib - 8).to(tl.float32)

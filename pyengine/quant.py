@@ -12,10 +12,13 @@ GGUF block layout: [fp16 d][quants]; q8_0 quants are 32 int8, q4_0 quants are 16
 where byte j holds q[j] (low nibble) and q[j+16] (high nibble).  nf4 (no GGUF type) uses
 the same scheme with 64 weights: [fp16 d][32 bytes, byte j = q[j] | q[j+32] << 4].
 
-In memory a QuantizedWeight keeps the blocks split in two planes, which is what the
-kernels read (the "repacked" layout): `qs` uint8 [N, K * bits / 8] (the quant bytes of
-each row's blocks back to back) and `scales` fp16 [N, K / block].  `gguf_blocks()` /
-`from_gguf_blocks()` convert losslessly to and from the interleaved GGUF bytes.
+In memory a QuantizedWeight keeps the blocks in the layout the kernels read (repacked
+once, at quantize / load time): `scales` fp16 [N, K / block] and `qs` uint8
+[N, K * bits / 8] where, per row, each group of 16 consecutive blocks is interleaved in
+4-byte words: word c of block l of the group sits at (c * n + l) * 4 within the group
+(n = 16, or the block count of the row's last, partial group).  One 64-byte load then
+holds word c of 16 blocks, so a SIMD lane accumulates one block's integer dot product.
+`gguf_blocks()` / `from_gguf_blocks()` convert losslessly to and from the GGUF bytes.
 Files: safetensors with tensors "qs" and "scales" and metadata {fmt, shape}.
 """
 from __future__ import annotations
@@ -120,7 +123,7 @@ def quantize(weight: Tensor, fmt: str) -> "QuantizedWeight":
         mid = (code[1:] + code[:-1]) / 2
         q = torch.bucketize(blocks * _safe_inverse(d), mid).to(torch.uint8)
         qs = _pack_nibbles(q, spec.block // 2)
-    return QuantizedWeight(fmt, (n, k), qs.reshape(n, -1).contiguous(),
+    return QuantizedWeight(fmt, (n, k), interleave_groups(qs.reshape(n, -1, spec.quant_bytes)),
                            d.reshape(n, -1).to(torch.float16).contiguous())
 
 
@@ -171,9 +174,7 @@ class QuantizedWeight:
     # ------------------------------------------------------------------ values
     def codes(self) -> Tensor:
         """The integer quants [N, K/block, block] in weight order (int8 for q8_0, else uint8)."""
-        n, k = self.shape
-        nb = k // self.spec.block
-        qs = self.qs.reshape(n, nb, self.spec.quant_bytes)
+        qs = block_order(self.qs, self.spec.quant_bytes)
         if self.fmt == "q8_0":
             return qs.view(torch.int8)
         return _unpack_nibbles(qs)
@@ -183,11 +184,11 @@ class QuantizedWeight:
 
     # ------------------------------------------------------------------ GGUF bytes
     def gguf_blocks(self) -> Tensor:
-        """uint8 [N, K/block * block_bytes]: the interleaved GGUF blocks ([fp16 d][quants])."""
+        """uint8 [N, K/block * block_bytes]: the GGUF blocks ([fp16 d][quants] each)."""
         n, k = self.shape
         nb = k // self.spec.block
         d = self.scales.reshape(n, nb, 1).view(torch.uint8)
-        return torch.cat([d, self.qs.reshape(n, nb, self.spec.quant_bytes)], -1).reshape(n, -1)
+        return torch.cat([d, block_order(self.qs, self.spec.quant_bytes)], -1).reshape(n, -1)
 
     @classmethod
     def from_gguf_blocks(cls, raw: Tensor, fmt: str, shape: tuple[int, int]) -> "QuantizedWeight":
@@ -202,7 +203,7 @@ class QuantizedWeight:
                              f"got {raw.numel()} {raw.dtype}")
         blocks = raw.reshape(n, nb, spec.block_bytes)
         scales = blocks[..., :2].contiguous().view(torch.float16).reshape(n, nb)
-        return cls(fmt, shape, blocks[..., 2:].reshape(n, -1).contiguous(), scales.contiguous())
+        return cls(fmt, shape, interleave_groups(blocks[..., 2:]), scales.contiguous())
 
     # ------------------------------------------------------------------ files
     def state_dict(self, prefix: str = "") -> dict[str, Tensor]:
@@ -248,12 +249,46 @@ class QuantizedWeight:
             raise ValueError(msg if msg.startswith(path) else f"{path}: {msg}") from e
 
 
+GROUP = 16  # blocks interleaved together (one SIMD lane each)
+WORD = 4    # bytes per lane and step (one vpdpbusd input)
+
+
+def _group_split(nb: int) -> list[tuple[int, int]]:
+    """(first block, block count) of the interleaved groups of a row of nb blocks."""
+    full = nb // GROUP * GROUP
+    parts = [(0, full)] if full else []
+    return parts + ([(full, nb - full)] if nb > full else [])
+
+
+def interleave_groups(blocks: Tensor) -> Tensor:
+    """uint8 [n, nb, qbytes] in block order -> the kernel layout [n, nb * qbytes]."""
+    n, nb, qb = blocks.shape
+    out = []
+    for b0, cnt in _group_split(nb):
+        g = GROUP if cnt % GROUP == 0 else cnt
+        part = blocks[:, b0:b0 + cnt].reshape(n, cnt // g, g, qb // WORD, WORD)
+        out.append(part.transpose(2, 3).reshape(n, -1))
+    return torch.cat(out, 1).contiguous()
+
+
+def block_order(qs: Tensor, qbytes: int) -> Tensor:
+    """Inverse of interleave_groups: [n, nb * qbytes] -> [n, nb, qbytes]."""
+    n = qs.shape[0]
+    nb = qs.shape[1] // qbytes
+    out = []
+    for b0, cnt in _group_split(nb):
+        g = GROUP if cnt % GROUP == 0 else cnt
+        part = qs[:, b0 * qbytes:(b0 + cnt) * qbytes].reshape(n, cnt // g, qbytes // WORD, g, WORD)
+        out.append(part.transpose(2, 3).reshape(n, cnt, qbytes))
+    return torch.cat(out, 1)
+
+
 def dequantize_rows(fmt: str, qs: Tensor, scales: Tensor, k: int) -> Tensor:
     """fp32 [n, k] from the two planes of n rows (plain torch ops: traceable, any device)."""
     spec = format_spec(fmt)
     n = qs.shape[0]
     nb = k // spec.block
-    q = qs.reshape(n, nb, spec.quant_bytes)
+    q = block_order(qs, spec.quant_bytes)
     d = scales.reshape(n, nb, 1).float()
     if fmt == "q8_0":
         w = q.view(torch.int8).float()

@@ -207,12 +207,11 @@ def emulate_cpu(x, qw, bias=None):
 
 
 def assert_matches_emulation(y, x, qw, bias=None):
-    """Per element, |y - emulation| within fp32 rounding of the sum of |terms| (the offset
-    trick sums u8 x s8 products, so cancellation is measured against that magnitude)."""
+    """Per element, |y - emulation| within fp32 rounding of the sum of |terms|."""
     want = emulate_cpu(x, qw, bias)
     mag = x.abs().double() @ qw.dequantize().abs().double().T
     err = (y.double() - want).abs()
-    assert torch.all(err <= 1e-5 * mag + 1e-6 * want.abs()), (err / mag).max()
+    assert torch.all(err <= 2e-6 * mag), (err / mag).max()
 
 
 def rel_err(a, b):
@@ -296,8 +295,9 @@ def test_ref_backend_is_dequantize_linear(fmt):
 @pytest.mark.parametrize("fmt", FMTS)
 def test_triton_matches_reference(fmt):
     pytest.importorskip("triton")
-    qw = quantize(rand_weight(19, 192, seed=8), fmt)
-    x = torch.randn(5, 192)
+    k = 64 * 21  # one full interleave group of 16 blocks and a partial one
+    qw = quantize(rand_weight(19, k, seed=8), fmt)
+    x = torch.randn(5, k)
     bias = torch.randn(19)
     y = quant_matmul(x, qw, bias=bias, backend="triton")
     torch.testing.assert_close(y, reference_quant_matmul(x, qw, bias), rtol=1e-4, atol=1e-4)
