@@ -60,27 +60,65 @@ constexpr uint8_t kNf4Code8[16] = {1,   40,  61,  78,  92,  105, 116, 128,
 inline int64_t n_groups(const Layout& L, int64_t k) { return (k / L.block + 15) / 16; }
 
 // ------------------------------------------------------------------ activations
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// One block: q[j] = round-half-even(x[j] / d), d = absmax / 127; returns d, sets sum(q).
+template <typename T, typename Load>
+float quantize_block(const T* xb, int block, int8_t* q, int& sum, Load ld) {
+#ifdef __AVX512F__
+  (void)ld;
+  __m512 v[4], mx = _mm512_setzero_ps();
+  for (int i = 0; i < block / 16; ++i) {
+    v[i] = load16(xb + 16 * i);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+  }
+  const float d = _mm512_reduce_max_ps(mx) / 127.0f;
+  const __m512 id = _mm512_set1_ps(d != 0.f ? 1.0f / d : 0.f);
+  __m512i s = _mm512_setzero_si512();
+  for (int i = 0; i < block / 16; ++i) {
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], id));
+    s = _mm512_add_epi32(s, qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm512_cvtepi32_epi8(qi));
+  }
+  sum = _mm512_reduce_add_epi32(s);
+  return d;
+#else
+  float amax = 0.f;
+  for (int j = 0; j < block; ++j) amax = std::max(amax, std::fabs(ld(xb[j])));
+  const float d = amax / 127.0f;
+  const float id = d != 0.f ? 1.0f / d : 0.f;
+  sum = 0;
+  for (int j = 0; j < block; ++j) {
+    const int v = int(std::lrint(ld(xb[j]) * id));
+    sum += v;
+    q[j] = int8_t(v);
+  }
+  return d;
+#endif
+}
+
 template <typename T, typename Load>
 void quantize_row(const Layout& L, const T* x, int64_t k, uint8_t* out, Load ld) {
   const int64_t nb = k / L.block;
   const int half = L.block / 2;
   std::memset(out, 0, size_t(n_groups(L, k) * L.group_bytes()));
+  int8_t q[64];
   for (int64_t b = 0; b < nb; ++b) {
-    const T* xb = x + b * L.block;
-    float amax = 0.f;
-    for (int j = 0; j < L.block; ++j) amax = std::max(amax, std::fabs(ld(xb[j])));
-    const float d = amax / 127.0f;
-    const float id = d != 0.f ? 1.0f / d : 0.f;
+    int sum;
+    const float d = quantize_block(x + b * L.block, L.block, q, sum, ld);
     const int l = int(b % 16);
     uint8_t* grp = out + (b / 16) * L.group_bytes();
-    int8_t* steps = reinterpret_cast<int8_t*>(grp + 128);
-    int sum = 0;
-    for (int j = 0; j < L.block; ++j) {
-      const int v = int(std::lrint(ld(xb[j]) * id));
-      sum += v;
+    uint8_t* steps = grp + 128;
+    for (int j = 0; j < L.block; j += 4) {  // word of 4 elements -> lane l of its step
       const bool high = L.nibbles && j >= half;
-      const int byte = high ? j - half : j;  // the weight byte this element meets
-      steps[(byte / 4) * L.step_bytes() + (high ? 64 : 0) + 4 * l + byte % 4] = int8_t(v);
+      const int byte = high ? j - half : j;  // the weight byte these elements meet
+      std::memcpy(steps + (byte / 4) * L.step_bytes() + (high ? 64 : 0) + 4 * l, q + j, 4);
     }
     reinterpret_cast<float*>(grp)[l] = d * L.post;
     reinterpret_cast<int32_t*>(grp + 64)[l] = L.offset * sum;

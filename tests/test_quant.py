@@ -260,9 +260,11 @@ def test_isa_variants_equal_scalar(fmt, isa_cap):
         acts[isa] = act.clone()
         outs[isa] = torch.cat([quant_matmul(x, qw, backend="cpu"),       # GEMM tiles
                                quant_matmul(x[2:3], qw, backend="cpu")])  # GEMV
+        outs[isa, "bf16"] = quant_matmul(x.bfloat16(), qw, backend="cpu")
     for isa in ("avx2", "avx512"):
         assert torch.equal(acts[isa], acts["scalar"]), isa
         assert torch.equal(outs[isa], outs["scalar"]), isa
+        assert torch.equal(outs[isa, "bf16"], outs["scalar", "bf16"]), isa
     assert torch.equal(outs["scalar"][2], outs["scalar"][m])  # GEMV row == GEMM row
 
 
