@@ -273,24 +273,20 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
             tree_sum16(acc[r][t]) + (bias ? bias[n0 + r] : 0.f));
 }
 
-// Rows [p0, p1) (a panel) x all tokens: token tiles of T outside, row blocks of R inside.
+// Rows [p0, p1) (a panel) x tokens [t0, t1): token tiles of T outside, row blocks of R
+// inside; the last tokens go to tiles of T-1, T-2, ...
 template <int FMT, int R, int T>
-void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t m,
-                  int64_t p0, int64_t p1, const float* bias, void* y, int y_dtype) {
-  auto rows = [&](auto tile) {
+void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t t0,
+                  int64_t t1, int64_t p0, int64_t p1, const float* bias, void* y, int y_dtype) {
+  int64_t t = t0;
+  for (; t + T <= t1; t += T) {
     int64_t n = p0;
-    for (; n + R <= p1; n += R) tile(n, std::integral_constant<int, R>());
-    for (; n < p1; ++n) tile(n, std::integral_constant<int, 1>());
-  };
-  int64_t t = 0;
-  for (; t + T <= m; t += T)
-    rows([&](int64_t n, auto r) {
-      tile_avx512<FMT, decltype(r)::value, T>(w, act, act_row, n, t, bias, y, y_dtype);
-    });
-  for (; t < m; ++t)
-    rows([&](int64_t n, auto r) {
-      tile_avx512<FMT, decltype(r)::value, 1>(w, act, act_row, n, t, bias, y, y_dtype);
-    });
+    for (; n + R <= p1; n += R) tile_avx512<FMT, R, T>(w, act, act_row, n, t, bias, y, y_dtype);
+    for (; n < p1; ++n) tile_avx512<FMT, 1, T>(w, act, act_row, n, t, bias, y, y_dtype);
+  }
+  if constexpr (T > 1) {
+    if (t < t1) panel_avx512<FMT, R, T - 1>(w, act, act_row, t, t1, p0, p1, bias, y, y_dtype);
+  }
 }
 
 template <int FMT>
@@ -302,8 +298,8 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
   const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);  // ~256 KB
   for (int64_t p0 = r0; p0 < r1; p0 += panel) {
     const int64_t p1 = std::min(r1, p0 + panel);
-    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, m, p0, p1, bias, y, y_dtype);  // GEMV
-    else panel_avx512<FMT, 2, 4>(w, act, act_row, m, p0, p1, bias, y, y_dtype);
+    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);  // GEMV
+    else panel_avx512<FMT, 2, 6>(w, act, act_row, 0, m, p0, p1, bias, y, y_dtype);
   }
 }
 #endif  // __AVX512F__
