@@ -22,14 +22,21 @@ __all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS",
 
 
 def quant_linear_factory(fmt: str):
-    """Linear layers on weights quantized to `fmt` with pyengine.quant."""
-    from pyengine.ops import quant_matmul
+    """Linear layers on weights quantized to `fmt` with pyengine.quant.
+
+    Inference calls the chosen quant_matmul backend directly: the public op's checks and
+    dispatch cost microseconds per call, which add up at one token per forward."""
+    from pyengine.backends import resolve
+    from pyengine.ops import quant as quant_ops
     from pyengine.quant import quantize
+
+    run = quant_ops.BACKENDS[resolve(quant_ops.OP, None, torch.device("cpu"))]
 
     def make(weight, bias):
         qweight = quantize(weight.float().contiguous(), fmt)
-        b = None if bias is None else bias.float()
-        return lambda x: quant_matmul(x, qweight, bias=b)
+        qs, scales = qweight.qs.contiguous(), qweight.scales.contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        return lambda x: run(x.contiguous(), qs, scales, fmt, b)
     return make
 
 

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     try:
         model = load_model(args.model, adapter=args.adapter, quant=args.quant,
                            dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    except ModelLoadError as e:
+    except (ModelLoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
