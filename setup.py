@@ -44,7 +44,7 @@ setup(
     version="0.1.0",
     description="Fine-tuning and inference engine for transformer LMs with fused CPU/Triton kernels",
     python_requires=">=3.10",
-    packages=["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.kernels"],
+    packages=["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.infer", "pyengine.kernels"],
     package_dir={"pyengine": "pyengine", "pyengine.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},

@@ -9,6 +9,7 @@
 #include "lora.h"
 #include "lowrank_rows.h"
 #include "swiglu.h"
+#include "quant.h"
 
 namespace py = pybind11;
 using namespace pyengine;
@@ -145,4 +146,25 @@ PYBIND11_MODULE(_C, m) {
         lowrank_rows(a, num_threads);
       },
       "Fused skinny low-rank products over rows: proj / grad / add (see csrc/lowrank_rows.h).");
+
+  m.def(
+      "quant_matmul",
+      [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, uintptr_t x, int x_dtype,
+         int64_t m, uintptr_t bias, uintptr_t y, int num_threads) {
+        QuantWeights w{fmt, ptr<const uint8_t>(qs), ptr<const uint16_t>(scales), n, k};
+        py::gil_scoped_release nogil;
+        quant_matmul(w, ptr<const void>(x), x_dtype, m, ptr<const float>(bias), ptr<void>(y),
+                     num_threads);
+      },
+      "y[m, n] = x[m, k] @ dequant(qs, scales).T + bias (see csrc/quant.h).");
+  m.def("quant_act_row_bytes", &quant_act_row_bytes,
+        "Bytes of one token's quantized activations in the quant_matmul buffer layout.");
+  m.def(
+      "quant_quantize_activations",
+      [](int fmt, uintptr_t x, int x_dtype, int64_t m, int64_t k, uintptr_t act, int num_threads) {
+        py::gil_scoped_release nogil;
+        quant_quantize_activations(fmt, ptr<const void>(x), x_dtype, m, k, ptr<uint8_t>(act),
+                                   num_threads);
+      },
+      "The int8 activation buffer quant_matmul builds (64-byte aligned act; for tests).");
 }

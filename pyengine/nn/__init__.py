@@ -2,5 +2,6 @@
 from pyengine.nn.lora import LoRALinear
 from pyengine.nn.lora_mlp import LoRAMLP
 from pyengine.nn.loss import FusedLinearCrossEntropyLoss
+from pyengine.nn.quant import QuantLinear
 
-__all__ = ["FusedLinearCrossEntropyLoss", "LoRALinear", "LoRAMLP"]
+__all__ = ["FusedLinearCrossEntropyLoss", "LoRALinear", "LoRAMLP", "QuantLinear"]

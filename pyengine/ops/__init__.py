@@ -4,8 +4,9 @@ from pyengine.ops.cross_entropy import (fused_linear_cross_entropy,
                                         reference_linear_cross_entropy)
 from pyengine.ops.lora import lora_linear, reference_lora_linear
 from pyengine.ops.lora_mlp import lora_mlp, reference_lora_mlp
+from pyengine.ops.quant import quant_matmul, reference_quant_matmul
 from pyengine.ops.swiglu import reference_swiglu, swiglu
 
 __all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy",
            "lora_linear", "reference_lora_linear", "lora_mlp", "reference_lora_mlp",
-           "reference_swiglu", "swiglu"]
+           "quant_matmul", "reference_quant_matmul", "reference_swiglu", "swiglu"]

@@ -1,0 +1,57 @@
+// Dispatch + threading for the quantized matmul; also its scalar build.
+#define PYENGINE_ISA_NS scalar
+#include "quant_impl.h"
+
+#include <cstdlib>
+#include <memory>
+
+#include "cpu_features.h"
+#include "parallel.h"
+
+namespace pyengine {
+namespace {
+
+struct Kernels {
+  decltype(&scalar::quantize_act_rows) quantize;
+  decltype(&scalar::matmul_rows) matmul;
+};
+
+Kernels kernels() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return {avx512::quantize_act_rows, avx512::matmul_rows};
+    case Isa::kAvx2: return {avx2::quantize_act_rows, avx2::matmul_rows};
+    default: return {scalar::quantize_act_rows, scalar::matmul_rows};
+  }
+}
+
+struct FreeDeleter {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+
+}  // namespace
+
+int64_t quant_act_row_bytes(int fmt, int64_t k) {
+  const scalar::Layout& L = scalar::kLayouts[fmt];
+  return scalar::n_groups(L, k) * L.group_bytes();
+}
+
+void quant_quantize_activations(int fmt, const void* x, int x_dtype, int64_t m, int64_t k,
+                                uint8_t* act, int num_threads) {
+  auto quantize = kernels().quantize;
+  parallel_for(m, num_threads, 4,
+               [&](int64_t b, int64_t e) { quantize(fmt, x, x_dtype, k, b, e, act); });
+}
+
+void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
+                  const float* bias, void* y, int num_threads) {
+  const int64_t row_bytes = quant_act_row_bytes(w.fmt, w.k);
+  const size_t bytes = size_t(((m * row_bytes + 63) / 64) * 64);
+  std::unique_ptr<uint8_t, FreeDeleter> act(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
+  quant_quantize_activations(w.fmt, x, x_dtype, m, w.k, act.get(), num_threads);
+  auto matmul = kernels().matmul;
+  // grain: enough rows per thread that the split overhead stays small for decode GEMVs
+  parallel_for(w.n, num_threads, 64,
+               [&](int64_t b, int64_t e) { matmul(w, act.get(), m, b, e, bias, y, x_dtype); });
+}
+
+}  // namespace pyengine

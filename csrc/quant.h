@@ -1,0 +1,53 @@
+// Weight-only quantized matmul (q8_0 / q4_0 / nf4): the C++ half of pyengine.ops.quant_matmul.
+//
+//   y[t, n] = sum_k x[t, k] * w[n, k] + bias[n],   w = dequant(qs, scales)  (pyengine/quant.py)
+//
+// Weights come in the two-plane layout of QuantizedWeight: qs [N, K*bits/8] (quant bytes
+// of each row's blocks back to back, GGUF order inside a block) and fp16 scales [N, K/B].
+// x [M, K] (fp32 or bf16) is first quantized per weight-sized block to int8 (d_a =
+// absmax/127, q = round-half-even(x/d_a)) into an activation buffer laid out so that one
+// 64-byte load of weight quants meets its activations without any shuffle (see
+// quant_impl.h).  The dot product of a block is then integer: u8 weights (q8_0: w^0x80 =
+// w+128, q4_0: q, nf4: int8 code + 128) times s8 activations (AVX-512 VNNI vpdpbusd), and
+// the constant weight offset is removed once per block via the precomputed
+// -offset * d_a * sum(q_a).  Float math: y = sum_blocks d_w * d_a * isum (fp32).
+// nf4 uses int8 code values round(127 * NF4[i]) (max error 0.5/127 of the block absmax).
+//
+// Floor: GEMV (M = 1) reads N*K*bits/8 + 2*N*K/B weight bytes once; GEMM does 2*M*N*K
+// int8 ops.  Threads split the N rows.
+#pragma once
+#include <cstdint>
+
+namespace pyengine {
+
+enum QuantFmt : int { kQ8_0 = 0, kQ4_0 = 1, kNF4 = 2 };
+
+struct QuantWeights {
+  int fmt;
+  const uint8_t* qs;       // [n, k * bits / 8]
+  const uint16_t* scales;  // [n, k / block] fp16
+  int64_t n, k;
+};
+
+// Bytes of one token's quantized activations (padded to whole groups of 16 blocks).
+int64_t quant_act_row_bytes(int fmt, int64_t k);
+
+// x [m, k] (dtype fp32 / bf16) -> act [m, quant_act_row_bytes] (64-byte aligned rows).
+void quant_quantize_activations(int fmt, const void* x, int x_dtype, int64_t m, int64_t k,
+                                uint8_t* act, int num_threads);
+
+// y [m, n] (dtype of x) = x @ dequant(w).T + bias (bias fp32 [n] or null).
+void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
+                  const float* bias, void* y, int num_threads);
+
+#define PYENGINE_QUANT_DECLS                                                                \
+  void quantize_act_rows(int fmt, const void* x, int x_dtype, int64_t k, int64_t row_begin, \
+                         int64_t row_end, uint8_t* act);                                    \
+  void matmul_rows(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t row_begin, \
+                   int64_t row_end, const float* bias, void* y, int y_dtype);
+namespace scalar { PYENGINE_QUANT_DECLS }
+namespace avx2 { PYENGINE_QUANT_DECLS }
+namespace avx512 { PYENGINE_QUANT_DECLS }
+#undef PYENGINE_QUANT_DECLS
+
+}  // namespace pyengine

@@ -1,0 +1,3 @@
+// avx512 build of the quantized matmul (flags set in CMakeLists.txt).
+#define PYENGINE_ISA_NS avx512
+#include "quant_impl.h"

@@ -1,0 +1,344 @@
+// Kernels of quant.h, written once and compiled per ISA (PYENGINE_ISA_NS = scalar / avx2 /
+// avx512).  The portable code below is the spec and the scalar/avx2 path; the AVX-512
+// block (VNNI) computes the same integers and the same fp32 operations in the same order
+// per lane, so every ISA gives bit-identical outputs.
+//
+// Weights (pyengine/quant.py): per row, groups of 16 blocks with their quant bytes
+// interleaved in 4-byte words (word c of block l at (c * n + l) * 4, n = blocks in the
+// group).  So one 64-byte load ("step" c) holds word c of 16 blocks and lane l of a
+// vpdpbusd accumulates block l's integer dot product over the block's words:
+//            block  quant bytes  steps  weight u8 value per byte           offset
+//   q8_0      32       32          8    w ^ 0x80 (= w + 128)               128
+//   q4_0      32       16          4    low nibble, high nibble            8
+//   nf4       64       32          8    code8[low], code8[high] (+128)     128
+// Byte j of a nibble block holds elements j (low) and j + B/2 (high).
+//
+// Activation row layout (per token, per group of 16 blocks, 64-byte aligned):
+//   da[16] fp32      post * d_a of each block (post = 1/127 for nf4's int8 codes, else 1)
+//   osum[16] int32   offset * sum(q_a) of each block (removes the weight offset exactly)
+//   per step c: lo[64] int8 (lane l = the 4 activations meeting word c of block l) and,
+//   for nibble formats, hi[64] (those meeting the high nibbles).
+// Per group: isum[l] = sum_c dot4(w_l, a_l) - osum[l] (exact int32), then
+//   acc[l] = fma(float(isum[l]), dw[l] * da[l], acc[l]);   y = tree sum of the 16 lanes.
+// GEMM loop order: panels of weight rows that stay in L2, token tiles inside, so weights
+// are read from memory once and each activation tile is reused by a whole panel.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#include "common.h"
+#include "quant.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace pyengine {
+namespace PYENGINE_ISA_NS {
+namespace {
+
+struct Layout {
+  int block, qbytes, offset;
+  bool nibbles;
+  float post;
+  constexpr int steps() const { return qbytes / 4; }
+  constexpr int step_bytes() const { return nibbles ? 128 : 64; }
+  constexpr int64_t group_bytes() const { return 128 + int64_t(steps()) * step_bytes(); }
+};
+
+constexpr Layout kLayouts[3] = {
+    {32, 32, 128, false, 1.0f},          // q8_0
+    {32, 16, 8, true, 1.0f},             // q4_0
+    {64, 32, 128, true, 1.0f / 127.0f},  // nf4
+};
+
+// round(127 * NF4[i]) + 128: the nf4 codes as unsigned bytes for u8 x s8 dot products.
+constexpr uint8_t kNf4Code8[16] = {1,   40,  61,  78,  92,  105, 116, 128,
+                                   138, 148, 159, 171, 184, 199, 220, 255};
+
+inline int64_t n_groups(const Layout& L, int64_t k) { return (k / L.block + 15) / 16; }
+
+// ------------------------------------------------------------------ activations
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bf16 -> fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+#endif
+
+// One block: q[j] = round-half-even(x[j] / d), d = absmax / 127; returns d, sets sum(q).
+template <typename T, typename Load>
+float quantize_block(const T* xb, int block, int8_t* q, int& sum, Load ld) {
+#ifdef __AVX512F__
+  (void)ld;
+  __m512 v[4], mx = _mm512_setzero_ps();
+  for (int i = 0; i < block / 16; ++i) {
+    v[i] = load16(xb + 16 * i);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v[i]));
+  }
+  const float d = _mm512_reduce_max_ps(mx) / 127.0f;
+  const __m512 id = _mm512_set1_ps(d != 0.f ? 1.0f / d : 0.f);
+  __m512i s = _mm512_setzero_si512();
+  for (int i = 0; i < block / 16; ++i) {
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], id));
+    s = _mm512_add_epi32(s, qi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm512_cvtepi32_epi8(qi));
+  }
+  sum = _mm512_reduce_add_epi32(s);
+  return d;
+#else
+  float amax = 0.f;
+  for (int j = 0; j < block; ++j) amax = std::max(amax, std::fabs(ld(xb[j])));
+  const float d = amax / 127.0f;
+  const float id = d != 0.f ? 1.0f / d : 0.f;
+  sum = 0;
+  for (int j = 0; j < block; ++j) {
+    const int v = int(std::lrint(ld(xb[j]) * id));
+    sum += v;
+    q[j] = int8_t(v);
+  }
+  return d;
+#endif
+}
+
+template <typename T, typename Load>
+void quantize_row(const Layout& L, const T* x, int64_t k, uint8_t* out, Load ld) {
+  const int64_t nb = k / L.block;
+  const int half = L.block / 2;
+  std::memset(out, 0, size_t(n_groups(L, k) * L.group_bytes()));
+  int8_t q[64];
+  for (int64_t b = 0; b < nb; ++b) {
+    int sum;
+    const float d = quantize_block(x + b * L.block, L.block, q, sum, ld);
+    const int l = int(b % 16);
+    uint8_t* grp = out + (b / 16) * L.group_bytes();
+    uint8_t* steps = grp + 128;
+    for (int j = 0; j < L.block; j += 4) {  // word of 4 elements -> lane l of its step
+      const bool high = L.nibbles && j >= half;
+      const int byte = high ? j - half : j;  // the weight byte these elements meet
+      std::memcpy(steps + (byte / 4) * L.step_bytes() + (high ? 64 : 0) + 4 * l, q + j, 4);
+    }
+    reinterpret_cast<float*>(grp)[l] = d * L.post;
+    reinterpret_cast<int32_t*>(grp + 64)[l] = L.offset * sum;
+  }
+}
+
+// A group: its first block and how many blocks it has (16, or fewer at the row end).
+struct GroupGeom {
+  int64_t first_block;
+  int nblk;
+};
+
+inline GroupGeom group_geom(int64_t nb, int64_t g) {
+  return {g * 16, int(std::min<int64_t>(16, nb - g * 16))};
+}
+
+// ------------------------------------------------------------------ portable matmul
+inline float tree_sum16(const float* a) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = a[i] + a[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  const float s0 = s4[0] + s4[2], s1 = s4[1] + s4[3];
+  return s0 + s1;
+}
+
+template <int FMT>
+float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t nb = w.k / L.block;
+  const uint8_t* qrow = w.qs + n * nb * L.qbytes;
+  const uint16_t* srow = w.scales + n * nb;
+  float acc[16] = {0.f};
+  for (int64_t g = 0; g < n_groups(L, w.k); ++g) {
+    const GroupGeom geo = group_geom(nb, g);
+    const uint8_t* grp = act_row + g * L.group_bytes();
+    const uint8_t* wg = qrow + geo.first_block * L.qbytes;
+    int32_t isum[16] = {0};
+    for (int c = 0; c < L.steps(); ++c) {
+      const int8_t* a = reinterpret_cast<const int8_t*>(grp + 128 + c * L.step_bytes());
+      for (int l = 0; l < geo.nblk; ++l) {
+        for (int i = 0; i < 4; ++i) {
+          const uint8_t b = wg[(c * geo.nblk + l) * 4 + i];
+          const int p = 4 * l + i;
+          if (FMT == kQ8_0) {
+            isum[l] += int32_t(uint8_t(b ^ 0x80)) * a[p];
+          } else if (FMT == kQ4_0) {
+            isum[l] += int32_t(b & 15) * a[p] + int32_t(b >> 4) * a[64 + p];
+          } else {
+            isum[l] += int32_t(kNf4Code8[b & 15]) * a[p] + int32_t(kNf4Code8[b >> 4]) * a[64 + p];
+          }
+        }
+      }
+    }
+    const float* da = reinterpret_cast<const float*>(grp);
+    const int32_t* osum = reinterpret_cast<const int32_t*>(grp + 64);
+    for (int l = 0; l < 16; ++l) {
+      const float dw = l < geo.nblk ? f16_to_f32(srow[geo.first_block + l]) : 0.f;
+      acc[l] = std::fma(float(isum[l] - osum[l]), dw * da[l], acc[l]);
+    }
+  }
+  return tree_sum16(acc);
+}
+
+inline void store(void* y, int y_dtype, int64_t i, float v) {
+  if (y_dtype == kF32) static_cast<float*>(y)[i] = v;
+  else static_cast<uint16_t*>(y)[i] = f32_to_bf16(v);
+}
+
+template <int FMT>
+void matmul_rows_portable(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
+                          int64_t r1, const float* bias, void* y, int y_dtype) {
+  const int64_t act_row = n_groups(kLayouts[FMT], w.k) * kLayouts[FMT].group_bytes();
+  for (int64_t n = r0; n < r1; ++n)
+    for (int64_t t = 0; t < m; ++t)
+      store(y, y_dtype, t * w.n + n,
+            dot_row_portable<FMT>(w, act + t * act_row, n) + (bias ? bias[n] : 0.f));
+}
+
+#ifdef __AVX512F__
+// ------------------------------------------------------------------ AVX-512 VNNI tiles
+inline float tree_sum16(__m512 v) {
+  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// R weight rows x T tokens; every (row, token) keeps its own 16-lane accumulator.
+template <int FMT, int R, int T>
+void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t n0,
+                 int64_t t0, const float* bias, void* y, int y_dtype) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t nb = w.k / L.block, row_qbytes = nb * L.qbytes;
+  const __m512i nib_mask = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
+  const __m512i code8 = _mm512_broadcast_i32x4(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8)));
+  __m512 acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+  const int64_t ng = n_groups(L, w.k);
+  for (int64_t g = 0; g < ng; ++g) {
+    const GroupGeom geo = group_geom(nb, g);
+    const __mmask64 bmask = geo.nblk == 16 ? ~__mmask64(0) : (__mmask64(1) << (4 * geo.nblk)) - 1;
+    const uint8_t* wg[R];
+    for (int r = 0; r < R; ++r) wg[r] = w.qs + (n0 + r) * row_qbytes + geo.first_block * L.qbytes;
+    const uint8_t* grp[T];
+    for (int t = 0; t < T; ++t) grp[t] = act + (t0 + t) * act_row + g * L.group_bytes();
+    __m512i is[R][T];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) is[r][t] = _mm512_setzero_si512();
+    for (int c = 0; c < L.steps(); ++c) {
+      __m512i lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg[r] + c * 4 * geo.nblk);
+        if (FMT == kQ8_0) {
+          lo[r] = _mm512_xor_si512(b, flip);
+        } else {
+          lo[r] = _mm512_and_si512(b, nib_mask);
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib_mask);
+          if (FMT == kNF4) {
+            lo[r] = _mm512_shuffle_epi8(code8, lo[r]);
+            hi[r] = _mm512_shuffle_epi8(code8, hi[r]);
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const uint8_t* rec = grp[t] + 128 + c * L.step_bytes();
+        const __m512i a_lo = _mm512_load_si512(rec);
+        for (int r = 0; r < R; ++r) is[r][t] = _mm512_dpbusd_epi32(is[r][t], lo[r], a_lo);
+        if (L.nibbles) {
+          const __m512i a_hi = _mm512_load_si512(rec + 64);
+          for (int r = 0; r < R; ++r) is[r][t] = _mm512_dpbusd_epi32(is[r][t], hi[r], a_hi);
+        }
+      }
+    }
+    const __mmask16 smask = __mmask16((1u << geo.nblk) - 1);
+    for (int r = 0; r < R; ++r) {
+      const __m512 dw = _mm512_cvtph_ps(
+          _mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + geo.first_block));
+      for (int t = 0; t < T; ++t) {
+        const __m512 da = _mm512_load_ps(reinterpret_cast<const float*>(grp[t]));
+        const __m512i osum = _mm512_load_si512(grp[t] + 64);
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(is[r][t], osum)),
+                                    _mm512_mul_ps(dw, da), acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      store(y, y_dtype, (t0 + t) * w.n + n0 + r,
+            tree_sum16(acc[r][t]) + (bias ? bias[n0 + r] : 0.f));
+}
+
+// Rows [p0, p1) (a panel) x tokens [t0, t1): token tiles of T outside, row blocks of R
+// inside; the last tokens go to tiles of T-1, T-2, ...
+template <int FMT, int R, int T>
+void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t t0,
+                  int64_t t1, int64_t p0, int64_t p1, const float* bias, void* y, int y_dtype) {
+  int64_t t = t0;
+  for (; t + T <= t1; t += T) {
+    int64_t n = p0;
+    for (; n + R <= p1; n += R) tile_avx512<FMT, R, T>(w, act, act_row, n, t, bias, y, y_dtype);
+    for (; n < p1; ++n) tile_avx512<FMT, 1, T>(w, act, act_row, n, t, bias, y, y_dtype);
+  }
+  if constexpr (T > 1) {
+    if (t < t1) panel_avx512<FMT, R, T - 1>(w, act, act_row, t, t1, p0, p1, bias, y, y_dtype);
+  }
+}
+
+template <int FMT>
+void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
+                        int64_t r1, const float* bias, void* y, int y_dtype) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t act_row = n_groups(L, w.k) * L.group_bytes();
+  const int64_t row_bytes = w.k / L.block * (L.qbytes + 2);
+  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);  // ~256 KB
+  for (int64_t p0 = r0; p0 < r1; p0 += panel) {
+    const int64_t p1 = std::min(r1, p0 + panel);
+    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);  // GEMV
+    else panel_avx512<FMT, 2, 6>(w, act, act_row, 0, m, p0, p1, bias, y, y_dtype);
+  }
+}
+#endif  // __AVX512F__
+
+template <int FMT>
+void matmul_rows_fmt(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
+                     int64_t r1, const float* bias, void* y, int y_dtype) {
+#ifdef __AVX512F__
+  matmul_rows_avx512<FMT>(w, act, m, r0, r1, bias, y, y_dtype);
+#else
+  matmul_rows_portable<FMT>(w, act, m, r0, r1, bias, y, y_dtype);
+#endif
+}
+
+}  // namespace
+
+void quantize_act_rows(int fmt, const void* x, int x_dtype, int64_t k, int64_t r0, int64_t r1,
+                       uint8_t* act) {
+  const Layout& L = kLayouts[fmt];
+  const int64_t row_bytes = n_groups(L, k) * L.group_bytes();
+  for (int64_t i = r0; i < r1; ++i) {
+    if (x_dtype == kF32) {
+      quantize_row(L, static_cast<const float*>(x) + i * k, k, act + i * row_bytes,
+                   [](float v) { return v; });
+    } else {
+      quantize_row(L, static_cast<const uint16_t*>(x) + i * k, k, act + i * row_bytes,
+                   [](uint16_t v) { return bf16_to_f32(v); });
+    }
+  }
+}
+
+void matmul_rows(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0, int64_t r1,
+                 const float* bias, void* y, int y_dtype) {
+  switch (w.fmt) {
+    case kQ8_0: matmul_rows_fmt<kQ8_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
+    case kQ4_0: matmul_rows_fmt<kQ4_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
+    default: matmul_rows_fmt<kNF4>(w, act, m, r0, r1, bias, y, y_dtype); break;
+  }
+}
+
+}  // namespace PYENGINE_ISA_NS
+}  // namespace pyengine

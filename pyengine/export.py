@@ -1,0 +1,179 @@
+"""Export a Llama-family Hugging Face directory to GGUF (llama.cpp's file format).
+
+    to_gguf("path/to/hf_dir", "model.gguf", "q8_0")     # fmt: f32 | q8_0 | q4_0
+
+Written with the `gguf` package's GGUFWriter, following llama.cpp's conventions for HF
+Llama checkpoints: architecture "llama", tensors token_embd / blk.N.attn_q ... / output,
+q and k rows permuted per head into llama.cpp's rope layout (the same permutation our
+decoder uses, pyengine.infer.model.interleave_rope_rows), llama3 rope scaling as a
+rope_freqs tensor, a byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with its
+tokens, types and merges. 2-D weights are stored in `fmt` with the exact GGUF blocks of
+pyengine.quant (so llama.cpp and pyengine run identical weights); norms stay F32.
+An optional PEFT adapter is merged in fp32 first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from pyengine.infer.model import (DecoderConfig, ModelLoadError, interleave_rope_rows,
+                                  load_hf_state, rope_inv_freq)
+
+log = logging.getLogger("pyengine")
+GGUF_FORMATS = ("f32", "q8_0", "q4_0")
+# pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer
+LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+    """llama.cpp's tokenizer.ggml.pre for a byte-level BPE pre_tokenizer spec."""
+    if pre is None:
+        return "default"
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        kinds = [p.get("type") for p in parts]
+        if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+            return "smollm"
+        if kinds and kinds[0] == "Split" and parts[0].get("pattern", {}).get("Regex", "").startswith(LLAMA3_SPLIT):
+            return "llama-bpe"
+    log.warning("GGUF export: pre-tokenizer %s not recognised; writing 'default'", pre)
+    return "default"
+
+
+def _add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
+    import gguf
+    from transformers import AutoTokenizer
+
+    spec_path = model_dir / "tokenizer.json"
+    if not spec_path.is_file():
+        raise ModelLoadError(f"{model_dir}: tokenizer.json not found (GGUF export needs the "
+                             "fast tokenizer file)")
+    spec = json.loads(spec_path.read_text())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise ModelLoadError(f"{spec_path}: only byte-level BPE tokenizers are exported "
+                             f"(found model type {model.get('type')})")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if len(by_id) > vocab_size:
+        raise ModelLoadError(f"tokenizer has {len(by_id)} tokens, the model only {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
+
+
+def _tensor_data(weight: torch.Tensor, fmt: str):
+    """(numpy array, GGML type) of one weight; 1-D tensors and fmt f32 stay F32."""
+    import gguf
+    from pyengine.quant import quantize
+
+    if weight.dim() == 1 or fmt == "f32":
+        return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
+    blocks = quantize(weight.float().contiguous(), fmt).gguf_blocks()
+    return blocks.numpy(), gguf.GGMLQuantizationType[fmt.upper()]
+
+
+def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
+    """(gguf name, weight in llama.cpp's orientation) pairs."""
+    def get(name):
+        if name not in state:
+            raise ModelLoadError(f"weight '{name}' missing from the checkpoint")
+        return state[name]
+
+    yield "token_embd.weight", get("model.embed_tokens.weight")
+    yield "output_norm.weight", get("model.norm.weight")
+    if not cfg.tied_embeddings and "lm_head.weight" in state:
+        yield "output.weight", state["lm_head.weight"]
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "llama3":
+        plain = rope_inv_freq(DecoderConfig(**{**cfg.__dict__, "rope_scaling": None}))
+        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg)).float()
+    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        yield f"blk.{i}.attn_norm.weight", get(p + "input_layernorm.weight")
+        yield f"blk.{i}.ffn_norm.weight", get(p + "post_attention_layernorm.weight")
+        for short, hf in names.items():
+            w = get(p + hf + ".weight")
+            if short == "attn_q":
+                w = interleave_rope_rows(w, cfg.n_heads)
+            elif short == "attn_k":
+                w = interleave_rope_rows(w, cfg.n_kv_heads)
+            yield f"blk.{i}.{short}.weight", w
+
+
+def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None) -> Path:
+    """Write `model_dir` (HF Llama / Mistral) as a GGUF file at `path` with 2-D weights in
+    `fmt` (f32 | q8_0 | q4_0). Returns the path."""
+    import gguf
+
+    if fmt not in GGUF_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(GGUF_FORMATS)}, got '{fmt}'")
+    model_dir, path = Path(model_dir), Path(path)
+    cfg, state = load_hf_state(model_dir, adapter)
+    if cfg.model_type not in ("llama", "mistral"):
+        raise ModelLoadError(f"GGUF export supports llama and mistral, not '{cfg.model_type}'")
+    if any(k.endswith("_proj.bias") for k in state):
+        raise ModelLoadError("GGUF export: projection biases are not supported for llama")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(cfg.max_positions)
+    writer.add_embedding_length(cfg.hidden)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(cfg.intermediate)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_eps)
+    writer.add_vocab_size(cfg.vocab)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[fmt])
+    _add_tokenizer(writer, model_dir, cfg.vocab)
+    for name, weight in _llama_tensors(cfg, state):
+        data, ggml_type = _tensor_data(weight, fmt)
+        writer.add_tensor(name, data, raw_dtype=ggml_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pyengine.export",
+                                 description="Write a Llama-family HF directory as GGUF.")
+    ap.add_argument("model_dir")
+    ap.add_argument("path")
+    ap.add_argument("--fmt", choices=GGUF_FORMATS, default="q8_0")
+    ap.add_argument("--adapter")
+    a = ap.parse_args()
+    print(to_gguf(a.model_dir, a.path, a.fmt, adapter=a.adapter))

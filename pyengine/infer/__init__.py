@@ -1,0 +1,193 @@
+"""Text generation with pyengine's inference decoder: greedy or temperature/top-p sampling
+(seeded), tokens streamed as they come, prefill and decode speed measured.
+
+    model = load_model("path/to/hf_dir", quant="q8_0")
+    text = generate(model, tokenizer, "Hello", max_new_tokens=32, stream=print)
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from pyengine.infer.model import LlamaDecoder, ModelLoadError, load_hf_state
+
+QUANT_FORMATS = ("none", "q8_0", "q4_0", "nf4")
+
+__all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS", "generate",
+           "generate_ids", "load_model", "sample_next"]
+
+
+def quant_linear_factory(fmt: str):
+    """Linear layers on weights quantized to `fmt` with pyengine.quant.
+
+    Inference calls the chosen quant_matmul backend directly: the public op's checks and
+    dispatch cost microseconds per call, which add up at one token per forward."""
+    from pyengine.backends import resolve
+    from pyengine.ops import quant as quant_ops
+    from pyengine.quant import quantize
+
+    run = quant_ops.BACKENDS[resolve(quant_ops.OP, None, torch.device("cpu"))]
+
+    def make(weight, bias):
+        qweight = quantize(weight.float().contiguous(), fmt)
+        qs, scales = qweight.qs.contiguous(), qweight.scales.contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        return lambda x: run(x.contiguous(), qs, scales, fmt, b)
+    return make
+
+
+def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,
+               max_len: int = 512) -> LlamaDecoder:
+    """Load an HF Llama/Mistral/Qwen2 directory; merge `adapter` (PEFT dir) in fp32, then
+    quantize the linear weights to `quant` (activations stay fp32) or cast them to `dtype`."""
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"quant must be one of {', '.join(QUANT_FORMATS)}, got '{quant}'")
+    cfg, state = load_hf_state(model_dir, adapter)
+    factory = None if quant == "none" else quant_linear_factory(quant)
+    if factory is not None:
+        dtype = torch.float32
+    return LlamaDecoder(cfg, state, dtype=dtype, linear_factory=factory, max_len=max_len)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float  # for new_tokens - 1 decode steps (the first comes from prefill)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+    def __str__(self) -> str:
+        return (f"prefill: {self.prompt_tokens} tokens, {self.prefill_tokens_per_s:.1f} tokens/s | "
+                f"decode: {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tokens/s")
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> int:
+    """Next token id from logits [V]: argmax when temperature == 0, else nucleus sampling."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_probs.cumsum(0) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_sampling(max_new_tokens, temperature, top_p):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def generate_ids(model: LlamaDecoder, prompt_ids: list[int], *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_ids: tuple[int, ...] = (),
+                 on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
+    """Generate up to `max_new_tokens` ids after `prompt_ids` (stops after any of `stop_ids`)."""
+    _check_sampling(max_new_tokens, temperature, top_p)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty (no tokens)")
+    model.reserve(len(prompt_ids) + max_new_tokens)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    forward = model.forward
+    t0 = time.perf_counter()
+    logits = forward(torch.tensor(prompt_ids, dtype=torch.long), 0)
+    token = sample_next(logits, temperature, top_p, generator)
+    t1 = time.perf_counter()
+    out = [token]
+    if on_token:
+        on_token(token)
+    pos = len(prompt_ids)
+    step_input = torch.empty(1, dtype=torch.long)
+    while len(out) < max_new_tokens and token not in stop_ids:
+        step_input.fill_(token)
+        token = sample_next(forward(step_input, pos), temperature, top_p, generator)
+        pos += 1
+        out.append(token)
+        if on_token:
+            on_token(token)
+    t2 = time.perf_counter()
+    return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+class _TextStreamer:
+    """Turns generated ids into text pieces; holds back an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer, sink: Callable[[str], None]):
+        self.tokenizer, self.sink, self.ids, self.sent = tokenizer, sink, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        self.flush(final=False)
+
+    def flush(self, final: bool = True) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:
+            return
+        if len(text) > self.sent:
+            self.sink(text[self.sent:])
+            self.sent = len(text)
+
+
+def _print_piece(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("--chat: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def generate(model: LlamaDecoder, tokenizer, prompt: str, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             stream: Callable[[str], None] | bool | None = None, chat: bool = False,
+             report: Callable[[GenerationStats], None] | None = None) -> str:
+    """Generate a continuation of `prompt` and return it as text.
+
+    Greedy when temperature == 0, else sampling with temperature and top-p from a generator
+    seeded with `seed`. `stream`: a callable receiving text pieces as tokens arrive, or True
+    to print them. `report` receives the GenerationStats (prefill / decode tokens/s)."""
+    stop = set(model.cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    on_token = None
+    if stream:
+        on_token = _TextStreamer(tokenizer, _print_piece if stream is True else stream)
+    ids, stats = generate_ids(model, encode_prompt(tokenizer, prompt, chat),
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed, stop_ids=tuple(stop), on_token=on_token)
+    if on_token:
+        on_token.flush()
+    if report:
+        report(stats)
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,41 @@
+"""QuantLinear: an nn.Linear replacement whose frozen weight is a QuantizedWeight.
+
+The quantized planes are buffers ("qs", "scales"), so state_dict / .to() carry them; the
+format and shape are plain attributes.  forward = pyengine.ops.quant_matmul.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pyengine.ops.quant import quant_matmul
+from pyengine.quant import QuantizedWeight, quantize
+
+
+class QuantLinear(torch.nn.Module):
+    def __init__(self, qweight: QuantizedWeight, bias: Tensor | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        self.fmt = qweight.fmt
+        self.out_features, self.in_features = qweight.shape
+        self.backend = backend
+        self.register_buffer("qs", qweight.qs)
+        self.register_buffer("scales", qweight.scales)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(),
+                                                                 requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, fmt: str, backend: str | None = None):
+        return cls(quantize(linear.weight, fmt), linear.bias, backend=backend)
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.fmt, (self.out_features, self.in_features), self.qs,
+                               self.scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quant_matmul(x, self.qweight, bias=self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"fmt={self.fmt!r}, bias={self.bias is not None}")
