@@ -158,7 +158,7 @@ def _causal_example(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
         r = _ids(tokenizer, output) + _eos(tokenizer)
         return p + r, [IGNORE] * len(p) + r
     ids, labels = [], []
-    for text, trained in pieces:
+    for text, trained in _chat_pieces(rec, tokenizer):
         t = _ids(tokenizer, text)
         ids += t
         labels += t if trained else [IGNORE] * len(t)

@@ -223,6 +223,7 @@ class Run:
         if cfg.method == "lora":
             from pyengine.lora import save_adapter
             save_adapter(self.model, str(out))
+            self.add_heads_to_adapter(out)
         else:
             self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
@@ -233,6 +234,24 @@ class Run:
         plot_losses(self.state.losses, out / "loss.png")
         if cfg.merge:
             self.write_merged(out / "merged")
+
+    def add_heads_to_adapter(self, out: Path):
+        """The fully trained task head goes into the adapter the PEFT way: weights under
+        base_model.model.<head>.<param>, listed in adapter_config's modules_to_save."""
+        config_path = out / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["task_type"] = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS",
+                               "token-cls": "TOKEN_CLS"}[self.cfg.task]
+        if self.heads:
+            from safetensors.torch import load_file, save_file
+            weights_path = out / "adapter_model.safetensors"
+            weights = load_file(weights_path)
+            for name in self.heads:
+                for key, p in self.model.get_submodule(name).named_parameters():
+                    weights[f"base_model.model.{name}.{key}"] = p.detach().float().contiguous()
+            save_file(weights, weights_path, metadata={"format": "pt"})
+            config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(self.heads))
+        config_path.write_text(json.dumps(config, indent=2))
 
     def write_merged(self, path: Path):
         """Base weights in fp32 + the trained weights, LoRA merged, as a plain HF directory."""
