@@ -1,4 +1,5 @@
 """Modules over pyengine.ops."""
+from pyengine.nn.lora import LoRALinear
 from pyengine.nn.loss import FusedLinearCrossEntropyLoss
 
-__all__ = ["FusedLinearCrossEntropyLoss"]
+__all__ = ["FusedLinearCrossEntropyLoss", "LoRALinear"]

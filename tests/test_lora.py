@@ -1,0 +1,226 @@
+"""pyengine.ops.lora_linear: every backend against an fp64 computation of the math, on
+fresh random adapters (B non-zero), ragged shapes and ranks 1..64; dropout; mixed bf16
+base + fp32 adapters; gradcheck; opcheck; C++ ISA variants against the scalar build."""
+import os
+
+import pytest
+import torch
+
+from pyengine import _ext
+from pyengine.ops import lora_linear, reference_lora_linear
+from pyengine.ops.lora import _lora_fwd, dropout_mask
+
+BACKENDS = ["ref", "cpu"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+needs_ext = pytest.mark.skipif(_ext._C is None, reason="C++ extension not built")
+
+
+def make(n, d_in, d_out, r, dtype=torch.float32, adapter_dtype=None, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(n, d_in, generator=g).to(dtype)
+    w = (torch.randn(d_out, d_in, generator=g) / d_in ** 0.5).to(dtype)
+    a = (torch.randn(r, d_in, generator=g) / d_in ** 0.5).to(adapter_dtype)
+    b = torch.randn(d_out, r, generator=g).to(adapter_dtype)
+    bb = torch.randn(d_out, generator=g).to(dtype) if bias else None
+    return x, w, a, b, bb
+
+
+def fp64_math(x, w, a, b, bias, scale, keep=None, p=0.0):
+    """y and the grads of sum(y * gy) computed by hand in fp64."""
+    x, w, a, b = (t.double() for t in (x, w, a, b))
+    xd = x if keep is None else x * keep / (1 - p)
+    u = xd @ a.T
+    y = x @ w.T + scale * u @ b.T + (0 if bias is None else bias.double())
+    return y, u, xd
+
+
+def run(backend, x, w, a, b, bias, scale, p=0.0, seed=None):
+    x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
+    bias = None if bias is None else bias.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
+    y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
+    (y.float() * gy.float()).sum().backward()
+    return y, gy, x.grad, a.grad, b.grad, None if bias is None else bias.grad
+
+
+def check_against_fp64(backend, x, w, a, b, bias, scale, tol, p=0.0, seed=None):
+    y, gy, gx, ga, gb, gbias = run(backend, x, w, a, b, bias, scale, p, seed)
+    keep = None
+    if p > 0:
+        torch.manual_seed(seed)
+        keep = dropout_mask(x, p)
+    y64, u64, xd64 = fp64_math(x, w, a, b, bias, scale, keep, p)
+    gy64 = gy.double()
+    v64 = gy64 @ b.double()
+    dxd = scale * v64 @ a.double()
+    gx64 = gy64 @ w.double() + (dxd if keep is None else dxd * keep / (1 - p))
+    ga64 = scale * v64.T @ xd64
+    gb64 = scale * gy64.T @ u64
+    for name, got, want in [("y", y, y64), ("dx", gx, gx64), ("dA", ga, ga64), ("dB", gb, gb64)]:
+        err = (got.double() - want).abs().max().item()
+        ref = want.abs().max().item()
+        assert err <= tol * ref, f"{backend} {name}: max err {err:.3g} vs scale {ref:.3g}"
+    if bias is not None:
+        torch.testing.assert_close(gbias.double(), gy64.sum(0), rtol=tol, atol=tol * gy64.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d_in,d_out,r", [(47, 31, 53, 1), (33, 70, 19, 3), (20, 129, 66, 16),
+                                            (9, 40, 72, 64)])
+def test_fp32_vs_fp64(backend, n, d_in, d_out, r):
+    x, w, a, b, bias = make(n, d_in, d_out, r, seed=r)
+    check_against_fp64(backend, x, w, a, b, bias, scale=2.0 / r ** 0.5 if r > 1 else 0.7,
+                       tol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_base(backend, adapter_dtype):
+    """bf16 x / W with fp32 (the mixed setup) or bf16 adapters: y and grads come back in
+    x's / the adapters' dtypes, with error at most ~2x plain bf16 PyTorch's."""
+    x, w, a, b, bias = make(37, 96, 80, 8, torch.bfloat16, adapter_dtype)
+    y, _, gx, ga, gb, _ = run(backend, x, w, a, b, bias, 1.5)
+    assert y.dtype == gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == adapter_dtype
+    y64, _, _ = fp64_math(x, w, a, b, bias, 1.5)
+    plain = (torch.nn.functional.linear(x, w, bias) + 1.5 * (x.to(adapter_dtype) @ a.T @ b.T)
+             .to(torch.bfloat16))
+    plain_err = (plain.double() - y64).abs().max().item()
+    err = (y.double() - y64).abs().max().item()
+    assert err <= 2 * plain_err + 1e-3, (err, plain_err)
+    check_against_fp64(backend, x, w, a, b, bias, 1.5, tol=3e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_matches_reference_mask(backend):
+    """Same seed -> same keep-mask: the op equals the fp64 math with that mask, including
+    the dropout factor in dx and dA; and no copy of x is needed (mask is bool)."""
+    x, w, a, b, bias = make(29, 64, 41, 4)
+    check_against_fp64(backend, x, w, a, b, bias, 1.0, tol=2e-5, p=0.3, seed=123)
+
+
+def test_dropout_statistics():
+    x = torch.randn(256, 200)
+    torch.manual_seed(0)
+    keep = dropout_mask(x, 0.25)
+    assert keep.dtype == torch.bool
+    frac = keep.float().mean().item()
+    assert abs(frac - 0.75) < 0.01, frac  # 51200 draws: sd ~0.002
+    # E[dropout(x) @ A.T] == x @ A.T: averaged over many masks, the low-rank output converges
+    x, w, a, b, _ = make(4, 32, 8, 2, bias=False)
+    torch.manual_seed(1)
+    mean = sum(lora_linear(x, w, a, b, 1.0, dropout_p=0.25, backend="cpu" if _ext._C else "ref")
+               for _ in range(400)) / 400
+    exact = lora_linear(x, w, a, b, 1.0, backend="ref")
+    spread = (x.abs() @ a.abs().T @ b.abs().T).max().item()
+    assert (mean - exact).abs().max().item() < 0.1 * spread
+
+
+@pytest.mark.parametrize("backend", ["cpu", "ref"])
+def test_gradcheck_fp64(backend):
+    x, w, a, b, bias = make(5, 7, 6, 3, torch.float64)
+    x, a, b, bias = (t.requires_grad_() for t in (x, a, b, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, bias: lora_linear(x, w, a, b, 0.8, bias=bias, backend=backend),
+        (x, a, b, bias))
+
+
+def test_batch_dims_and_no_bias():
+    x, w, a, b, _ = make(24, 16, 12, 4, bias=False)
+    x3 = x.reshape(2, 3, 4, 16)
+    y = lora_linear(x3, w, a, b, 0.5, backend="cpu" if _ext._C else "ref")
+    assert y.shape == (2, 3, 4, 12)
+    torch.testing.assert_close(y.reshape(24, 12), reference_lora_linear(x, w, a, b, 0.5))
+
+
+@needs_ext
+def test_opcheck():
+    x, w, a, b, bias = make(11, 24, 18, 4)
+    for args in [(x, w, a, b, bias, None, 0.5, 1.0, "cpu"),
+                 (x, w, a, b, None, dropout_mask(x, 0.2), 0.5, 1.25, "cpu")]:
+        args = (args[0].requires_grad_(),) + args[1:2] + (args[2].requires_grad_(),
+                                                          args[3].requires_grad_()) + args[4:]
+        torch.library.opcheck(_lora_fwd, args)
+
+
+def test_errors():
+    x, w, a, b, bias = make(4, 8, 6, 2)
+    with pytest.raises(ValueError, match=r"lora_b must be \[6, 2\]"):
+        lora_linear(x, w, a, b.T.contiguous(), 1.0)
+    with pytest.raises(ValueError, match=r"lora_a must be \[r, 8\]"):
+        lora_linear(x, w, a[:, :5], b, 1.0)
+    with pytest.raises(ValueError, match="does not end in in_features = 8"):
+        lora_linear(x[:, :7], w, a, b, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, w.clone().requires_grad_(), a, b, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(TypeError, match="weight dtype"):
+        lora_linear(x, w.bfloat16(), a, b, 1.0)
+
+
+# --------------------------------------------------------------------------- C++ ISA variants
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [1, 5, 16, 64])
+def test_isa_variants_match_scalar(dtype, r):
+    C = _ext._C
+    n, k, m = 23, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
+    g = torch.Generator().manual_seed(r)
+    x = torch.randn(n, k, generator=g).to(dtype)
+    w_down = torch.randn(r, k, generator=g)
+    w_up = torch.randn(r, m, generator=g)
+    u_in = torch.randn(n, r, generator=g)
+    out0 = torch.randn(n, m, generator=g).to(dtype)
+    mask_k = torch.rand(n, k, generator=g) > 0.3
+    mask_m = torch.rand(n, m, generator=g) > 0.3
+    results = {}
+    try:
+        for isa in ["scalar", "avx2", "avx512"]:
+            if isa == "avx512" and C.best_isa() != "avx512":
+                continue
+            C.set_isa_cap(isa)
+            u = torch.empty(n, r)
+            out = out0.clone()  # u = 1.5 * (x * mask) @ w_down.T, then out += 0.7 * u @ w_up
+            C.lora_down_up_add(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
+                               mask_k.data_ptr(), 1.5, u.data_ptr(), out.data_ptr(),
+                               _ext.dtype_code(out), m, w_up.data_ptr(), 0.7,
+                               mask_m.data_ptr(), 2)
+            gw, gw2 = torch.empty(r, k), torch.empty(r, m)
+            C.lora_outer2(x.data_ptr(), _ext.dtype_code(x), k, u_in.data_ptr(),
+                          mask_k.data_ptr(), 0.3, gw.data_ptr(), out0.data_ptr(),
+                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r, 2)
+            results[isa] = (u, out, gw, gw2)
+    finally:
+        C.set_isa_cap("avx512")
+    xm = x.double() * mask_k
+    u64 = 1.5 * xm @ w_down.double().T
+    want = (u64, out0.double() + 0.7 * (u64 @ w_up.double()) * mask_m,
+            0.3 * u_in.double().T @ xm, 0.9 * u_in.double().T @ out0.double())
+    out_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    tols = (1e-5, out_tol, 1e-5, 1e-5)
+    for isa, got in results.items():
+        for name, g_, w_, tol in zip(("down", "up_add", "outer", "outer2"), got, want, tols):
+            err = (g_.double() - w_).abs().max().item() / w_.abs().max().item()
+            assert err < tol, f"{isa} {name}: rel err {err:.3g}"
+        if isa != "scalar":
+            for g_, s_, tol in zip(got, results["scalar"], tols):
+                diff = (g_.double() - s_.double()).abs().max().item()
+                assert diff <= tol * s_.double().abs().max().item(), f"{isa} vs scalar: {diff:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["a", "b", "ab"])
+def test_partial_grads(backend, which):
+    """Frozen x (first layer) and one frozen adapter half take the other code paths."""
+    x, w, a, b, _ = make(21, 40, 66, 5, bias=False)
+    a_, b_ = a.clone().requires_grad_("a" in which), b.clone().requires_grad_("b" in which)
+    lora_linear(x, w, a_, b_, 0.9, dropout_p=0.0, backend=backend).square().sum().backward()
+    a64, b64 = a.double().requires_grad_(), b.double().requires_grad_()
+    (x.double() @ w.double().T + 0.9 * x.double() @ a64.T @ b64.T).square().sum().backward()
+    for t, t64, name in ((a_, a64, "a"), (b_, b64, "b")):
+        if name in which:
+            torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4 * t64.grad.abs().max().item())
+        else:
+            assert t.grad is None
