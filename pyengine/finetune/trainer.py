@@ -80,7 +80,7 @@ class Run:
     def prepare_model(self):
         cfg, model = self.cfg, self.model
         if cfg.method == "lora":
-            from pyengine.lora import apply_lora
+            from pyengine.lora import apply_lora, lora_modules
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -93,6 +93,10 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
+                # lora_linear takes x in its base weight's dtype and is not an autocast op;
+                # autocast hands fp32 to some of them (e.g. after LayerNorm)
+                for m in lora_modules(model).values():
+                    m.register_forward_pre_hook(_input_to_weight_dtype)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -303,6 +307,10 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
+def _input_to_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
