@@ -7,7 +7,8 @@ exactly 512 tokens (long texts of the bundled sentiment set truncated to 512, to
 with the MiniLM WordPiece tokenizer), loss on every token.  r=16, alpha=32 on all linear
 layers, bf16, batch 4, AdamW lr 1e-3, cosine, no warmup.
 
-Each side runs in a fresh subprocess: tokens/s is the median over the steps after the
+Each side runs in a fresh subprocess with the same OMP_WAIT_POLICY=PASSIVE (the one
+`import pyengine` sets by default): tokens/s is the median over the steps after the
 first (warm-up), peak memory is that process's VmHWM (/proc/self/status).
 
     python benchmarks/bench_finetune.py [--layers 8] [--steps 6]      # prints the table
@@ -121,7 +122,8 @@ def measure(side: str, model_dir: str, data: str, steps: int) -> dict:
         proc = subprocess.run([sys.executable, __file__, "--worker", side, "--model", model_dir,
                                "--data", data, "--steps", str(steps), "--out", out],
                               capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": str(ROOT),
+                                   "OMP_WAIT_POLICY": "PASSIVE"})  # same for both sides
     if proc.returncode:
         raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
