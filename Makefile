@@ -26,7 +26,7 @@ bench: setup build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 finetune: setup build
-	$(PY) -m benchmarks.cross_entropy_table
+	$(PY) -m pyengine.finetune
 
 clean:
 	rm -rf build *.egg-info pyengine/_C*.so

@@ -1,0 +1,189 @@
+"""LoRA fine-tune, pyengine vs HF Trainer + PEFT, same model / data / steps / hparams.
+
+Model: Llama architecture at SmolLM-135M width (hidden 576, intermediate 1536, 9 heads,
+3 kv heads, vocab 49152), random init, LAYERS layers (SmolLM has 30; fewer keeps the
+run short, and the per-layer work is what both sides share).  Data: packed-free rows of
+exactly 512 tokens (long texts of the bundled sentiment set truncated to 512, tokenised
+with the MiniLM WordPiece tokenizer), loss on every token.  r=16, alpha=32 on all linear
+layers, bf16, batch 4, AdamW lr 1e-3, cosine, no warmup.
+
+Each side runs in a fresh subprocess with the same OMP_WAIT_POLICY=PASSIVE (the one
+`import pyengine` sets by default): tokens/s is the median over the steps after the
+first (warm-up), peak memory is that process's VmHWM (/proc/self/status).
+
+    python benchmarks/bench_finetune.py [--layers 8] [--steps 6]      # prints the table
+    pytest benchmarks/bench_finetune.py                                 # same, with gates
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ, BATCH, LR, RANK, ALPHA = 512, 4, 1e-3, 16, 32
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def make_inputs(directory: Path, layers: int, rows: int) -> tuple[str, str]:
+    """A random-init SmolLM-shaped Llama dir (with the MiniLM tokenizer) and a JSONL of
+    `rows` texts, each longer than SEQ tokens."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from pyengine.finetune.config import DATASETS_DIR, minilm_dir
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                      num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model_dir = directory / "model"
+    LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    texts = [json.loads(line)["text"] for line in
+             (DATASETS_DIR / "sentiment_train.jsonl").read_text().splitlines()]
+    per_row = 40  # sentences per row: > 512 WordPiece tokens
+    data = directory / "train.jsonl"
+    with open(data, "w") as f:
+        for r in range(rows):
+            start = (r * 17) % len(texts)
+            f.write(json.dumps({"text": " ".join((texts * 2)[start:start + per_row])}) + "\n")
+    return str(model_dir), str(data)
+
+
+# --------------------------------------------------------------------------- workers
+def worker_pyengine(model_dir, data, steps, out):
+    from pyengine.finetune import run
+    r = run(dict(model=model_dir, data=data, task="causal-lm", method="lora", lora_r=RANK,
+                 lora_alpha=ALPHA, target_modules="all-linear", max_steps=steps,
+                 batch_size=BATCH, lr=LR, warmup_ratio=0.0, max_seq_len=SEQ, dtype="bf16",
+                 output=out, log_every=1, progress=False, seed=0))
+    metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return dict(losses=r["losses"], tokens_per_s=[m["tokens_per_s"] for m in metrics])
+
+
+def worker_hf(model_dir, data, steps, out):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
+                              TrainingArguments)
+
+    from pyengine.data import Dataset
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels)
+            for e in Dataset(data, "causal-lm", tok, SEQ).examples]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+
+    class Times(TrainerCallback):
+        def __init__(self):
+            self.t, self.seconds, self.losses = 0.0, [], []
+
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.seconds.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+    times = Times()
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
+                             learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
+                             weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True,
+                             logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[times]).train()
+    tokens = BATCH * SEQ
+    return dict(losses=times.losses, tokens_per_s=[tokens / s for s in times.seconds])
+
+
+WORKERS = {"pyengine": worker_pyengine, "hf": worker_hf}
+
+
+def measure(side: str, model_dir: str, data: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run([sys.executable, __file__, "--worker", side, "--model", model_dir,
+                               "--data", data, "--steps", str(steps), "--out", out],
+                              capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT),
+                                   "OMP_WAIT_POLICY": "PASSIVE"})  # same for both sides
+    if proc.returncode:
+        raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r["median_tokens_per_s"] = statistics.median(r["tokens_per_s"][1:] or r["tokens_per_s"])
+    return r
+
+
+def compare(layers: int = 8, steps: int = 6) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        model_dir, data = make_inputs(Path(d), layers, rows=BATCH * steps)
+        ours = measure("pyengine", model_dir, data, steps)
+        hf = measure("hf", model_dir, data, steps)
+    return dict(layers=layers, steps=steps, ours=ours, hf=hf,
+                speedup=ours["median_tokens_per_s"] / hf["median_tokens_per_s"],
+                memory_ratio=ours["peak_rss_mb"] / hf["peak_rss_mb"],
+                loss_rel_diff=abs(ours["losses"][-1] - hf["losses"][-1]) / hf["losses"][-1])
+
+
+def table(r: dict) -> str:
+    o, h = r["ours"], r["hf"]
+    return "\n".join([
+        "| | pyengine | HF Trainer + PEFT | ratio |", "|---|---|---|---|",
+        f"| tokens/s (median, steps 2..{r['steps']}) | {o['median_tokens_per_s']:.0f} | "
+        f"{h['median_tokens_per_s']:.0f} | {r['speedup']:.2f}x (target >= 2x) |",
+        f"| peak RSS (VmHWM) | {o['peak_rss_mb']:.0f} MB | {h['peak_rss_mb']:.0f} MB | "
+        f"{r['memory_ratio']:.2f}x (target <= 0.6x) |",
+        f"| final loss (step {r['steps']}) | {o['losses'][-1]:.4f} | {h['losses'][-1]:.4f} | "
+        f"{100 * r['loss_rel_diff']:.2f}% apart (target <= 2%) |"])
+
+
+def test_finetune_vs_hf_trainer(benchmark):
+    r = benchmark.pedantic(compare, rounds=1, iterations=1)
+    benchmark.extra_info.update(speedup=r["speedup"], memory_ratio=r["memory_ratio"],
+                                loss_rel_diff=r["loss_rel_diff"])
+    print("\n" + table(r))
+    assert r["loss_rel_diff"] <= 0.02
+    assert r["memory_ratio"] <= 0.6
+    if r["speedup"] < 2.0:
+        pytest.xfail(f"speed target not met: {r['speedup']:.2f}x HF's tokens/s (target 2x)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--worker", choices=sorted(WORKERS))
+    p.add_argument("--model"), p.add_argument("--data"), p.add_argument("--out")
+    a = p.parse_args()
+    if a.worker:
+        r = WORKERS[a.worker](a.model, a.data, a.steps, a.out)
+        r["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(r))
+        return
+    r = compare(a.layers, a.steps)
+    print(f"layers={r['layers']} steps={r['steps']} seq={SEQ} batch={BATCH} r={RANK}")
+    print(table(r))
+    print(json.dumps({k: r[k] for k in ("speedup", "memory_ratio", "loss_rel_diff")}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""The fine-tune loop: data (validated before anything is written), model + LoRA, AdamW with
+warmup + cosine, gradient accumulation with exact normalisation, bf16 autocast,
+evaluation before and after, metrics / plot / adapter outputs, atomic checkpoints and
+exact resume.
+
+Determinism: micro-batch m of the run is batch (m mod B) of epoch (m div B) in that
+epoch's permutation fixed by (seed, epoch), so the data position is a function of the
+step alone; a checkpoint stores the trainable weights, optimizer, scheduler and the
+torch/python RNG states at the start of its step, so a resumed run repeats the
+uninterrupted run's losses bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from pyengine import data as D
+from pyengine import models as M
+from pyengine.finetune.config import FinetuneConfig
+
+log = logging.getLogger("pyengine.finetune")
+CHECKPOINT_PREFIX = "checkpoint-"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    losses: list = field(default_factory=list)   # one per optimizer step
+    metrics: list = field(default_factory=list)  # one per logging step
+    eval_before: dict | None = None
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+class Run:
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        # 1. Everything that can fail on user input, before anything is written.
+        self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
+        if cfg.resume and self.resume_from is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out}")
+        self.tokenizer = M.load_tokenizer(cfg.model)
+        self.train = D.Dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_seq_len, cfg.labels,
+                               cfg.packing)
+        self.labels = self.train.labels
+        self.eval = (D.Dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_seq_len,
+                               self.labels, cfg.packing) if cfg.eval_data else None)
+        self.batches_per_epoch = D.batches_per_epoch(len(self.train), cfg.batch_size)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(
+            cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        # 2. Model.
+        seed_everything(cfg.seed)
+        self.model = M.load_model(cfg.model, cfg.task, self.labels, self.tokenizer.pad_token_id)
+        self.prepare_model()
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in self.params if p.ndim >= 2]
+        no_decay = [p for n, p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [dict(params=decay, weight_decay=cfg.weight_decay),
+             dict(params=no_decay, weight_decay=0.0)], lr=cfg.lr)
+        from transformers import get_cosine_schedule_with_warmup
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.state = TrainState()
+
+    # ------------------------------------------------------------------ model
+    def prepare_model(self):
+        cfg, model = self.cfg, self.model
+        if cfg.method == "lora":
+            from pyengine.lora import apply_lora, lora_modules
+            for p in model.parameters():
+                p.requires_grad_(False)
+            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                       target_modules=cfg.target_modules, rslora=cfg.rslora)
+            self.heads = M.head_modules(model) if cfg.task != "causal-lm" else []
+            for name in self.heads:
+                for p in model.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+            if cfg.dtype == "bf16":  # frozen base in bf16: half the memory, no per-step casts
+                for p in model.parameters():
+                    if not p.requires_grad:
+                        p.data = p.data.to(torch.bfloat16)
+                # lora_linear takes x in its base weight's dtype and is not an autocast op;
+                # autocast hands fp32 to some of them (e.g. after LayerNorm)
+                for m in lora_modules(model).values():
+                    m.register_forward_pre_hook(_input_to_weight_dtype)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+
+    def trainable_state(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.params}
+
+    # ------------------------------------------------------------------ data
+    def micro_batch(self, m: int, ds: D.Dataset | None = None):
+        ds = ds or self.train
+        epoch, idx = divmod(m, self.batches_per_epoch)
+        order = self._order(epoch)
+        picked = order[idx * self.cfg.batch_size:(idx + 1) * self.cfg.batch_size]
+        return D.collate([ds.examples[i] for i in picked], self.tokenizer.pad_token_id)
+
+    def _order(self, epoch):
+        if getattr(self, "_order_cache", (None,))[0] != epoch:
+            self._order_cache = (epoch, D.epoch_order(len(self.train), self.cfg.seed, epoch))
+        return self._order_cache[1]
+
+    def eval_batches(self):
+        ex = self.eval.examples
+        bs = self.cfg.eval_batch_size
+        for s in range(0, len(ex), bs):
+            yield D.collate(ex[s:s + bs], self.tokenizer.pad_token_id)
+
+    def evaluate(self):
+        if self.eval is None:
+            return None
+        return M.evaluate(self.cfg.task, self.model, self.eval_batches(), self.compute_dtype,
+                          self.labels)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, step: int) -> tuple[float, int]:
+        cfg = self.cfg
+        window = [self.micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        num_items = sum(M.count_items(cfg.task, b["labels"]) for b in window)
+        total = 0.0
+        for batch in window:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                loss = M.training_loss(cfg.task, self.model, batch, num_items, self.compute_dtype)
+            loss.backward()
+            total += float(loss.detach())
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, sum(int(b["attention_mask"].sum()) for b in window)
+
+    def loop(self):
+        cfg, st = self.cfg, self.state
+        from tqdm.auto import tqdm
+        bar = tqdm(total=self.total_steps, initial=st.step, desc="finetune", unit="step",
+                   disable=not cfg.progress, dynamic_ncols=True)
+        window_loss, window_tokens, window_t0 = [], 0, time.perf_counter()
+        try:
+            while st.step < self.total_steps:
+                rng, rng_step = rng_state(), st.step  # where this step starts (for Ctrl-C)
+                t0 = time.perf_counter()
+                loss, tokens = self.train_step(st.step)
+                dt = time.perf_counter() - t0
+                st.step += 1
+                st.losses.append(loss)
+                st.tokens += tokens
+                st.train_seconds += dt
+                window_loss.append(loss)
+                window_tokens += tokens
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
+                if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_t0
+                    st.metrics.append(dict(step=st.step, loss=sum(window_loss) / len(window_loss),
+                                           lr=self.scheduler.get_last_lr()[0],
+                                           tokens_per_s=window_tokens / elapsed))
+                    self.write_metrics()
+                    window_loss, window_tokens, window_t0 = [], 0, time.perf_counter()
+                if cfg.save_every and st.step % cfg.save_every == 0 and st.step < self.total_steps:
+                    self.save_checkpoint(rng_state())
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save_checkpoint(rng if rng_step == st.step else rng_state())
+            log.warning("interrupted at step %d: checkpoint %s; continue with --resume",
+                        st.step, path)
+            raise
+        bar.close()
+
+    # ------------------------------------------------------------------ outputs
+    def write_metrics(self):
+        with open(self.out / "metrics.jsonl", "w") as f:
+            for m in self.state.metrics:
+                f.write(json.dumps(m) + "\n")
+
+    def save_checkpoint(self, rng) -> Path:
+        st = self.state
+        final = self.out / f"{CHECKPOINT_PREFIX}{st.step:07d}"
+        if final.exists():
+            return final
+        tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{st.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_checkpoint_files(tmp, dict(
+            trainable=self.trainable_state(), optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), rng=rng, state=vars(st).copy(),
+            config=self.cfg.to_dict()))
+        os.rename(tmp, final)  # the commit point: a checkpoint-* directory is complete
+        for old in sorted(self.out.glob(CHECKPOINT_PREFIX + "*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> dict:
+        ckpt = torch.load(path / "state.pt", weights_only=False)
+        params = dict(self.params)
+        missing = set(params) ^ set(ckpt["trainable"])
+        if missing:
+            raise ValueError(f"{path}: trainable parameters differ from this run's model "
+                             f"(e.g. {sorted(missing)[:3]}); was it made with another config?")
+        with torch.no_grad():
+            for n, t in ckpt["trainable"].items():
+                params[n].copy_(t)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.state = TrainState(**ckpt["state"])
+        return ckpt["rng"]
+
+    def save_outputs(self, eval_after):
+        cfg, out = self.cfg, self.out
+        if cfg.method == "lora":
+            from pyengine.lora import save_adapter
+            save_adapter(self.model, str(out))
+            self.add_heads_to_adapter(out)
+        else:
+            self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        with open(out / "eval.json", "w") as f:
+            json.dump(dict(before=self.state.eval_before, after=eval_after), f, indent=2)
+        plot_losses(self.state.losses, out / "loss.png")
+        if cfg.merge:
+            self.write_merged(out / "merged")
+
+    def add_heads_to_adapter(self, out: Path):
+        """The fully trained task head goes into the adapter the PEFT way: weights under
+        base_model.model.<head>.<param>, listed in adapter_config's modules_to_save."""
+        config_path = out / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["task_type"] = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS",
+                               "token-cls": "TOKEN_CLS"}[self.cfg.task]
+        if self.heads:
+            from safetensors.torch import load_file, save_file
+            weights_path = out / "adapter_model.safetensors"
+            weights = load_file(weights_path)
+            for name in self.heads:
+                for key, p in self.model.get_submodule(name).named_parameters():
+                    weights[f"base_model.model.{name}.{key}"] = p.detach().float().contiguous()
+            save_file(weights, weights_path, metadata={"format": "pt"})
+            config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(self.heads))
+        config_path.write_text(json.dumps(config, indent=2))
+
+    def write_merged(self, path: Path):
+        """Base weights in fp32 + the trained weights, LoRA merged, as a plain HF directory."""
+        model = M.load_model(self.cfg.model, self.cfg.task, self.labels,
+                             self.tokenizer.pad_token_id)
+        if self.cfg.method == "lora":
+            from pyengine.lora import apply_lora, merge_lora
+            apply_lora(model, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
+                       dropout=self.cfg.lora_dropout, target_modules=self.cfg.target_modules,
+                       rslora=self.cfg.rslora)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, p in self.params:
+                params[n].copy_(p.float())
+        if self.cfg.method == "lora":
+            merge_lora(model)
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+    # ------------------------------------------------------------------ run
+    def __call__(self) -> dict:
+        cfg, st = self.cfg, self.state
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.resume_from is not None:
+            rng = self.load_checkpoint(self.resume_from)
+            set_rng_state(rng)
+            st = self.state
+            log.info("resumed from %s at step %d", self.resume_from, st.step)
+        else:
+            for old in self.out.glob(CHECKPOINT_PREFIX + "*"):
+                shutil.rmtree(old)
+            st.eval_before = self.evaluate()
+        log.info("training %s (%s, %s) on %d %s for %d steps", Path(cfg.model).name, cfg.task,
+                 cfg.method, len(self.train), "rows" if cfg.packing else "examples",
+                 self.total_steps)
+        self.loop()
+        eval_after = self.evaluate()
+        self.save_outputs(eval_after)
+        result = dict(output=str(self.out), steps=st.step, losses=list(st.losses),
+                      eval_before=st.eval_before, eval_after=eval_after,
+                      tokens_per_s=st.tokens / max(st.train_seconds, 1e-9),
+                      train_seconds=st.train_seconds,
+                      trainable_params=sum(p.numel() for _, p in self.params),
+                      truncated=self.train.truncated)
+        log.info(summary(result, cfg.task))
+        return result
+
+
+# --------------------------------------------------------------------------- helpers
+def _input_to_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return dict(torch=torch.get_rng_state(), python=random.getstate())
+
+
+def set_rng_state(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+
+
+def write_checkpoint_files(directory: Path, payload: dict):
+    torch.save(payload, directory / "state.pt")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in out.glob(CHECKPOINT_PREFIX + "*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def plot_losses(losses: list[float], path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt_eval(e: dict | None, task: str) -> str:
+    if e is None:
+        return "n/a"
+    if task == "causal-lm":
+        return f"loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}"
+    return f"accuracy {e['accuracy']:.3f}, macro F1 {e['macro_f1']:.3f}, loss {e['loss']:.4f}"
+
+
+def summary(r: dict, task: str) -> str:
+    return (f"done: {r['steps']} steps in {r['train_seconds']:.1f}s "
+            f"({r['tokens_per_s']:.0f} tokens/s), {r['trainable_params']:,} trainable params; "
+            f"final loss {r['losses'][-1]:.4f}\n"
+            f"  eval before: {_fmt_eval(r['eval_before'], task)}\n"
+            f"  eval after:  {_fmt_eval(r['eval_after'], task)}\n"
+            f"  outputs in {r['output']}")
+
+
+def run(config) -> dict:
+    """Fine-tune as configured (FinetuneConfig, dict of keys, YAML path, or None for the
+    embedded default).  Returns losses, eval before/after, throughput and the output dir."""
+    from pyengine.finetune.config import coerce
+    return Run(coerce(config))()

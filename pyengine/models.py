@@ -1,0 +1,164 @@
+"""Hugging Face integration: load local model directories for the three tasks, their
+training losses and their evaluation.
+
+The causal-lm loss never materialises logits: the decoder's last hidden states at the
+labelled positions go with the LM-head weight into pyengine.ops.fused_linear_cross_entropy.
+Losses are normalised by `num_items` (labelled tokens, or examples for seq-cls, in the
+whole gradient-accumulation window), so accumulated gradients equal the full-batch ones;
+a window with no labelled token gives loss 0 and zero gradients, never NaN.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pyengine.data import IGNORE
+from pyengine.ops import fused_linear_cross_entropy
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _check_dir(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json (not a Hugging "
+                                f"Face model directory)")
+    return p
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(_check_dir(path)), local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int | None):
+    """fp32 model for `task` from a local HF directory (heads of new tasks are initialised
+    from the current torch RNG)."""
+    import transformers
+    auto = {"causal-lm": transformers.AutoModelForCausalLM,
+            "seq-cls": transformers.AutoModelForSequenceClassification,
+            "token-cls": transformers.AutoModelForTokenClassification}[task]
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={n: i for i, n in enumerate(labels)})
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
+    try:
+        model = auto.from_pretrained(str(_check_dir(path)), local_files_only=True,
+                                     dtype=torch.float32, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def head_modules(model) -> list[str]:
+    """Names of the task head modules beside the base model (e.g. ['classifier'], ['score']);
+    trained in full under LoRA (PEFT's modules_to_save)."""
+    return [name for name, m in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in m.parameters())]
+
+
+def count_items(task: str, labels: torch.Tensor) -> int:
+    """What the loss is averaged over: labelled next-token targets / examples / tokens."""
+    if task == "causal-lm":
+        return int((labels[:, 1:] != IGNORE).sum())
+    if task == "seq-cls":
+        return labels.shape[0]
+    return int((labels != IGNORE).sum())
+
+
+def _lm_head(model, dtype):
+    head = model.get_output_embeddings()
+    bias = head.bias.to(dtype) if getattr(head, "bias", None) is not None else None
+    return head.weight.to(dtype), bias
+
+
+def causal_lm_loss(model, batch, num_items, compute_dtype, reduction="mean"):
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE
+    hidden = hidden[:, :-1][keep].to(compute_dtype)
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # nothing labelled: loss 0, zero grads
+    weight, bias = _lm_head(model, compute_dtype)
+    return fused_linear_cross_entropy(hidden, weight, target[keep], bias=bias,
+                                      reduction=reduction,
+                                      num_items=num_items if reduction == "mean" else None)
+
+
+def classification_logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def training_loss(task, model, batch, num_items, compute_dtype):
+    """Sum of the batch's losses / num_items of the whole accumulation window."""
+    if task == "causal-lm":
+        return causal_lm_loss(model, batch, max(num_items, 1), compute_dtype)
+    logits = classification_logits(model, batch)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss / max(num_items, 1)
+
+
+@torch.no_grad()
+def evaluate(task, model, batches, compute_dtype, label_names=None) -> dict:
+    """causal-lm: loss and perplexity over labelled tokens.  Classification: loss,
+    accuracy and per-class precision / recall / F1 / support, macro F1."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    confusion = None
+    try:
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+                if task == "causal-lm":
+                    n = count_items(task, batch["labels"])
+                    if n:
+                        total += float(causal_lm_loss(model, batch, None, compute_dtype, "sum"))
+                    count += n
+                    continue
+                logits = classification_logits(model, batch)
+            labels = batch["labels"].reshape(-1)
+            logits = logits.reshape(-1, logits.shape[-1])
+            keep = labels != IGNORE
+            logits, labels = logits[keep], labels[keep]
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            count += labels.numel()
+            k = logits.shape[-1]
+            if confusion is None:
+                confusion = torch.zeros(k, k, dtype=torch.long)
+            confusion += torch.bincount(labels * k + logits.argmax(-1),
+                                        minlength=k * k).reshape(k, k)
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    if task == "causal-lm":
+        return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count)
+    return dict(loss=loss, **classification_report(confusion, label_names))
+
+
+def classification_report(confusion: torch.Tensor, names: list[str]) -> dict:
+    """confusion[true, predicted] -> accuracy, per-class precision/recall/F1/support, macro F1."""
+    tp = confusion.diag().double()
+    predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
+    precision = tp / predicted.clamp_min(1)
+    recall = tp / actual.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    per_class = {name: dict(precision=float(precision[i]), recall=float(recall[i]),
+                            f1=float(f1[i]), support=int(actual[i]))
+                 for i, name in enumerate(names)}
+    return dict(accuracy=float(tp.sum() / actual.sum().clamp_min(1)),
+                macro_f1=float(f1.mean()), examples=int(actual.sum()), per_class=per_class)

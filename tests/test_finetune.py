@@ -1,0 +1,290 @@
+"""End-to-end fine-tuning on tiny Llama / BERT directories built from config (seconds each)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from pyengine.finetune import build_config, run
+from pyengine.finetune import trainer as T
+from pyengine.finetune.config import from_argv
+from tiny_hf import make_bert, make_llama, sentences, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the work (and the CI box is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return make_bert(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text")
+    rows = [{"text": r["text"]} for r in sentences(48)]
+    return write_jsonl(d / "train.jsonl", rows), write_jsonl(d / "val.jsonl", rows[:16])
+
+
+@pytest.fixture(scope="module")
+def cls_data(tmp_path_factory):
+    """Learnable by a random tiny BERT: the first word gives the class away."""
+    d = tmp_path_factory.mktemp("cls")
+    rows = [{"text": ("wonderful " if i % 2 else "terrible ") + r["text"],
+             "label": "positive" if i % 2 else "negative"} for i, r in enumerate(sentences(128))]
+    return write_jsonl(d / "train.jsonl", rows[:96]), write_jsonl(d / "val.jsonl", rows[96:128])
+
+
+def causal(llama, text_data, out, **kw):
+    cfg = dict(model=llama, data=text_data[0], eval_data=text_data[1], task="causal-lm",
+               output=str(out), batch_size=4, max_steps=8, lr=3e-2, warmup_ratio=0.0,
+               dtype="fp32", progress=False, log_every=2)
+    cfg.update(kw)
+    return cfg
+
+
+def peft_model(base_dir, adapter_dir, auto):
+    from peft import PeftModel
+    base = auto.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
+    r = run(causal(llama, text_data, tmp_path / "out", max_steps=12))
+    first, last = sum(r["losses"][:3]) / 3, sum(r["losses"][-3:]) / 3
+    assert last < first - 0.2, r["losses"]
+    assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
+    assert math.isclose(r["eval_after"]["perplexity"], math.exp(r["eval_after"]["loss"]))
+    out = tmp_path / "out"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml",
+                 "metrics.jsonl", "eval.json", "loss.png"):
+        assert (out / name).is_file(), name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    assert all(m["tokens_per_s"] > 0 and m["lr"] >= 0 and math.isfinite(m["loss"]) for m in metrics)
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
+    assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_resume_after_ctrl_c_repeats_the_losses(llama, text_data, tmp_path, monkeypatch, dtype):
+    kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=6)
+    full = run(causal(llama, text_data, tmp_path / "full", **kw))["losses"]
+
+    real_step = T.Run.train_step
+
+    def interrupted(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_step(self, step)
+    monkeypatch.setattr(T.Run, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(causal(llama, text_data, tmp_path / "split", **kw))
+    assert T.latest_checkpoint(tmp_path / "split").name == "checkpoint-0000004"
+    monkeypatch.setattr(T.Run, "train_step", real_step)
+    resumed = run(causal(llama, text_data, tmp_path / "split", resume=True, **kw))
+    assert resumed["losses"] == full  # bit for bit, steps 1-4 from the checkpoint
+
+
+def test_killed_while_saving_leaves_previous_checkpoint(llama, text_data, tmp_path, monkeypatch):
+    kw = dict(save_every=2, max_steps=6)
+    full = run(causal(llama, text_data, tmp_path / "full", **kw))["losses"]
+    real_write, calls = T.write_checkpoint_files, []
+
+    def dies_on_second_save(directory, payload):
+        calls.append(directory)
+        real_write(directory, payload)  # the temp dir is fully written ...
+        if len(calls) == 2:
+            raise SystemExit("killed")  # ... but the process dies before the rename
+    monkeypatch.setattr(T, "write_checkpoint_files", dies_on_second_save)
+    out = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        run(causal(llama, text_data, out, **kw))
+    assert T.latest_checkpoint(out).name == "checkpoint-0000002"
+    monkeypatch.setattr(T, "write_checkpoint_files", real_write)
+    resumed = run(causal(llama, text_data, out, resume=True, **kw))
+    assert resumed["losses"] == full
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_adapter_loads_in_peft_and_merge_equals_base_plus_adapter(llama, text_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "out"
+    trained = T.Run(build_config(causal(llama, text_data, out, merge=True, max_steps=4)))
+    trained()
+    ids = torch.randint(4, 200, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = trained.model.eval()(input_ids=ids).logits
+        peft = peft_model(llama, str(out), AutoModelForCausalLM)(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(llama).eval()(input_ids=ids).logits
+    assert (peft - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(merged, peft, rtol=1e-4, atol=1e-5)
+
+
+def test_seq_cls_bert(bert, cls_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+    out = tmp_path / "out"
+    trained = T.Run(build_config(dict(
+        model=bert, data=cls_data[0], eval_data=cls_data[1], task="seq-cls", output=str(out),
+        batch_size=16, epochs=3, lr=5e-3, dtype="fp32", progress=False, max_seq_len=48)))
+    r = trained()
+    assert sum(r["losses"][-3:]) < sum(r["losses"][:3]) - 0.5
+    ev = r["eval_after"]
+    assert ev["accuracy"] > r["eval_before"]["accuracy"] + 0.2
+    assert set(ev["per_class"]) == {"negative", "positive"}
+    assert sum(c["support"] for c in ev["per_class"].values()) == ev["examples"] == 32
+    assert r["truncated"] > 0  # max_seq_len=48 cuts some of the long sentences
+    enc = trained.tokenizer(["A wonderful day", "The soup was cold"], return_tensors="pt",
+                            padding=True)
+    with torch.no_grad():
+        ours = trained.model.eval()(**enc).logits
+        peft = peft_model(bert, str(out), AutoModelForSequenceClassification)(**enc).logits
+    torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_token_cls_bert(bert, tmp_path):
+    rows = []
+    for r in sentences(64):
+        words = r["text"].rstrip(".").split()
+        rows.append({"tokens": words, "tags": ["LONG" if len(w) > 5 else "SHORT" for w in words]})
+    data = write_jsonl(tmp_path / "tok.jsonl", rows)
+    r = run(dict(model=bert, data=data, eval_data=data, task="token-cls", output=str(tmp_path / "o"),
+                 batch_size=16, epochs=4, lr=1e-2, dtype="bf16", progress=False))
+    assert r["eval_after"]["accuracy"] > r["eval_before"]["accuracy"]
+    n_words = sum(len(x["tokens"]) for x in rows)
+    assert r["eval_after"]["examples"] == n_words  # one label per word (its first sub-token)
+
+
+def test_full_finetune_and_packing(llama, text_data, tmp_path):
+    r = run(causal(llama, text_data, tmp_path / "o", method="full", packing=True,
+                   max_seq_len=64, lr=3e-3, dtype="bf16", grad_checkpointing=True))
+    assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+    assert (tmp_path / "o" / "config.json").is_file()
+
+
+def test_all_masked_window_gives_zero_loss_not_nan(llama, tmp_path):
+    long_prompt = " ".join(r["text"] for r in sentences(6))
+    rows = [{"instruction": long_prompt, "output": "Fine."}] * 8
+    data = write_jsonl(tmp_path / "alpaca.jsonl", rows)
+    r = run(dict(model=llama, data=data, task="causal-lm", output=str(tmp_path / "o"),
+                 max_seq_len=16, batch_size=4, max_steps=2, progress=False))
+    assert r["losses"] == [0.0, 0.0] and r["truncated"] == 8
+
+
+def test_grad_accum_normalises_over_the_whole_window(llama, tmp_path):
+    from pyengine import data as D, models as M
+    rows = [{"instruction": r["text"], "output": r["text"][: 10 + 7 * i]}
+            for i, r in enumerate(sentences(4))]  # different labelled-token counts per row
+    cfg = build_config(dict(model=llama, data=write_jsonl(tmp_path / "a.jsonl", rows),
+                            output=str(tmp_path / "o"), dtype="fp32", progress=False))
+    run_ = T.Run(cfg)
+    examples = run_.train.examples
+    pad = run_.tokenizer.pad_token_id
+
+    def grads(batches):
+        run_.model.zero_grad()
+        n = sum(M.count_items("causal-lm", b["labels"]) for b in batches)
+        for b in batches:
+            M.training_loss("causal-lm", run_.model, b, n, torch.float32).backward()
+        return [p.grad.clone() for _, p in run_.params]
+    whole = grads([D.collate(examples, pad)])
+    split = grads([D.collate(examples[:1], pad), D.collate(examples[1:], pad)])
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "ok"}\n{"text": "broken"\n', r"train.jsonl:2: malformed JSON"),
+    ('{"text": "ok"}\n\n{"txt": "typo"}\n', r"train.jsonl:3: missing field"),
+    ('{"text": "ok"}\n[1, 2]\n', r"train.jsonl:2: expected a JSON object"),
+    ('{"instruction": "hi"}\n', r"train.jsonl:1: missing field 'output'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"train.jsonl:1: .*no 'assistant'"),
+    ('{"text": 5}\n', r"train.jsonl:1: field 'text' must be str"),
+    ("", r"train.jsonl: no examples"),
+    ("\n  \n", r"train.jsonl: no examples"),
+])
+def test_bad_causal_data_fails_before_writing(llama, tmp_path, content, message):
+    (tmp_path / "train.jsonl").write_text(content)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        run(dict(model=llama, data=str(tmp_path / "train.jsonl"), output=str(out), progress=False))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("task, train, val, message", [
+    ("seq-cls", [{"text": "a", "label": "pos"}, {"text": "b"}], None, r"train.jsonl:2: missing field 'label'"),
+    ("seq-cls", [{"text": "a", "label": "pos"}, {"text": "b", "label": "pos"}], None,
+     r"found 1 class"),
+    ("seq-cls", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}],
+     [{"text": "c", "label": "meh"}], r"val.jsonl:1: label 'meh' is not a known class"),
+    ("token-cls", [{"tokens": ["a", "b"], "tags": ["X"]}, {"tokens": ["c"], "tags": ["Y"]}], None,
+     r"train.jsonl:1: 2 tokens but 1 tags"),
+    ("token-cls", [{"tokens": ["a"], "tags": ["X"]}, {"tokens": ["b"]}], None,
+     r"train.jsonl:2: missing field 'tags'"),
+])
+def test_bad_classification_data(bert, tmp_path, task, train, val, message):
+    cfg = dict(model=bert, task=task, data=write_jsonl(tmp_path / "train.jsonl", train),
+               output=str(tmp_path / "out"), progress=False)
+    if val:
+        cfg["eval_data"] = write_jsonl(tmp_path / "val.jsonl", val)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_config(llama, text_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'lora_rank'"):
+        build_config(dict(model=llama, data=text_data[0], lora_rank=8))
+    (tmp_path / "run.yaml").write_text("model: x\nbatch-size: 2\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="run.yaml: unknown config key 'learning_rate'"):
+        from_argv(["--config", str(tmp_path / "run.yaml")])
+    with pytest.raises(FileNotFoundError, match="model directory .*nope does not exist"):
+        run(dict(model=str(tmp_path / "nope"), data=text_data[0], output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="data file .*missing.jsonl does not exist"):
+        run(dict(model=llama, data=str(tmp_path / "missing.jsonl"), output=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run(dict(model=llama, data=text_data[0], output=str(tmp_path / "o"), resume=True))
+    with pytest.raises(ValueError, match="packing only applies to task causal-lm"):
+        build_config(dict(model=llama, data=text_data[0], task="seq-cls", packing=True))
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_with_cli_overrides(llama, text_data, tmp_path):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(dict(
+        model=llama, data=text_data[0], lora_r=4, batch_size=2, lr=0.5)))
+    cfg = from_argv(["--config", str(tmp_path / "run.yaml"), "--batch-size", "3", "--packing",
+                     "--target-modules", "q_proj", "v_proj"])
+    assert (cfg.lora_r, cfg.batch_size, cfg.lr, cfg.packing) == (4, 3, 0.5, True)
+    assert cfg.target_modules == ["q_proj", "v_proj"]
+    default = from_argv([])
+    assert default.task == "seq-cls" and default.model.endswith("model")
+    assert from_argv(["--epochs", "1"]).epochs == 1.0  # overrides apply to the default job
+
+
+def test_cli_help_and_error_exit(tmp_path):
+    help_ = subprocess.run([sys.executable, "-m", "pyengine.finetune", "--help"],
+                           capture_output=True, text=True)
+    assert help_.returncode == 0 and "--grad-accum" in help_.stdout and "--merge" in help_.stdout
+    bad = subprocess.run([sys.executable, "-m", "pyengine.finetune", "--data",
+                          str(tmp_path / "none.jsonl"), "--model", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: model directory" in bad.stderr
