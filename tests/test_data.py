@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pyengine import data as D
-from tiny_hf import bert_tokenizer, llama_tokenizer, write_jsonl
+from tests.tiny_hf import bert_tokenizer, llama_tokenizer, write_jsonl
 
 CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}[assistant] {% endif %}")

@@ -9,7 +9,7 @@ from pyengine.export import to_gguf  # noqa: E402
 from pyengine.infer import ModelLoadError, generate_ids, load_model  # noqa: E402
 from pyengine.infer.model import interleave_rope_rows  # noqa: E402
 from pyengine.quant import quantize  # noqa: E402
-from tiny_llama import save_tiny_model  # noqa: E402
+from tests.tiny_llama import save_tiny_model  # noqa: E402
 
 PROMPT = "hello world, the quick"
 

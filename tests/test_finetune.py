@@ -13,7 +13,7 @@ import yaml
 from pyengine.finetune import build_config, run
 from pyengine.finetune import trainer as T
 from pyengine.finetune.config import from_argv
-from tiny_hf import make_bert, make_llama, sentences, write_jsonl
+from tests.tiny_hf import make_bert, make_llama, sentences, write_jsonl
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 
 from pyengine.infer import ModelLoadError, generate, generate_ids, load_model, sample_next
 from pyengine.infer.model import load_lora_deltas
-from tiny_llama import save_tiny_model
+from tests.tiny_llama import save_tiny_model
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
