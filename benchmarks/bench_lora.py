@@ -22,6 +22,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 from pyengine.lora import apply_lora  # noqa: E402
+from benchmarks import common  # noqa: E402
 from pyengine.ops import lora_linear  # noqa: E402
 
 LINEAR_CASES = [(2048, 2048, 2048, 16), (2048, 576, 1536, 8)]  # tokens, in, out, r
@@ -29,16 +30,7 @@ ROUNDS = 7
 
 
 def interleaved_times(fns: dict, rounds: int = ROUNDS) -> dict:
-    """Seconds per call of each callable, timed round-robin so machine noise hits all alike."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
+    return common.interleaved_times(fns, repeats=rounds)
 
 
 def report(label: str, times: dict, ours="pyengine", base=None) -> None:

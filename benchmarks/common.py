@@ -11,9 +11,9 @@ import time
 from typing import Callable
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3,
-                        warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin so drift hits all equally."""
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int = 3,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, timed round-robin so drift hits all equally."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -23,24 +23,30 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3,
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 3,
+                        warmup: int = 1) -> dict[str, float]:
+    return {name: statistics.median(ts)
+            for name, ts in interleaved_times(fns, repeats, warmup).items()}
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB in /proc
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def vm_hwm_bytes() -> int:
-    """Peak resident set of this process so far (kB in /proc -> bytes)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    """Peak resident set of this process so far."""
+    return _status_bytes("VmHWM")
 
 
 def vm_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not found in /proc/self/status")
+    return _status_bytes("VmRSS")
 
 
 def reset_peak() -> None:
