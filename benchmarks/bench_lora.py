@@ -13,7 +13,6 @@ Run (short; the machine is shared):
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
