@@ -20,8 +20,8 @@
 //   for nibble formats, hi[64] (those meeting the high nibbles).
 // Per group: isum[l] = sum_c dot4(w_l, a_l) - osum[l] (exact int32), then
 //   acc[l] = fma(float(isum[l]), dw[l] * da[l], acc[l]);   y = tree sum of the 16 lanes.
-// GEMM loop order: panels of weight rows that stay in L2, token tiles inside, so weights
-// are read from memory once and each activation tile is reused by a whole panel.
+// GEMM loop order: panels of weight rows and of tokens that both stay in L2, token tiles
+// inside, so weights are read from memory once and activations come from L2.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -233,6 +233,9 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     for (int c = 0; c < L.steps(); ++c) {
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
+        if (T == 1)  // decode: memory-bound, fetch the same spot 4 row tiles ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wg[r] + c * 64 + 4 * R * row_qbytes),
+                       _MM_HINT_T1);
         const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg[r] + c * 4 * geo.nblk);
         if (FMT == kQ8_0) {
           lo[r] = _mm512_xor_si512(b, flip);
@@ -257,6 +260,10 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     }
     const __mmask16 smask = __mmask16((1u << geo.nblk) - 1);
     for (int r = 0; r < R; ++r) {
+      if (T == 1)  // the scale plane is a second stream: prefetch it too
+        _mm_prefetch(
+            reinterpret_cast<const char*>(w.scales + (n0 + r + 4 * R) * nb + geo.first_block),
+            _MM_HINT_T0);
       const __m512 dw = _mm512_cvtph_ps(
           _mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + geo.first_block));
       for (int t = 0; t < T; ++t) {
@@ -295,11 +302,18 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
   constexpr Layout L = kLayouts[FMT];
   const int64_t act_row = n_groups(L, w.k) * L.group_bytes();
   const int64_t row_bytes = w.k / L.block * (L.qbytes + 2);
-  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);  // ~256 KB
+  // ~256 KB of weight rows and ~256 KB of activation rows: both stay in L2
+  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);
+  const int64_t tokens = std::max<int64_t>(6, (256 << 10) / act_row / 6 * 6);
   for (int64_t p0 = r0; p0 < r1; p0 += panel) {
     const int64_t p1 = std::min(r1, p0 + panel);
-    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);  // GEMV
-    else panel_avx512<FMT, 2, 6>(w, act, act_row, 0, m, p0, p1, bias, y, y_dtype);
+    if (m == 1) {  // GEMV
+      panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);
+      continue;
+    }
+    for (int64_t t0 = 0; t0 < m; t0 += tokens)
+      panel_avx512<FMT, 2, 6>(w, act, act_row, t0, std::min(m, t0 + tokens), p0, p1, bias, y,
+                              y_dtype);
   }
 }
 #endif  // __AVX512F__
