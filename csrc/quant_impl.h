@@ -331,8 +331,8 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     for (int c = 0; c < L.steps(); ++c) {
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
-        if (T == 1)  // decode: memory-bound, fetch the same spot 4 row tiles ahead
-          _mm_prefetch(reinterpret_cast<const char*>(wg[r] + c * 64 + 4 * R * row_qbytes),
+        if (T == 1)  // decode: memory-bound, fetch the same spot 4 rows ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wg[r] + c * 64 + 4 * row_qbytes),
                        _MM_HINT_T1);
         const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg[r] + c * 4 * geo.nblk);
         if (FMT == kQ8_0) {
@@ -360,7 +360,7 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     for (int r = 0; r < R; ++r) {
       if (T == 1)  // the scale plane is a second stream: prefetch it too
         _mm_prefetch(
-            reinterpret_cast<const char*>(w.scales + (n0 + r + 4 * R) * nb + geo.first_block),
+            reinterpret_cast<const char*>(w.scales + (n0 + r + 4) * nb + geo.first_block),
             _MM_HINT_T0);
       const __m512 dw = _mm512_cvtph_ps(
           _mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + geo.first_block));
@@ -406,7 +406,8 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
   for (int64_t p0 = r0; p0 < r1; p0 += panel) {
     const int64_t p1 = std::min(r1, p0 + panel);
     if (m == 1) {  // GEMV
-      panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);
+      // one row at a time: a single sequential stream (plus scales) prefetches best
+      panel_avx512<FMT, 1, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);
       continue;
     }
     for (int64_t t0 = 0; t0 < m; t0 += tokens)
