@@ -3,9 +3,12 @@
 Side by side in one process (interleaved medians): ours (q8_0 / q4_0 / nf4) vs torch fp32
 and bf16 F.linear, and torch's own CPU weight-only paths (int8: aten._weight_int8pack_mm,
 per-channel scales, bf16 x; int4: aten._weight_int4pack_mm_for_cpu, group 32, bf16 x).
-The machine's copy bandwidth is measured in the same run (clone of 256 MB, read + write
-bytes counted) and GEMV is reported as effective bandwidth = weight bytes / time.  GEMV
-weights are rotated over copies totalling >= 2x the L3 so every call reads from memory.
+The machine's copy bandwidth is measured in the same run (copy of 256 MB into a
+preallocated tensor, read + write bytes counted) and GEMV is reported as effective
+bandwidth = weight bytes / time.  GEMV weights are rotated over copies totalling >= 2x
+the L3 so every call reads from memory.  Wall-clock medians use all threads; because the
+machine is shared, the table also gives single-thread CPU-time (thread_time) medians,
+which descheduling by other processes does not inflate.
 
 Gates (ratios, same run): GEMV bandwidth >= 0.8 x copy bandwidth; GEMM (128 tokens)
 time <= torch bf16 F.linear.
@@ -16,6 +19,7 @@ time <= torch bf16 F.linear.
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,11 +40,33 @@ MIN_GEMV_BW_FRACTION = 0.8
 MAX_GEMM_VS_BF16 = 1.0
 
 
-def copy_bandwidth(mb: int = 256, repeats: int = 7) -> float:
-    """GB/s of a torch clone of `mb` MB, read + write bytes counted."""
+def copy_bandwidth(mb: int = 256, repeats: int = 9, cpu_time: bool = False) -> float:
+    """GB/s of copying `mb` MB into a preallocated tensor, read + write bytes counted."""
     src = torch.randn(mb * 2**20 // 4)
-    t = interleaved_medians({"copy": src.clone}, repeats=repeats)["copy"]
+    dst = torch.empty_like(src)
+    fns = {"copy": lambda: dst.copy_(src)}
+    medians = thread_time_medians if cpu_time else interleaved_medians
+    t = medians(fns, repeats=repeats)["copy"]
     return 2 * src.nbytes / t / 1e9
+
+
+def thread_time_medians(fns, repeats, warmup=1):
+    """Single-thread CPU-time medians, round-robin (robust to other processes' load)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.thread_time()
+                fn()
+                times[name].append(time.thread_time() - t0)
+    finally:
+        torch.set_num_threads(prev)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Rotating:
@@ -75,7 +101,7 @@ def torch_int4_weight(w, group=32):
     return packed, sz
 
 
-def gemv_times(n, k, repeats=25):
+def gemv_times(n, k, repeats=25, cpu_time=False):
     """Median seconds per 1-token matmul and the weight bytes each reads."""
     g = torch.Generator().manual_seed(n + k)
     w = torch.randn(n, k, generator=g) / k**0.5
@@ -102,10 +128,12 @@ def gemv_times(n, k, repeats=25):
     fns["torch int4"] = lambda: rot4(
         lambda c: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, c, 32, sz4))
     nbytes["torch int4"] = w4.nbytes + sz4.nbytes
+    if cpu_time:
+        return thread_time_medians(fns, repeats=repeats), nbytes
     return interleaved_medians(fns, repeats=repeats, warmup=2), nbytes
 
 
-def gemm_times(n, k, m=PREFILL_TOKENS, repeats=5):
+def gemm_times(n, k, m=PREFILL_TOKENS, repeats=5, cpu_time=False):
     g = torch.Generator().manual_seed(n * k + m)
     w = torch.randn(n, k, generator=g) / k**0.5
     x = torch.randn(m, k, generator=g)
@@ -115,6 +143,8 @@ def gemm_times(n, k, m=PREFILL_TOKENS, repeats=5):
                 for fmt in ("q4_0",)})
     fns["torch bf16"] = lambda: F.linear(xb, wb)
     fns["torch fp32"] = lambda: F.linear(x, w)
+    if cpu_time:
+        return thread_time_medians(fns, repeats=repeats)
     return interleaved_medians(fns, repeats=repeats, warmup=1)
 
 
@@ -158,29 +188,48 @@ def test_gemm_prefill(benchmark, shape, fmt):
 
 
 # ------------------------------------------------------------------ the table
-def table() -> str:
-    copy = copy_bandwidth()
-    out = [f"copy bandwidth (clone 256 MB, read+write): **{copy:.1f} GB/s**; "
-           f"80% target: {0.8 * copy:.1f} GB/s", "",
-           "GEMV, 1 token (fp32 x; torch int8/int4 take bf16 x):", "",
-           "| N x K | impl | weight MB | median ms | GB/s | vs copy bw | speed-up vs fp32 | "
+def gemv_table(copy, cpu_time):
+    out = ["| N x K | impl | weight MB | median ms | GB/s | vs copy bw | speed-up vs fp32 | "
            "vs bf16 |", "|---|---|---|---|---|---|---|---|"]
     for n, k in SHAPES:
-        times, nbytes = gemv_times(n, k)
+        times, nbytes = gemv_times(n, k, cpu_time=cpu_time)
         for name, t in times.items():
             bw = nbytes[name] / t / 1e9
             out.append(f"| {n}x{k} | {name} | {nbytes[name] / 2**20:.1f} | {t * 1e3:.3f} | "
                        f"{bw:.1f} | {bw / copy:.2f} | {times['torch fp32'] / t:.2f} | "
                        f"{times['torch bf16'] / t:.2f} |")
             print(out[-1], file=sys.stderr, flush=True)
-    out += ["", f"GEMM, {PREFILL_TOKENS} tokens (fp32 x unless noted):", "",
-            "| N x K | impl | median ms | GMAC/s | time / torch bf16 |", "|---|---|---|---|---|"]
+    return out
+
+
+def gemm_table(cpu_time):
+    out = ["| N x K | impl | median ms | GMAC/s | time / torch bf16 |", "|---|---|---|---|---|"]
     for n, k in SHAPES:
-        times = gemm_times(n, k)
+        times = gemm_times(n, k, cpu_time=cpu_time)
         for name, t in times.items():
             out.append(f"| {n}x{k} | {name} | {t * 1e3:.2f} | "
                        f"{PREFILL_TOKENS * n * k / t / 1e9:.0f} | {t / times['torch bf16']:.2f} |")
             print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+def table() -> str:
+    copy = copy_bandwidth()
+    threads = torch.get_num_threads()
+    out = [f"copy bandwidth ({threads} threads, 256 MB, read+write): **{copy:.1f} GB/s**; "
+           f"80% target: {0.8 * copy:.1f} GB/s", "",
+           f"### GEMV, 1 token, wall clock, {threads} threads "
+           "(fp32 x; torch int8/int4 take bf16 x)", ""]
+    out += gemv_table(copy, cpu_time=False)
+    copy1 = copy_bandwidth(cpu_time=True)
+    out += ["", "### GEMV, 1 token, single-thread CPU time", "",
+            f"copy bandwidth of one thread (CPU time): **{copy1:.1f} GB/s**", ""]
+    out += gemv_table(copy1, cpu_time=True)
+    out += ["", f"### GEMM, {PREFILL_TOKENS} tokens, wall clock, {threads} threads "
+            "(fp32 x unless noted)", ""]
+    out += gemm_table(cpu_time=False)
+    out += ["", f"### GEMM, {PREFILL_TOKENS} tokens, single-thread CPU time", ""]
+    out += gemm_table(cpu_time=True)
     return "\n".join(out)
 
 

@@ -2,6 +2,7 @@
 #define PYENGINE_ISA_NS scalar
 #include "quant_impl.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <memory>
 
@@ -49,9 +50,15 @@ void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
   std::unique_ptr<uint8_t, FreeDeleter> act(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
   quant_quantize_activations(w.fmt, x, x_dtype, m, w.k, act.get(), num_threads);
   auto matmul = kernels().matmul;
-  // grain: enough rows per thread that the split overhead stays small for decode GEMVs
-  parallel_for(w.n, num_threads, 64,
-               [&](int64_t b, int64_t e) { matmul(w, act.get(), m, b, e, bias, y, x_dtype); });
+  // Threads take chunks of rows from a shared counter instead of fixed halves, so on a
+  // shared machine a descheduled thread does not hold up the others.
+  const int64_t chunk = 64, n_chunks = (w.n + chunk - 1) / chunk;
+  const int n_tasks = int(std::min<int64_t>(std::max(num_threads, 1), n_chunks));
+  std::atomic<int64_t> next{0};
+  parallel_for(n_tasks, n_tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t r0; (r0 = next.fetch_add(chunk)) < w.n;)
+      matmul(w, act.get(), m, r0, std::min(w.n, r0 + chunk), bias, y, x_dtype);
+  });
 }
 
 }  // namespace pyengine

@@ -2,16 +2,18 @@
 //
 //   y[t, n] = sum_k x[t, k] * w[n, k] + bias[n],   w = dequant(qs, scales)  (pyengine/quant.py)
 //
-// Weights come in the two-plane layout of QuantizedWeight: qs [N, K*bits/8] (quant bytes
-// of each row's blocks back to back, GGUF order inside a block) and fp16 scales [N, K/B].
+// Weights come as QuantizedWeight's two planes: qs [N, K*bits/8] (GGUF quant bytes,
+// 16-block groups interleaved in 4-byte words) and fp16 scales [N, K/B].
 // x [M, K] (fp32 or bf16) is first quantized per weight-sized block to int8 (d_a =
 // absmax/127, q = round-half-even(x/d_a)) into an activation buffer laid out so that one
 // 64-byte load of weight quants meets its activations without any shuffle (see
 // quant_impl.h).  The dot product of a block is then integer: u8 weights (q8_0: w^0x80 =
-// w+128, q4_0: q, nf4: int8 code + 128) times s8 activations (AVX-512 VNNI vpdpbusd), and
-// the constant weight offset is removed once per block via the precomputed
-// -offset * d_a * sum(q_a).  Float math: y = sum_blocks d_w * d_a * isum (fp32).
+// w+128, q4_0: q, nf4: int8 code + 128) times s8 activations (AVX-512 VNNI vpdpbusd;
+// AVX2: vpmaddubsw + vpmaddwd), the constant weight offset removed exactly per block via
+// the precomputed offset * sum(q_a).  Float math: y = sum_blocks d_w * d_a * isum (fp32).
 // nf4 uses int8 code values round(127 * NF4[i]) (max error 0.5/127 of the block absmax).
+// Weights are read in QuantizedWeight's interleaved layout (16 blocks per 64-byte load,
+// one SIMD lane per block; see quant_impl.h).  All ISA variants give identical outputs.
 //
 // Floor: GEMV (M = 1) reads N*K*bits/8 + 2*N*K/B weight bytes once; GEMM does 2*M*N*K
 // int8 ops.  Threads split the N rows.

@@ -20,8 +20,8 @@
 //   for nibble formats, hi[64] (those meeting the high nibbles).
 // Per group: isum[l] = sum_c dot4(w_l, a_l) - osum[l] (exact int32), then
 //   acc[l] = fma(float(isum[l]), dw[l] * da[l], acc[l]);   y = tree sum of the 16 lanes.
-// GEMM loop order: panels of weight rows that stay in L2, token tiles inside, so weights
-// are read from memory once and each activation tile is reused by a whole panel.
+// GEMM loop order: panels of weight rows and of tokens that both stay in L2, token tiles
+// inside, so weights are read from memory once and activations come from L2.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -30,7 +30,7 @@
 #include "common.h"
 #include "quant.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -197,6 +197,104 @@ void matmul_rows_portable(const QuantWeights& w, const uint8_t* act, int64_t m, 
             dot_row_portable<FMT>(w, act + t * act_row, n) + (bias ? bias[n] : 0.f));
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// ------------------------------------------------------------------ AVX2 tiles
+// No vpdpbusd: u8 x s8 pair products via vpmaddubsw (int16, so kept below saturation:
+// q4_0 nibbles are <= 15; q8_0 weights and nf4 codes use the abs/sign trick on signed
+// values) and vpmaddwd by ones to int32.  The signed forms give sum(w * a) directly, the
+// same integer as the offset form minus osum, so results match the other ISAs exactly.
+constexpr int8_t kNf4Code8Signed[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
+                                        10,   20,  31,  43,  56,  71,  92, 127};
+
+inline __m256i dot_s8(__m256i w, __m256i a, __m256i ones) {  // signed w in [-127, 127]
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), ones);
+}
+
+template <int FMT, int T>
+void tile_avx2(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t n,
+               int64_t t0, const float* bias, void* y, int y_dtype) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t nb = w.k / L.block;
+  const uint8_t* qrow = w.qs + n * nb * L.qbytes;
+  const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i code = _mm256_broadcastsi128_si256(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8Signed)));
+  __m256 acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+  alignas(32) uint8_t wtmp[64];
+  alignas(32) uint16_t stmp[16];
+  for (int64_t g = 0; g < n_groups(L, w.k); ++g) {
+    const GroupGeom geo = group_geom(nb, g);
+    const uint8_t* wg = qrow + geo.first_block * L.qbytes;
+    const uint8_t* grp[T];
+    for (int t = 0; t < T; ++t) grp[t] = act + (t0 + t) * act_row + g * L.group_bytes();
+    __m256i is[T][2];
+    for (int t = 0; t < T; ++t) is[t][0] = is[t][1] = _mm256_setzero_si256();
+    for (int c = 0; c < L.steps(); ++c) {
+      const uint8_t* src = wg + c * 4 * geo.nblk;
+      if (geo.nblk < 16) {  // partial group: zero-padded copy instead of a masked load
+        std::memset(wtmp, 0, 64);
+        std::memcpy(wtmp, src, size_t(4 * geo.nblk));
+        src = wtmp;
+      }
+      for (int h = 0; h < 2; ++h) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * h));
+        const __m256i lo = _mm256_and_si256(b, nib);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        for (int t = 0; t < T; ++t) {
+          const uint8_t* rec = grp[t] + 128 + c * L.step_bytes() + 32 * h;
+          const __m256i a_lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(rec));
+          __m256i d;
+          if (FMT == kQ8_0) {
+            d = dot_s8(b, a_lo, ones);
+          } else {
+            const __m256i a_hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(rec + 64));
+            if (FMT == kQ4_0) {
+              d = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, a_lo),
+                                                     _mm256_maddubs_epi16(hi, a_hi)), ones);
+            } else {
+              d = _mm256_add_epi32(dot_s8(_mm256_shuffle_epi8(code, lo), a_lo, ones),
+                                   dot_s8(_mm256_shuffle_epi8(code, hi), a_hi, ones));
+            }
+          }
+          is[t][h] = _mm256_add_epi32(is[t][h], d);
+        }
+      }
+    }
+    std::memset(stmp, 0, sizeof(stmp));
+    std::memcpy(stmp, w.scales + n * nb + geo.first_block, size_t(2 * geo.nblk));
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dw = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(stmp + 8 * h)));
+      for (int t = 0; t < T; ++t) {
+        const __m256 da = _mm256_load_ps(reinterpret_cast<const float*>(grp[t]) + 8 * h);
+        __m256i v = is[t][h];
+        if (FMT == kQ4_0)  // only q4_0 used the offset form
+          v = _mm256_sub_epi32(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(grp[t] + 64 + 32 * h)));
+        acc[t][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, da), acc[t][h]);
+      }
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    const __m256 s8 = _mm256_add_ps(acc[t][0], acc[t][1]);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    const float sum = _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+    store(y, y_dtype, (t0 + t) * w.n + n, sum + (bias ? bias[n] : 0.f));
+  }
+}
+
+template <int FMT>
+void matmul_rows_avx2(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
+                      int64_t r1, const float* bias, void* y, int y_dtype) {
+  const int64_t act_row = n_groups(kLayouts[FMT], w.k) * kLayouts[FMT].group_bytes();
+  for (int64_t n = r0; n < r1; ++n) {
+    int64_t t = 0;
+    for (; t + 2 <= m; t += 2) tile_avx2<FMT, 2>(w, act, act_row, n, t, bias, y, y_dtype);
+    if (t < m) tile_avx2<FMT, 1>(w, act, act_row, n, t, bias, y, y_dtype);
+  }
+}
+#endif  // __AVX2__ && !__AVX512F__
+
 #ifdef __AVX512F__
 // ------------------------------------------------------------------ AVX-512 VNNI tiles
 inline float tree_sum16(__m512 v) {
@@ -233,6 +331,9 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     for (int c = 0; c < L.steps(); ++c) {
       __m512i lo[R], hi[R];
       for (int r = 0; r < R; ++r) {
+        if (T == 1)  // decode: memory-bound, fetch the same spot 4 rows ahead
+          _mm_prefetch(reinterpret_cast<const char*>(wg[r] + c * 64 + 4 * row_qbytes),
+                       _MM_HINT_T1);
         const __m512i b = _mm512_maskz_loadu_epi8(bmask, wg[r] + c * 4 * geo.nblk);
         if (FMT == kQ8_0) {
           lo[r] = _mm512_xor_si512(b, flip);
@@ -257,6 +358,10 @@ void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int
     }
     const __mmask16 smask = __mmask16((1u << geo.nblk) - 1);
     for (int r = 0; r < R; ++r) {
+      if (T == 1)  // the scale plane is a second stream: prefetch it too
+        _mm_prefetch(
+            reinterpret_cast<const char*>(w.scales + (n0 + r + 4) * nb + geo.first_block),
+            _MM_HINT_T0);
       const __m512 dw = _mm512_cvtph_ps(
           _mm256_maskz_loadu_epi16(smask, w.scales + (n0 + r) * nb + geo.first_block));
       for (int t = 0; t < T; ++t) {
@@ -295,11 +400,19 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
   constexpr Layout L = kLayouts[FMT];
   const int64_t act_row = n_groups(L, w.k) * L.group_bytes();
   const int64_t row_bytes = w.k / L.block * (L.qbytes + 2);
-  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);  // ~256 KB
+  // ~256 KB of weight rows and ~256 KB of activation rows: both stay in L2
+  const int64_t panel = std::max<int64_t>(4, (256 << 10) / row_bytes / 4 * 4);
+  const int64_t tokens = std::max<int64_t>(6, (256 << 10) / act_row / 6 * 6);
   for (int64_t p0 = r0; p0 < r1; p0 += panel) {
     const int64_t p1 = std::min(r1, p0 + panel);
-    if (m == 1) panel_avx512<FMT, 4, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);  // GEMV
-    else panel_avx512<FMT, 2, 6>(w, act, act_row, 0, m, p0, p1, bias, y, y_dtype);
+    if (m == 1) {  // GEMV
+      // one row at a time: a single sequential stream (plus scales) prefetches best
+      panel_avx512<FMT, 1, 1>(w, act, act_row, 0, 1, p0, p1, bias, y, y_dtype);
+      continue;
+    }
+    for (int64_t t0 = 0; t0 < m; t0 += tokens)
+      panel_avx512<FMT, 2, 6>(w, act, act_row, t0, std::min(m, t0 + tokens), p0, p1, bias, y,
+                              y_dtype);
   }
 }
 #endif  // __AVX512F__
@@ -307,8 +420,10 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
 template <int FMT>
 void matmul_rows_fmt(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                      int64_t r1, const float* bias, void* y, int y_dtype) {
-#ifdef __AVX512F__
+#if defined(__AVX512F__)
   matmul_rows_avx512<FMT>(w, act, m, r0, r1, bias, y, y_dtype);
+#elif defined(__AVX2__)
+  matmul_rows_avx2<FMT>(w, act, m, r0, r1, bias, y, y_dtype);
 #else
   matmul_rows_portable<FMT>(w, act, m, r0, r1, bias, y, y_dtype);
 #endif

@@ -345,3 +345,14 @@ def test_quantize_model_and_quant_linear(caplog):
     assert sd["up.qs"].dtype == torch.uint8 and sd["up.scales"].dtype == torch.float16
     up = model.up
     torch.testing.assert_close(up(x), F.linear(x, up.qweight.dequantize(), up.bias))
+
+
+@needs_ext
+def test_torch_compile_fullgraph_with_grad():
+    layer = QuantLinear(quantize(rand_weight(32, 64, seed=11), "q4_0"), torch.randn(32))
+    x = torch.randn(3, 64, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert torch.equal(y, layer(x))
+    torch.testing.assert_close(x.grad, torch.ones(3, 32) @ layer.qweight.dequantize())

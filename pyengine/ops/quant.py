@@ -8,7 +8,8 @@ x [..., K] fp32 or bf16; W [N, K] in q8_0 / q4_0 / nf4 (pyengine.quant); bias [N
          rounding of x (~0.4% of each block's absmax) and, for nf4, int8 code values.
   triton dequantize-in-kernel + tl.dot (pyengine.kernels.quant_matmul).
 Backward (for QLoRA: W frozen): grad_x = dy @ dequant(W), W dequantized in row chunks.
-Floor: GEMV reads the weight bytes once (N*K*bits/8 + scales) at the copy bandwidth;
+Threads take 64-row chunks of W.  Floor: GEMV reads the weight bytes once (N*K*bits/8 +
+scales) at the copy bandwidth;
 GEMM does 2*M*N*K int8 ops.
 """
 from __future__ import annotations
