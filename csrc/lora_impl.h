@@ -44,8 +44,9 @@ inline void load_row(const typename D::T* x, const uint8_t* mask, int64_t len, f
 
 #ifdef __AVX512F__
 // Explicit AVX-512 blocks: 16 zmm accumulators (up_add: 4 rows x 64 columns, outer:
-// 4 ranks x 64 columns, down: 8 rows x 2 ranks), so each loaded vector feeds 2-4 FMAs.  Tails reuse the last row / rank (computed
-// twice, stored once) or fall back to the generic blocks above.
+// 4 ranks x 64 columns, down: 8 rows x 2 ranks), so each loaded vector feeds 2-4 FMAs.
+// Tails reuse the last row / rank (computed twice, stored once) or fall back to the
+// generic blocks above.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
