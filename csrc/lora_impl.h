@@ -220,17 +220,25 @@ inline void up_add_block(const LoraUpAddArgs& a, int64_t n0, int64_t rb, int64_t
 
 template <typename D>
 void up_add(const LoraUpAddArgs& a, int64_t begin, int64_t end) {
-  for (int64_t n0 = begin; n0 < end; n0 += kRows) {
-    const int64_t rb = std::min<int64_t>(kRows, end - n0);
+  // tiles of kTileRows rows: a 64-column strip of w (r x 64 floats) is loaded from L2 once
+  // per tile and reused from L1 by its row groups; the tile of out stays in L2
+  constexpr int64_t kTileRows = 32;
+  for (int64_t t0 = begin; t0 < end; t0 += kTileRows) {
+    const int64_t t1 = std::min(end, t0 + kTileRows);
     int64_t j0 = 0;
     for (; j0 + kCols <= a.m; j0 += kCols) {
+      for (int64_t n0 = t0; n0 < t1; n0 += kRows) {
+        const int64_t rb = std::min<int64_t>(kRows, t1 - n0);
 #ifdef __AVX512F__
-      up_add_avx512<typename D::T>(a, n0, rb, j0);
+        up_add_avx512<typename D::T>(a, n0, rb, j0);
 #else
-      up_add_block<D, kCols>(a, n0, rb, j0, kCols);
+        up_add_block<D, kCols>(a, n0, rb, j0, kCols);
 #endif
+      }
     }
-    if (j0 < a.m) up_add_block<D, 0>(a, n0, rb, j0, a.m - j0);
+    if (j0 < a.m)
+      for (int64_t n0 = t0; n0 < t1; n0 += kRows)
+        up_add_block<D, 0>(a, n0, std::min<int64_t>(kRows, t1 - n0), j0, a.m - j0);
   }
 }
 
