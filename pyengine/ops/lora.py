@@ -108,6 +108,13 @@ def _composed_lowrank_add(down, up_add):
 
 _torch_lowrank_add = _composed_lowrank_add(_torch_down, _torch_up_add)
 
+# The C++ skinny kernels run on the calling thread only.  They always follow a torch GEMM,
+# after which torch's OpenMP workers keep spinning for a while; a second pool thread then
+# competes with them for the core.  Measured in the op on this 2-core machine (bf16,
+# fwd+bwd): 1 thread was as fast or faster than 2 at both benchmark shapes, with and
+# without OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS_lora.md).
+THREADS = 1
+
 
 def _cpu_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
     if w_down.dtype != torch.float32:  # the C++ kernels take fp32 adapters (bf16 ones: torch)
@@ -117,7 +124,7 @@ def _cpu_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
         x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], w_down.data_ptr(),
         w_down.shape[0], _ext.ptr(x_mask), keep, u.data_ptr(), _ext.ptr(out),
         _ext.dtype_code(x if out is None else out), 0 if out is None else out.shape[1],
-        _ext.ptr(w_up), alpha, _ext.ptr(out_mask), _ext.num_threads())
+        _ext.ptr(w_up), alpha, _ext.ptr(out_mask), THREADS)
     return u
 
 
@@ -132,7 +139,7 @@ def _cpu_outer2(x1, u1, mask1, alpha1, x2, u2, alpha2):
         x1.data_ptr(), _ext.dtype_code(x1), x1.shape[1], u1.data_ptr(), _ext.ptr(mask1), alpha1,
         g1.data_ptr(), _ext.ptr(x2), _ext.dtype_code(x1 if x2 is None else x2),
         0 if x2 is None else x2.shape[1], _ext.ptr(u2), alpha2, _ext.ptr(g2), x1.shape[0],
-        u1.shape[1], _ext.num_threads())
+        u1.shape[1], THREADS)
     return g1, g2
 
 
