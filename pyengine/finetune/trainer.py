@@ -290,7 +290,7 @@ class Run:
             for old in self.out.glob(CHECKPOINT_PREFIX + "*"):
                 shutil.rmtree(old)
             st.eval_before = self.evaluate()
-        log.info("training %s (%s, %s) on %d %s for %d steps", Path(cfg.model).name, cfg.task,
+        log.info("training %s (%s, %s) on %d %s for %d steps", cfg.model, cfg.task,
                  cfg.method, len(self.train), "rows" if cfg.packing else "examples",
                  self.total_steps)
         self.loop()
