@@ -1,8 +1,8 @@
 // Kernels of lora.h, written once and compiled per ISA: each including TU defines
-// PYENGINE_ISA_NS (scalar / avx2 / avx512) and gets its own compiler flags.  The loops are
-// fixed-size `omp simd` blocks (-fopenmp-simd: vectorisation only, no OpenMP runtime) whose
-// accumulators the compiler keeps in vector registers: 4 rows x 64 columns for up_add and
-// outer, 4 rows x 2 ranks for down.
+// PYENGINE_ISA_NS (scalar / avx2 / avx512) and gets its own compiler flags.  The scalar and
+// avx2 builds use fixed-size `omp simd` blocks (-fopenmp-simd: vectorisation only, no OpenMP
+// runtime): 4 rows x 64 columns for up_add and outer, 4 rows x 2 ranks for down.  The
+// avx512 build uses explicit intrinsics with 16 zmm accumulators per block (below).
 #include <algorithm>
 #include <vector>
 #ifdef __AVX512F__
@@ -43,9 +43,10 @@ inline void load_row(const typename D::T* x, const uint8_t* mask, int64_t len, f
 }
 
 #ifdef __AVX512F__
-// Explicit AVX-512 blocks: 16 zmm accumulators (4 rows or ranks x 64 columns, or 4 rows x
-// 4 ranks), so each loaded vector feeds 4 FMAs.  Tails reuse the last row / rank (computed
-// twice, stored once) or fall back to the generic blocks above.
+// Explicit AVX-512 blocks: 16 zmm accumulators (up_add: 4 rows x 64 columns, outer:
+// 4 ranks x 64 columns, down: 8 rows x 2 ranks), so each loaded vector feeds 2-4 FMAs.
+// Tails reuse the last row / rank (computed twice, stored once) or fall back to the
+// generic blocks above.
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -90,35 +91,36 @@ void up_add_avx512(const LoraUpAddArgs& a, int64_t n0, int64_t rb, int64_t j0) {
   }
 }
 
+constexpr int kDownRows = 8, kDownRanks = 2;  // 16 accumulators; x rows from L1, w from L2
+
 template <typename T>
 void down_avx512(const LoraDownArgs& a, int64_t n0, int64_t rb) {
   const int64_t K = a.k, R = a.r;
-  const T* x[kRows];
-  const uint8_t* mk[kRows];
-  for (int i = 0; i < kRows; ++i) {
+  const T* x[kDownRows];
+  const uint8_t* mk[kDownRows];
+  for (int i = 0; i < kDownRows; ++i) {
     const int64_t n = n0 + std::min<int64_t>(i, rb - 1);
     x[i] = static_cast<const T*>(a.x) + n * K;
     mk[i] = a.mask ? a.mask + n * K : nullptr;
   }
-  for (int64_t k0 = 0; k0 < R; k0 += 4) {
-    const float* w[4];
-    for (int q = 0; q < 4; ++q) w[q] = a.w + std::min<int64_t>(k0 + q, R - 1) * K;
-    __m512 acc[kRows][4];
-    for (int i = 0; i < kRows; ++i)
-      for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < R; k0 += kDownRanks) {
+    const float* w[kDownRanks];
+    for (int q = 0; q < kDownRanks; ++q) w[q] = a.w + std::min<int64_t>(k0 + q, R - 1) * K;
+    __m512 acc[kDownRows][kDownRanks];
+    for (int i = 0; i < kDownRows; ++i)
+      for (int q = 0; q < kDownRanks; ++q) acc[i][q] = _mm512_setzero_ps();
     for (int64_t j = 0; j < K; j += 16) {
       const __mmask16 tail = K - j >= 16 ? 0xffff : __mmask16((1u << (K - j)) - 1);
-      __m512 wv[4], xv[kRows];
-      for (int q = 0; q < 4; ++q) wv[q] = load16(w[q] + j, tail);
-      for (int i = 0; i < kRows; ++i) {
+      __m512 wv[kDownRanks];
+      for (int q = 0; q < kDownRanks; ++q) wv[q] = load16(w[q] + j, tail);
+      for (int i = 0; i < kDownRows; ++i) {
         const __mmask16 m = mk[i] ? __mmask16(tail & keep_bits(mk[i] + j)) : tail;
-        xv[i] = load16(x[i] + j, m);
+        const __m512 xv = load16(x[i] + j, m);
+        for (int q = 0; q < kDownRanks; ++q) acc[i][q] = _mm512_fmadd_ps(xv, wv[q], acc[i][q]);
       }
-      for (int i = 0; i < kRows; ++i)
-        for (int q = 0; q < 4; ++q) acc[i][q] = _mm512_fmadd_ps(xv[i], wv[q], acc[i][q]);
     }
     for (int64_t i = 0; i < rb; ++i)
-      for (int q = 0; q < 4 && k0 + q < R; ++q)
+      for (int q = 0; q < kDownRanks && k0 + q < R; ++q)
         a.u[(n0 + i) * R + k0 + q] = a.keep * _mm512_reduce_add_ps(acc[i][q]);
   }
 }
@@ -156,8 +158,8 @@ void outer_avx512(const LoraOuterArgs& a, int64_t k0, int64_t kb, int64_t j0) {
 template <typename D>
 void down(const LoraDownArgs& a, int64_t begin, int64_t end) {
 #ifdef __AVX512F__
-  for (int64_t n0 = begin; n0 < end; n0 += kRows)
-    down_avx512<typename D::T>(a, n0, std::min<int64_t>(kRows, end - n0));
+  for (int64_t n0 = begin; n0 < end; n0 += kDownRows)
+    down_avx512<typename D::T>(a, n0, std::min<int64_t>(kDownRows, end - n0));
 #else
   const int64_t K = a.k, R = a.r;
   std::vector<float> buf(kRows * K, 0.f);
@@ -218,17 +220,25 @@ inline void up_add_block(const LoraUpAddArgs& a, int64_t n0, int64_t rb, int64_t
 
 template <typename D>
 void up_add(const LoraUpAddArgs& a, int64_t begin, int64_t end) {
-  for (int64_t n0 = begin; n0 < end; n0 += kRows) {
-    const int64_t rb = std::min<int64_t>(kRows, end - n0);
+  // tiles of kTileRows rows: a 64-column strip of w (r x 64 floats) is loaded from L2 once
+  // per tile and reused from L1 by its row groups; the tile of out stays in L2
+  constexpr int64_t kTileRows = 32;
+  for (int64_t t0 = begin; t0 < end; t0 += kTileRows) {
+    const int64_t t1 = std::min(end, t0 + kTileRows);
     int64_t j0 = 0;
     for (; j0 + kCols <= a.m; j0 += kCols) {
+      for (int64_t n0 = t0; n0 < t1; n0 += kRows) {
+        const int64_t rb = std::min<int64_t>(kRows, t1 - n0);
 #ifdef __AVX512F__
-      up_add_avx512<typename D::T>(a, n0, rb, j0);
+        up_add_avx512<typename D::T>(a, n0, rb, j0);
 #else
-      up_add_block<D, kCols>(a, n0, rb, j0, kCols);
+        up_add_block<D, kCols>(a, n0, rb, j0, kCols);
 #endif
+      }
     }
-    if (j0 < a.m) up_add_block<D, 0>(a, n0, rb, j0, a.m - j0);
+    if (j0 < a.m)
+      for (int64_t n0 = t0; n0 < t1; n0 += kRows)
+        up_add_block<D, 0>(a, n0, std::min<int64_t>(kRows, t1 - n0), j0, a.m - j0);
   }
 }
 

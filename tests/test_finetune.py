@@ -79,6 +79,8 @@ def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
     assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert all(m["tokens_per_s"] > 0 and m["lr"] >= 0 and math.isfinite(m["loss"]) for m in metrics)
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
+    assert from_argv(["--config", str(out / "config.yaml")]).to_dict() == \
+        build_config(causal(llama, text_data, out, max_steps=12)).to_dict()  # reusable as-is
     assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
 
 

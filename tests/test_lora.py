@@ -225,3 +225,23 @@ def test_partial_grads(backend, which):
             torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-4 * t64.grad.abs().max().item())
         else:
             assert t.grad is None
+
+
+def test_lora_linear_module_train_eval_and_merge():
+    from pyengine.nn import LoRALinear
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 10)
+    m = LoRALinear(base, r=4, alpha=8, dropout=0.5)
+    assert m.weight.requires_grad is False and m.lora_A.weight.requires_grad
+    assert torch.count_nonzero(m.lora_B.weight) == 0  # PEFT's init: a fresh adapter is a no-op
+    x = torch.randn(6, 24)
+    torch.testing.assert_close(m(x), base(x))
+    with torch.no_grad():
+        m.lora_B.weight.normal_()
+    m.eval()  # no dropout in eval: deterministic and equal to the reference
+    want = reference_lora_linear(x, base.weight, m.lora_A.weight, m.lora_B.weight, 2.0,
+                                 bias=base.bias)
+    torch.testing.assert_close(m(x), want)
+    torch.testing.assert_close(m.merged()(x), want, rtol=1e-5, atol=1e-5)
+    m.train()  # dropout on the adapter input only: outputs differ between calls
+    assert not torch.equal(m(x), m(x))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,8 @@ HELP = {
     "packing": "causal-lm: pack several examples per row of max_seq_len tokens",
     "dtype": "bf16 = bf16 autocast (and bf16 frozen base under LoRA); fp32 = plain fp32",
     "grad_checkpointing": "recompute activations in backward to save memory",
-    "seed": "seed for init, shuffling and dropout", "output": "output directory",
+    "seed": "seed for init, shuffling and dropout",
+    "output": "output directory (a run without --resume replaces its old checkpoints)",
     "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
     "log_every": "steps per metrics.jsonl line", "resume": "continue from the newest checkpoint in --output",
     "merge": "also write the merged model to OUTPUT/merged",

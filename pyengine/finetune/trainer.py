@@ -105,12 +105,12 @@ class Run:
         return {n: p.detach().clone() for n, p in self.params}
 
     # ------------------------------------------------------------------ data
-    def micro_batch(self, m: int, ds: D.Dataset | None = None):
-        ds = ds or self.train
+    def micro_batch(self, m: int):
+        """Micro-batch m of the run: batch (m mod B) of epoch (m div B)."""
         epoch, idx = divmod(m, self.batches_per_epoch)
         order = self._order(epoch)
         picked = order[idx * self.cfg.batch_size:(idx + 1) * self.cfg.batch_size]
-        return D.collate([ds.examples[i] for i in picked], self.tokenizer.pad_token_id)
+        return D.collate([self.train.examples[i] for i in picked], self.tokenizer.pad_token_id)
 
     def _order(self, epoch):
         if getattr(self, "_order_cache", (None,))[0] != epoch:
@@ -290,7 +290,7 @@ class Run:
             for old in self.out.glob(CHECKPOINT_PREFIX + "*"):
                 shutil.rmtree(old)
             st.eval_before = self.evaluate()
-        log.info("training %s (%s, %s) on %d %s for %d steps", Path(cfg.model).name, cfg.task,
+        log.info("training %s (%s, %s) on %d %s for %d steps", cfg.model, cfg.task,
                  cfg.method, len(self.train), "rows" if cfg.packing else "examples",
                  self.total_steps)
         self.loop()
