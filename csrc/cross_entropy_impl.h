@@ -20,26 +20,29 @@ static inline double exp_a(double x) { return std::exp(x); }
 static inline float tanh_a(float x) { return 1.0f - 2.0f / (exp_approx(2.0f * x) + 1.0f); }
 static inline double tanh_a(double x) { return std::tanh(x); }
 
-// Fill z from one logits row; returns max.
+// Fill z from one logits row; returns max, adds sum_j z_j to zsum.
 template <typename A, typename LoadFn, typename T>
-A load_row(const T* row, int64_t V, A cap, A* z, LoadFn ld) {
-  A m = -INFINITY;
+A load_row(const T* row, int64_t V, A cap, A* z, A& zsum, LoadFn ld) {
+  A m = -INFINITY, zs = 0;
   if (cap > 0) {
     A inv = A(1) / cap;
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(+ : zs)
     for (int64_t j = 0; j < V; ++j) {
       A v = cap * tanh_a(ld(row, j) * inv);
       z[j] = v;
       m = std::max(m, v);
+      zs += v;
     }
   } else {
-#pragma omp simd reduction(max : m)
+#pragma omp simd reduction(max : m) reduction(+ : zs)
     for (int64_t j = 0; j < V; ++j) {
       A v = ld(row, j);
       z[j] = v;
       m = std::max(m, v);
+      zs += v;
     }
   }
+  zsum = zs;
   return m;
 }
 
@@ -47,8 +50,10 @@ template <typename T, typename A, typename LoadFn, typename StoreFn>
 void rows(const CeArgs& a, int64_t begin, int64_t end, LoadFn ld, StoreFn st) {
   const int64_t V = a.vocab;
   const A eps = a.label_smoothing, zl = a.z_loss, cap = a.softcap;
-  std::vector<A> zbuf(V);
+  // per-thread scratch (L2-resident): z = softcapped logits, e = exp(z - max)
+  std::vector<A> zbuf(V), ebuf(V);
   A* z = zbuf.data();
+  A* e = ebuf.data();
   A* loss = static_cast<A*>(a.loss);
   A* lse_out = static_cast<A*>(a.lse);
   for (int64_t i = begin; i < end; ++i) {
@@ -61,28 +66,31 @@ void rows(const CeArgs& a, int64_t begin, int64_t end, LoadFn ld, StoreFn st) {
         for (int64_t j = 0; j < V; ++j) st(row, j, 0.f);
       continue;
     }
-    const A m = load_row<A>(row, V, cap, z, ld);
-    A sum = 0, zsum = 0;
-#pragma omp simd reduction(+ : sum, zsum)
+    A zsum;
+    const A m = load_row<A>(row, V, cap, z, zsum, ld);
+    A sum = 0;
+#pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < V; ++j) {
-      sum += exp_a(z[j] - m);
-      zsum += z[j];
+      e[j] = exp_a(z[j] - m);
+      sum += e[j];
     }
     const A lse = m + std::log(sum);
     loss[i] = (1 - eps) * (lse - z[t]) + eps * (lse - zsum / A(V)) + zl * lse * lse;
     if (lse_out) lse_out[i] = lse;
     if (!a.write_grad) continue;
     const A s = a.scale * (a.row_scale ? a.row_scale[i] : 1.0);
-    const A pscale = s * (1 + 2 * zl * lse), off = s * eps / A(V);
-    const A inv_cap2 = cap > 0 ? 1 / (cap * cap) : 0;
+    const A pscale = s * (1 + 2 * zl * lse) / sum, off = s * eps / A(V);  // p_j = e_j / sum
+    if (cap > 0) {
+      const A inv_cap2 = 1 / (cap * cap);
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {
-      A g = pscale * exp_a(z[j] - lse) - off;
-      st(row, j, cap > 0 ? g * (1 - z[j] * z[j] * inv_cap2) : g);
+      for (int64_t j = 0; j < V; ++j)
+        st(row, j, (pscale * e[j] - off) * (1 - z[j] * z[j] * inv_cap2));
+      st(row, t, (pscale * e[t] - off - s * (1 - eps)) * (1 - z[t] * z[t] * inv_cap2));
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) st(row, j, pscale * e[j] - off);
+      st(row, t, pscale * e[t] - off - s * (1 - eps));  // the one-hot term
     }
-    // the one-hot term, applied after the vector loop
-    A gt = pscale * exp_a(z[t] - lse) - off - s * (1 - eps);
-    st(row, t, cap > 0 ? gt * (1 - z[t] * z[t] * inv_cap2) : gt);
   }
 }
 
