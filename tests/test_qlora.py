@@ -10,7 +10,7 @@ from torch import nn
 
 from pyengine import _ext
 from pyengine.lora import apply_lora, lora_modules, merge_lora, quantize_base, save_adapter
-from pyengine.ops import lora_linear, reference_lora_linear
+from pyengine.ops import lora_linear, lora_mlp, reference_lora_linear, reference_lora_mlp
 from pyengine.quant import quantize
 
 BACKENDS = (["ref"] + (["cpu"] if _ext._C is not None else [])
@@ -105,3 +105,30 @@ def test_apply_lora_quant_forward_merge_and_adapter(fmt, tmp_path, caplog):
 def test_quantize_base_unknown_format():
     with pytest.raises(ValueError, match="unknown format 'q2'"):
         quantize_base(apply_lora(TwoLayer(), r=2, target_modules=["up"]), "q2")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_mlp_quantized_bases_take_the_unfused_path(backend):
+    g = torch.Generator().manual_seed(3)
+    hidden, inter, r, scale = 64, 96, 3, 0.8
+    x = torch.randn(7, hidden, generator=g)
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    qws = [quantize(torch.randn(*s, generator=g) / s[1] ** 0.5, f)
+           for s, f in zip(shapes, ("nf4", "q4_0", "q8_0"))]
+    adapters = [(torch.randn(r, s[1], generator=g) / s[1] ** 0.5, torch.randn(s[0], r, generator=g))
+                for s in shapes]
+    gy = torch.randn(7, hidden, generator=g)
+
+    def run(ws):
+        xx = x.clone().requires_grad_()
+        ad = [t.clone().requires_grad_() for pair in adapters for t in pair]
+        args = [item for w, i in zip(ws, range(3)) for item in (w, ad[2 * i], ad[2 * i + 1])]
+        y = (lora_mlp(xx, *args, scale, backend=backend) if ws is qws
+             else reference_lora_mlp(xx, *args, scale))
+        (y * gy).sum().backward()
+        return [y.detach(), xx.grad] + [t.grad for t in ad]
+
+    got, want = run(qws), run([q.dequantize() for q in qws])
+    tol = 3e-2 if backend == "cpu" else 1e-4
+    for i, (g_, w_) in enumerate(zip(got, want)):
+        assert rel_err(g_, w_) < tol, (i, rel_err(g_, w_))
