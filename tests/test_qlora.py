@@ -132,3 +132,14 @@ def test_lora_mlp_quantized_bases_take_the_unfused_path(backend):
     tol = 3e-2 if backend == "cpu" else 1e-4
     for i, (g_, w_) in enumerate(zip(got, want)):
         assert rel_err(g_, w_) < tol, (i, rel_err(g_, w_))
+
+
+@pytest.mark.skipif(_ext._C is None, reason="C++ extension not built")
+def test_opcheck_low_rank_term_alone():
+    """The op with weight None (the QLoRA split) passes torch's custom-op checks."""
+    from pyengine.ops.lora import _lora_fwd
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 24, generator=g).requires_grad_()
+    a = torch.randn(4, 24, generator=g).requires_grad_()
+    b = torch.randn(18, 4, generator=g).requires_grad_()
+    torch.library.opcheck(_lora_fwd, (x, None, a, b, None, None, 0.5, 1.0, "cpu"))
