@@ -4,6 +4,7 @@
     save_adapter(model, "out/")     # adapter_config.json + adapter_model.safetensors
     load_adapter(model, "peft_dir/")  # adapters made by PEFT load too
     model = merge_lora(model)       # plain nn.Linear layers again (fp32 merge)
+    quantize_base(model, "nf4")     # QLoRA: frozen bases quantized (also apply_lora(quant=))
 
 File format (PEFT's): tensors `base_model.model.<module path>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r]; the config lists the adapted modules by full path so PEFT
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pyengine.nn.lora import LoRALinear, lora_scaling
+from pyengine.quant import FORMATS, format_spec
 
 log = logging.getLogger("pyengine")
 CONFIG_NAME = "adapter_config.json"
@@ -84,13 +86,36 @@ def _adapt(model, targets, ranks, alphas, dropout, rslora, backend):
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                target_modules="all-linear", rslora: bool = False,
-               backend: str | None = None) -> nn.Module:
+               backend: str | None = None, quant: str | None = None) -> nn.Module:
     """Replace the targeted nn.Linear modules by LoRALinear (in place; returns the model).
     Everything else is frozen; `model.lora_trainable_params` holds the trainable count.
-    target_modules: "all-linear", a list of module names / path suffixes, or a regex."""
+    target_modules: "all-linear", a list of module names / path suffixes, or a regex.
+    quant: "nf4" | "q4_0" | "q8_0" quantizes the frozen bases (QLoRA, see quantize_base)."""
     targets = _select_targets(model, target_modules)
-    return _adapt(model, targets, dict.fromkeys(targets, r), dict.fromkeys(targets, alpha),
-                  dropout, rslora, backend)
+    _adapt(model, targets, dict.fromkeys(targets, r), dict.fromkeys(targets, alpha),
+           dropout, rslora, backend)
+    return model if quant is None else quantize_base(model, quant)
+
+
+def quantize_base(model: nn.Module, fmt: str) -> nn.Module:
+    """QLoRA: quantize the frozen base weight of every LoRALinear to `fmt` (in place).
+    Modules whose in_features is not a multiple of the format's block stay unquantized
+    (logged)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize_base: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    block = format_spec(fmt).block
+    done = 0
+    for path, m in lora_modules(model).items():
+        if m.quant_fmt is not None:
+            continue
+        if m.in_features % block:
+            log.info("quantize_base: %s left unquantized: in_features %d is not a multiple of "
+                     "the %s block (%d)", path, m.in_features, fmt, block)
+            continue
+        m.quantize_base(fmt)
+        done += 1
+    log.info("quantize_base: %d LoRA base weights quantized to %s", done, fmt)
+    return model
 
 
 def _config(model: nn.Module, modules: dict[str, LoRALinear]) -> dict:

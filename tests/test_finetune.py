@@ -290,3 +290,31 @@ def test_cli_help_and_error_exit(tmp_path):
                           str(tmp_path / "none.jsonl"), "--model", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "error: model directory" in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_qlora_nf4_loss_decreases_and_merges(tmp_path, text_data, dtype, monkeypatch):
+    """hidden 64: every projection's in_features is a multiple of nf4's 64-block."""
+    from pyengine.lora import lora_modules
+    model_dir = make_llama(tmp_path / "llama64", hidden_size=64)
+    seen = {}
+    prepare = T.Run.prepare_model
+
+    def spy(self):
+        prepare(self)
+        seen["fmts"] = {m.quant_fmt for m in lora_modules(self.model).values()}
+    monkeypatch.setattr(T.Run, "prepare_model", spy)
+    r = run(causal(model_dir, text_data, tmp_path / "o", quant="nf4", dtype=dtype,
+                   max_steps=10, merge=True))
+    assert seen["fmts"] == {"nf4"}
+    assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "o" / "merged" / "config.json").is_file()
+
+
+def test_quant_config(llama, text_data, tmp_path):
+    assert from_argv(["--model", llama, "--data", text_data[0], "--quant", "q4_0"]).quant == "q4_0"
+    with pytest.raises(ValueError, match="quant nf4 needs method lora"):
+        build_config(dict(model=llama, data=text_data[0], method="full", quant="nf4"))
+    with pytest.raises(ValueError, match="quant must be one of"):
+        build_config(dict(model=llama, data=text_data[0], quant="int3"))

@@ -53,10 +53,10 @@ def bert_tokenizer():
                  sep_token="[SEP]", mask_token="[MASK]")
 
 
-def make_llama(directory: Path, seed: int = 0) -> str:
+def make_llama(directory: Path, seed: int = 0, hidden_size: int = 32) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
     tok = llama_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.2,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

@@ -15,6 +15,7 @@ import yaml
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 METHODS = ("lora", "full")
 DTYPES = ("bf16", "fp32")
+QUANTS = ("none", "nf4", "q4_0", "q8_0")
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
 
 
@@ -30,6 +31,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0
     target_modules: Any = "all-linear"
     rslora: bool = False
+    quant: str = "none"
     epochs: float = 1.0
     max_steps: int | None = None
     batch_size: int = 8
@@ -63,6 +65,11 @@ class FinetuneConfig:
             bad("task", f"must be one of {TASKS}, got {self.task!r}")
         if self.method not in METHODS:
             bad("method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.quant not in QUANTS:
+            bad("quant", f"must be one of {QUANTS}, got {self.quant!r}")
+        if self.quant != "none" and self.method != "lora":
+            bad("quant", f"{self.quant} needs method lora (QLoRA: a quantized frozen base), "
+                f"got method {self.method}")
         if self.dtype not in DTYPES:
             bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         for key in ("lora_r", "batch_size", "eval_batch_size", "grad_accum", "max_seq_len",
@@ -165,6 +172,7 @@ HELP = {
     "lora_dropout": "dropout on the LoRA input",
     "target_modules": "module names to adapt, or all-linear",
     "rslora": "rank-stabilised LoRA scale alpha / sqrt(r)",
+    "quant": "QLoRA: quantize the frozen LoRA base weights (method lora only)",
     "epochs": "passes over the data (ignored if --max-steps is given)",
     "max_steps": "optimizer steps to run", "batch_size": "examples per micro-batch",
     "eval_batch_size": "examples per evaluation batch",
@@ -209,7 +217,8 @@ def make_parser() -> argparse.ArgumentParser:
         elif name in ("target_modules", "labels"):
             p.add_argument(flag, nargs="+", help=HELP[name])
         else:
-            choices = {"task": TASKS, "method": METHODS, "dtype": DTYPES}.get(name)
+            choices = {"task": TASKS, "method": METHODS, "dtype": DTYPES,
+                       "quant": QUANTS}.get(name)
             p.add_argument(flag, type=kind, choices=choices, help=f"{HELP[name]} (default {f.default})")
     return p
 

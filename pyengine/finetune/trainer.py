@@ -84,7 +84,8 @@ class Run:
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       target_modules=cfg.target_modules, rslora=cfg.rslora)
+                       target_modules=cfg.target_modules, rslora=cfg.rslora,
+                       quant=_quant_format(cfg))
             self.heads = M.head_modules(model) if cfg.task != "causal-lm" else []
             for name in self.heads:
                 for p in model.get_submodule(name).parameters():
@@ -93,10 +94,10 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-                # lora_linear takes x in its base weight's dtype and is not an autocast op;
+                # lora_linear takes x in its (bf16) base's dtype and is not an autocast op;
                 # autocast hands fp32 to some of them (e.g. after LayerNorm)
                 for m in lora_modules(model).values():
-                    m.register_forward_pre_hook(_input_to_weight_dtype)
+                    m.register_forward_pre_hook(_input_to_bf16)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -258,14 +259,15 @@ class Run:
         config_path.write_text(json.dumps(config, indent=2))
 
     def write_merged(self, path: Path):
-        """Base weights in fp32 + the trained weights, LoRA merged, as a plain HF directory."""
+        """Base weights in fp32 (LoRA bases dequantized from --quant, as trained) + the trained
+        weights, LoRA merged, as a plain HF directory."""
         model = M.load_model(self.cfg.model, self.cfg.task, self.labels,
                              self.tokenizer.pad_token_id)
         if self.cfg.method == "lora":
             from pyengine.lora import apply_lora, merge_lora
             apply_lora(model, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
                        dropout=self.cfg.lora_dropout, target_modules=self.cfg.target_modules,
-                       rslora=self.cfg.rslora)
+                       rslora=self.cfg.rslora, quant=_quant_format(self.cfg))
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, p in self.params:
@@ -307,8 +309,12 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
-def _input_to_weight_dtype(module, args):
-    return (args[0].to(module.weight.dtype), *args[1:])
+def _input_to_bf16(module, args):
+    return (args[0].to(torch.bfloat16), *args[1:])
+
+
+def _quant_format(cfg) -> str | None:
+    return None if cfg.quant == "none" else cfg.quant
 
 
 def seed_everything(seed: int):

@@ -4,7 +4,9 @@
 
 x [..., in] (fp32 or bf16), W [out, in] frozen (same dtype as x), bias [out] optional,
 A [r, in] and B [out, r] the adapters (fp32 or bf16; bf16 base with fp32 adapters is the
-usual mixed setup).  The low-rank path runs in ct = promote(x.dtype, A.dtype) with fp32
+usual mixed setup).  QLoRA: W may be a pyengine.quant.QuantizedWeight (q8_0 / q4_0 / nf4);
+the base term x @ dequant(W).T + bias (and its dx) is then pyengine.ops.quant_matmul on the
+same backend, and the op below runs the low-rank term alone (its base weight is None).  The low-rank path runs in ct = promote(x.dtype, A.dtype) with fp32
 accumulation; y and dx come back in x's dtype.  B @ A is never formed.
 
 Forward:  y = x @ W.T (+ bias)                   torch GEMM (the floor)
@@ -34,6 +36,8 @@ from torch import Tensor
 
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
+from pyengine.ops.quant import quant_matmul
+from pyengine.quant import QuantizedWeight
 
 OP = "lora_linear"
 register_op(OP, ("ref", "cpu", "triton"))
@@ -158,35 +162,38 @@ def _compute_dtype(x: Tensor, lora_a: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("pyengine::lora_linear", mutates_args=())
-def _lora_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
+def _lora_fwd(x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
               mask: Optional[Tensor], scale: float, keep: float,
               backend: str) -> tuple[Tensor, Tensor]:
-    """(y, u): x [N, in] contiguous; u = keep * (x * mask) @ A.T in the compute dtype."""
+    """(y, u): x [N, in] contiguous; u = keep * (x * mask) @ A.T in the compute dtype.
+    weight None: y is the low-rank term alone (the base is computed by the caller)."""
     lowrank_add, _ = SKINNY[backend]
     ct = _compute_dtype(x, lora_a)
-    y = F.linear(x, weight, bias)
+    y = (x.new_zeros(x.shape[0], lora_b.shape[0]) if weight is None
+         else F.linear(x, weight, bias))
     u = lowrank_add(x, lora_a.to(ct), mask, keep, y, lora_b.to(ct).t().contiguous(), scale, None)
     return y, u
 
 
 @_lora_fwd.register_fake
 def _(x, weight, lora_a, lora_b, bias, mask, scale, keep, backend):
-    return (x.new_empty(x.shape[0], weight.shape[0]),
+    return (x.new_empty(x.shape[0], lora_b.shape[0]),
             x.new_empty(x.shape[0], lora_a.shape[0], dtype=_compute_dtype(x, lora_a)))
 
 
 @torch.library.custom_op("pyengine::lora_linear_backward", mutates_args=())
-def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor,
+def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Optional[Tensor], lora_a: Tensor,
               lora_b: Tensor, mask: Optional[Tensor], scale: float, keep: float, backend: str,
               need_gx: bool, need_ga: bool, need_gb: bool,
               need_gbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dbias); empty where not asked for."""
+    """(dx, dA, dB, dbias); empty where not asked for.  weight None: dx of the low-rank
+    term alone."""
     lowrank_add, outer2 = SKINNY[backend]
     ct = u.dtype
     grad_y = grad_y.contiguous()
     gx = ga = gb = gbias = None
     if need_gx:
-        gx = grad_y @ weight
+        gx = x.new_zeros(x.shape) if weight is None else grad_y @ weight
     if need_gx or need_ga:
         v = lowrank_add(grad_y, lora_b.to(ct).t().contiguous(), None, 1.0, gx,
                         lora_a.to(ct), scale * keep, mask)
@@ -209,7 +216,7 @@ def _(grad_y, x, u, weight, lora_a, lora_b, mask, scale, keep, backend, need_gx,
     return (x.new_empty(x.shape if need_gx else (0,)),
             lora_a.new_empty(lora_a.shape if need_ga else (0,)),
             lora_b.new_empty(lora_b.shape if need_gb else (0,)),
-            x.new_empty((weight.shape[0],) if need_gbias else (0,)))
+            x.new_empty((lora_b.shape[0],) if need_gbias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -235,7 +242,8 @@ _lora_fwd.register_autograd(_lora_grad, setup_context=_setup_context)
 # --------------------------------------------------------------------------- public API
 def _validate(x, weight, lora_a, lora_b, bias, dropout_p):
     name = "lora_linear"
-    if weight.dim() != 2:
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized and weight.dim() != 2:
         raise ValueError(f"{name}: weight must be [out, in], got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
     if x.dim() < 1 or x.shape[-1] != in_f:
@@ -250,37 +258,43 @@ def _validate(x, weight, lora_a, lora_b, bias, dropout_p):
     if x.dtype not in DTYPES or lora_a.dtype not in DTYPES:
         raise TypeError(f"{name}: x {x.dtype} / lora_a {lora_a.dtype}: supported dtypes are "
                         "float32 and bfloat16 (float64 for checks)")
-    if weight.dtype != x.dtype:
+    if not quantized and weight.dtype != x.dtype:
         raise TypeError(f"{name}: weight dtype {weight.dtype} != x dtype {x.dtype}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"{name}: lora_b dtype {lora_b.dtype} != lora_a dtype {lora_a.dtype}")
+    if quantized and weight.device != x.device:
+        raise ValueError(f"{name}: weight is on {weight.device}, x on {x.device}")
     if bias is not None and (tuple(bias.shape) != (out_f,) or bias.dtype != x.dtype):
         raise ValueError(f"{name}: bias must be [{out_f}] of {x.dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
-    for k, t in {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias}.items():
+    for k, t in {"weight": None if quantized else weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias}.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: {k} is on {t.device}, x on {x.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1), got {dropout_p}")
-    if weight.requires_grad and torch.is_grad_enabled():
+    if not quantized and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{name}: weight requires grad, but the base weight is frozen here "
                          "(no dW is computed); call weight.requires_grad_(False)")
 
 
-def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, *,
+def lora_linear(x: Tensor, weight: Tensor | QuantizedWeight, lora_a: Tensor, lora_b: Tensor, scale: float, *,
                 bias: Tensor | None = None, dropout_p: float = 0.0,
                 backend: str | None = None) -> Tensor:
     """x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T with W frozen; see module doc.
     Dropout (probability dropout_p, applied to the adapter input only) draws its mask from
-    torch's global generator (`dropout_mask`); pass dropout_p=0 in eval mode."""
+    torch's global generator (`dropout_mask`); pass dropout_p=0 in eval mode.
+    weight may be a QuantizedWeight (QLoRA): the base term is then quant_matmul."""
     _validate(x, weight, lora_a, lora_b, bias, dropout_p)
     chosen = resolve(OP, backend, x.device)
+    quantized = isinstance(weight, QuantizedWeight)
     if chosen == "ref":
-        return reference_lora_linear(x, weight, lora_a, lora_b, scale, bias=bias,
-                                     dropout_p=dropout_p)
+        return reference_lora_linear(x, weight.dequantize() if quantized else weight, lora_a,
+                                     lora_b, scale, bias=bias, dropout_p=dropout_p)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     mask = dropout_mask(x2, dropout_p) if dropout_p > 0.0 else None
-    y, _ = _lora_fwd(x2, weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-                     None if bias is None else bias.contiguous(), mask, float(scale),
-                     1.0 / (1.0 - dropout_p), chosen)
+    y, _ = _lora_fwd(x2, None if quantized else weight.contiguous(), lora_a.contiguous(),
+                     lora_b.contiguous(), None if quantized or bias is None else bias.contiguous(),
+                     mask, float(scale), 1.0 / (1.0 - dropout_p), chosen)
+    if quantized:
+        y = y + quant_matmul(x2, weight, bias=bias, backend=chosen)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -27,6 +27,10 @@ and C++ does every low-rank product, fused into row passes that are made anyway:
 one for y (forward), one for dy and one for x/dx (backward) (csrc/lowrank_rows.h); all
 low-rank math in fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch
 GEMMs and low-rank products + the Triton SwiGLU.
+
+QLoRA: any base weight given as a pyengine.quant.QuantizedWeight takes the unfused path,
+three lora_linear calls (quantized bases through quant_matmul) and silu(gate) * up in torch
+autograd; the fused op's memory savings do not apply there.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from torch import Tensor
 
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
+from pyengine.ops.lora import lora_linear
+from pyengine.quant import QuantizedWeight
 from pyengine.ops.swiglu import DTYPES, KERNEL_DTYPES, swiglu_backward, swiglu_forward
 
 OP = "lora_mlp"
@@ -311,6 +317,8 @@ def lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Te
     """down(silu(gate(x)) * up(x)) with LoRA on all three projections (see module doc).
     scale = alpha / r (or alpha / sqrt(r) for rsLoRA)."""
     tensors = (w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down)
+    if any(isinstance(w, QuantizedWeight) for w in (w_gate, w_up, w_down)):
+        return _unfused_lora_mlp(x, tensors, scale, backend)
     _validate(x, tensors, scale)
     chosen = resolve(OP, backend, x.device)
     if chosen == "ref":
@@ -319,3 +327,11 @@ def lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Te
     y, *_ = _lora_mlp(x.reshape(-1, x.shape[-1]).contiguous(),
                       *(t.contiguous() for t in tensors), float(scale), chosen, keep)
     return y.reshape(*x.shape[:-1], w_down.shape[0])
+
+
+def _unfused_lora_mlp(x, tensors, scale, backend):
+    """The QLoRA path: each projection is a lora_linear (which takes a QuantizedWeight)."""
+    wg, ag, bg, wu, au, bu, wd, ad, bd = tensors
+    h = (F.silu(lora_linear(x, wg, ag, bg, scale, backend=backend))
+         * lora_linear(x, wu, au, bu, scale, backend=backend))
+    return lora_linear(h, wd, ad, bd, scale, backend=backend)

@@ -1,0 +1,41 @@
+"""QLoRA cost: lora_linear fwd+bwd on a quantized base (nf4 / q4_0 / q8_0) against the same
+op on a bf16 base, timed round-robin in one process (medians).  No gate: this records what
+a quantized base costs per step; the base's bytes shrink 2-4x.
+
+Run (short; the machine is shared):
+    PYTHONPATH=. python -m pytest -q benchmarks/bench_qlora.py --benchmark-columns=median,rounds
+"""
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import interleaved_medians
+from pyengine.ops import lora_linear
+from pyengine.quant import quantize
+
+TOKENS, D_IN, D_OUT, R = 256, 2048, 2048, 16
+
+
+def test_qlora_linear_fwd_bwd(benchmark):
+    torch.manual_seed(0)
+    x0 = torch.randn(TOKENS, D_IN).bfloat16()
+    w = (torch.randn(D_OUT, D_IN) / D_IN ** 0.5).bfloat16()
+    a = (torch.randn(R, D_IN) / D_IN ** 0.5).requires_grad_()
+    b = torch.randn(D_OUT, R).requires_grad_()
+    bases = {"bf16": w, **{f: quantize(w, f) for f in ("nf4", "q4_0", "q8_0")}}
+
+    def step(base):
+        def run():
+            x = x0.clone().requires_grad_()
+            lora_linear(x, base, a, b, 2.0).float().sum().backward()
+        return run
+
+    fns = {k: step(v) for k, v in bases.items()}
+    med = interleaved_medians(fns, repeats=5)
+    for k, base in bases.items():
+        nbytes = base.numel() * 2 if k == "bf16" else base.nbytes
+        benchmark.extra_info[f"{k}_ms"] = round(med[k] * 1e3, 2)
+        benchmark.extra_info[f"{k}_base_MiB"] = round(nbytes / 2 ** 20, 2)
+        benchmark.extra_info[f"{k}_vs_bf16"] = round(med[k] / med["bf16"], 2)
+    print({k: f"{v * 1e3:.1f} ms" for k, v in med.items()})
+    benchmark.pedantic(fns["nf4"], rounds=2, warmup_rounds=0)
