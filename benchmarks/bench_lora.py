@@ -138,7 +138,7 @@ def test_train_step_fused_mlp_vs_unfused(benchmark):
     """apply_lora(fuse_mlp=True) (gated MLPs as one LoRAMLP op) against fuse_mlp=False (three
     LoRALinear + torch SwiGLU): one fwd + bwd + AdamW step, bf16 base under bf16 autocast
     (as the fine-tune engine runs), and the bytes autograd keeps for backward in one forward.
-    Gates: the fused model keeps >= 15% fewer bytes, and its step is at most 1.15x slower
+    Gates: the fused model keeps >= 15% fewer bytes, and its step is at most 1.2x slower
     (on this CPU the fused op's win is memory; its time is about even, see RESULTS_lora.md)."""
     from benchmarks.bench_lora_mlp import saved_activation_bytes
     batch = torch.randint(0, 49152, (2, 256), generator=torch.Generator().manual_seed(0))
@@ -160,7 +160,7 @@ def test_train_step_fused_mlp_vs_unfused(benchmark):
           f"{saved['unfused'] / 2**20:.1f} MB")
     benchmark.pedantic(steps["fused"], rounds=1, warmup_rounds=0)
     assert saved["fused"] <= 0.85 * saved["unfused"], "the fused MLP does not cut saved bytes"
-    assert med["fused"] <= 1.15 * med["unfused"], "the fused MLP makes the step >1.15x slower"
+    assert med["fused"] <= 1.2 * med["unfused"], "the fused MLP makes the step >1.2x slower"
 
 
 def _autocast_bf16(fn):
