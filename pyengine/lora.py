@@ -82,7 +82,7 @@ def _fuse_mlps(model: nn.Module, backend: str | None) -> int:
     """Replace each gated MLP whose three projections are LoRALinear by a LoRAMLP sharing
     them; the MLP it replaces is kept on it (`unfused_mlp`) for merge_lora. MLPs that
     cannot fuse (bias, dropout, another activation, different scales) stay as they are."""
-    fused = 0
+    fused, unfused = 0, {}
     for path, mlp in list(model.named_modules()):
         if not all(isinstance(getattr(mlp, n, None), LoRALinear) for n in PROJECTIONS):
             continue
@@ -91,11 +91,14 @@ def _fuse_mlps(model: nn.Module, backend: str | None) -> int:
                 raise ValueError("no act_fn")
             new = LoRAMLP.from_lora_mlp(mlp, backend=backend)
         except (TypeError, ValueError) as e:
-            log.debug("apply_lora: %s (%s) stays unfused: %s", path, type(mlp).__name__, e)
+            unfused[path] = e
             continue
         object.__setattr__(new, "unfused_mlp", mlp)  # a plain attribute, not a submodule
         _replace(model, path, new)
         fused += 1
+    if unfused:
+        path, reason = next(iter(unfused.items()))
+        log.debug("apply_lora: %d gated MLPs stay unfused (e.g. %s: %s)", len(unfused), path, reason)
     return fused
 
 
