@@ -6,6 +6,11 @@
     model = merge_lora(model)       # plain nn.Linear layers again (fp32 merge)
     quantize_base(model, "nf4")     # QLoRA: frozen bases quantized (also apply_lora(quant=))
 
+Llama-family gated MLPs (gate_proj / up_proj / down_proj all adapted, SiLU, no bias, no
+LoRA dropout) then run as one fused op (pyengine.nn.LoRAMLP, `fuse_mlp=True`); the
+LoRALinear modules stay where they were inside it, so parameter names, adapter files and
+the trainable count are the same fused or not.
+
 File format (PEFT's): tensors `base_model.model.<module path>.lora_A.weight` [r, in] and
 `.lora_B.weight` [out, r]; the config lists the adapted modules by full path so PEFT
 adapts exactly those.  "all-linear" takes every nn.Linear except the output head
@@ -25,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pyengine.nn.lora import LoRALinear, lora_scaling
+from pyengine.nn.lora_mlp import PROJECTIONS, LoRAMLP
 from pyengine.quant import FORMATS, format_spec
 
 log = logging.getLogger("pyengine")
@@ -64,12 +70,41 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def fused_mlps(model: nn.Module) -> list[LoRAMLP]:
+    """The LoRAMLP modules apply_lora put in (their LoRALinear stay in lora_modules)."""
+    return [m for m in model.modules() if isinstance(m, LoRAMLP) and hasattr(m, "unfused_mlp")]
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def _adapt(model, targets, ranks, alphas, dropout, rslora, backend):
+def _fuse_mlps(model: nn.Module, backend: str | None) -> int:
+    """Replace each gated MLP whose three projections are LoRALinear by a LoRAMLP sharing
+    them; the MLP it replaces is kept on it (`unfused_mlp`) for merge_lora. MLPs that
+    cannot fuse (bias, dropout, another activation, different scales) stay as they are."""
+    fused, unfused = 0, {}
+    for path, mlp in list(model.named_modules()):
+        if not all(isinstance(getattr(mlp, n, None), LoRALinear) for n in PROJECTIONS):
+            continue
+        try:
+            if getattr(mlp, "act_fn", None) is None:
+                raise ValueError("no act_fn")
+            new = LoRAMLP.from_lora_mlp(mlp, backend=backend)
+        except (TypeError, ValueError) as e:
+            unfused[path] = e
+            continue
+        object.__setattr__(new, "unfused_mlp", mlp)  # a plain attribute, not a submodule
+        _replace(model, path, new)
+        fused += 1
+    if unfused:
+        path, reason = next(iter(unfused.items()))
+        log.debug("apply_lora: %d gated MLPs stay unfused (e.g. %s: %s)", len(unfused), path, reason)
+    return fused
+
+
+def _adapt(model, targets, ranks, alphas, dropout, rslora, backend, fuse_mlp):
     if not targets:
         raise ValueError("apply_lora: no nn.Linear module matches target_modules")
     for p in model.parameters():
@@ -77,23 +112,27 @@ def _adapt(model, targets, ranks, alphas, dropout, rslora, backend):
     for path in targets:
         _replace(model, path, LoRALinear(model.get_submodule(path), ranks[path], alphas[path],
                                          dropout, rslora, backend))
+    fused = _fuse_mlps(model, backend) if fuse_mlp else 0
     trainable, total = _count(model)
     model.lora_trainable_params = trainable
-    log.info("apply_lora: %d modules adapted; trainable params: %d of %d (%.3f%%)",
-             len(targets), trainable, total, 100.0 * trainable / max(total, 1))
+    log.info("apply_lora: %d modules adapted (%d gated MLPs fused); trainable params: %d of "
+             "%d (%.3f%%)", len(targets), fused, trainable, total, 100.0 * trainable / max(total, 1))
     return model
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
                target_modules="all-linear", rslora: bool = False,
-               backend: str | None = None, quant: str | None = None) -> nn.Module:
+               backend: str | None = None, quant: str | None = None,
+               fuse_mlp: bool = True) -> nn.Module:
     """Replace the targeted nn.Linear modules by LoRALinear (in place; returns the model).
     Everything else is frozen; `model.lora_trainable_params` holds the trainable count.
     target_modules: "all-linear", a list of module names / path suffixes, or a regex.
-    quant: "nf4" | "q4_0" | "q8_0" quantizes the frozen bases (QLoRA, see quantize_base)."""
+    quant: "nf4" | "q4_0" | "q8_0" quantizes the frozen bases (QLoRA, see quantize_base).
+    fuse_mlp: run fully adapted Llama-family gated MLPs as one LoRAMLP op (not with quant:
+    the fused op takes dense bases)."""
     targets = _select_targets(model, target_modules)
     _adapt(model, targets, dict.fromkeys(targets, r), dict.fromkeys(targets, alpha),
-           dropout, rslora, backend)
+           dropout, rslora, backend, fuse_mlp and quant is None)
     return model if quant is None else quantize_base(model, quant)
 
 
@@ -104,6 +143,7 @@ def quantize_base(model: nn.Module, fmt: str) -> nn.Module:
     if fmt not in FORMATS:
         raise ValueError(f"quantize_base: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     block = format_spec(fmt).block
+    _unfuse(model)  # the fused MLP op takes dense bases
     done = 0
     for path, m in lora_modules(model).items():
         if m.quant_fmt is not None:
@@ -189,10 +229,10 @@ def _split_keys(tensors: dict, weights: Path):
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
-                 backend: str | None = None) -> nn.Module:
+                 backend: str | None = None, fuse_mlp: bool = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter (made by save_adapter or by PEFT) into `model`.
-    A model without LoRA modules gets them (rank / alpha from the config); a model that
-    has them must match the file exactly: every module, every shape."""
+    A model without LoRA modules gets them (rank / alpha from the config; fuse_mlp as in
+    apply_lora); a model that has them must match the file exactly: every module, every shape."""
     directory = Path(directory)
     cfg, tensors = _read_adapter(directory)
     weights = directory / WEIGHTS_NAME
@@ -216,7 +256,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
         ranks = {p: _pattern_value(p, cfg.get("rank_pattern"), cfg["r"]) for p in paths}
         alphas = {p: _pattern_value(p, cfg.get("alpha_pattern"), cfg["lora_alpha"]) for p in paths}
         _adapt(model, paths, ranks, alphas, float(cfg.get("lora_dropout", 0.0)),
-               bool(cfg.get("use_rslora", False)), backend)
+               bool(cfg.get("use_rslora", False)), backend, fuse_mlp)
         modules = lora_modules(model)
     unexpected = sorted(set(lora_keys) - set(modules))
     if unexpected:
@@ -254,7 +294,16 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (fp32 merge) and put plain nn.Linear back."""
+    """Fold every adapter into its base weight (fp32 merge) and put plain nn.Linear back
+    (fused MLPs become the model's own MLP modules again)."""
+    _unfuse(model)
     for path, m in lora_modules(model).items():
         _replace(model, path, m.merged())
     return model
+
+
+def _unfuse(model: nn.Module) -> None:
+    """Fused MLPs back to the model's own MLP modules (holding the same LoRALinear)."""
+    for path, m in list(model.named_modules()):
+        if isinstance(m, LoRAMLP) and hasattr(m, "unfused_mlp"):
+            _replace(model, path, m.unfused_mlp)

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from pyengine.nn.lora import LoRALinear
 from pyengine.ops.lora_mlp import lora_mlp
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -55,8 +56,9 @@ def _is_silu(act) -> bool:
 class LoRAMLP(nn.Module):
     """y = down(silu(gate(x)) * up(x)), each projection W + scale * B @ A (B @ A never formed)."""
 
-    def __init__(self, gate_proj: LoRAProjectionWeights, up_proj: LoRAProjectionWeights,
-                 down_proj: LoRAProjectionWeights, scale: float, backend: str | None = None,
+    def __init__(self, gate_proj: LoRAProjectionWeights | LoRALinear,
+                 up_proj: LoRAProjectionWeights | LoRALinear,
+                 down_proj: LoRAProjectionWeights | LoRALinear, scale: float, backend: str | None = None,
                  recompute_projections: bool = False):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
@@ -97,19 +99,27 @@ class LoRAMLP(nn.Module):
         """Take over an MLP whose projections are already LoRA-wrapped, sharing (not
         copying) their parameters, so training either module trains both.  Accepted
         wrappers: PEFT's lora.Linear (lora_A / lora_B ModuleDicts keyed by adapter name,
-        `scaling[adapter_name]`, dropout must be Identity) and any module exposing
-        `base_layer`, `lora_A`, `lora_B` (nn.Linear) and a float `scale` or `scaling`."""
+        `scaling[adapter_name]`, dropout must be Identity), any module exposing
+        `base_layer`, `lora_A`, `lora_B` (nn.Linear) and a float `scale` or `scaling`, and
+        pyengine's LoRALinear (frozen `weight` of its own, no bias, dropout 0), which is kept
+        as the projection itself so the state-dict keys do not change."""
         _check_mlp(mlp, "from_lora_mlp")
         projs, scales = [], []
         for name in PROJECTIONS:
             wrapped = getattr(mlp, name)
             lora_a, lora_b, scale = _lora_parts(wrapped, adapter_name, name)
+            scales.append(scale)
+            if isinstance(wrapped, LoRALinear):
+                if wrapped.bias is not None or wrapped.dropout != 0:
+                    raise ValueError(f"LoRAMLP.from_lora_mlp: {name} has a bias or LoRA "
+                                     f"dropout {wrapped.dropout}; not supported")
+                projs.append(wrapped)
+                continue
             base = wrapped.base_layer
             if not isinstance(base, nn.Linear) or base.bias is not None:
                 raise TypeError(f"LoRAMLP.from_lora_mlp: {name}.base_layer must be nn.Linear "
                                 f"without bias, got {base}")
             projs.append(LoRAProjectionWeights(base, lora_a, lora_b))
-            scales.append(scale)
         if len(set(scales)) != 1:
             raise ValueError(f"LoRAMLP.from_lora_mlp: gate/up/down scales differ {scales}; "
                              "one scale is required")
@@ -118,7 +128,8 @@ class LoRAMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = []
         for p in (self.gate_proj, self.up_proj, self.down_proj):
-            tensors += [p.base_layer.weight, p.lora_A.weight, p.lora_B.weight]
+            base = p.weight if isinstance(p, LoRALinear) else p.base_layer.weight
+            tensors += [base, p.lora_A.weight, p.lora_B.weight]
         return lora_mlp(x, *tensors, self.scale, backend=self.backend,
                         recompute_projections=self.recompute_projections)
 
@@ -139,7 +150,8 @@ def _check_mlp(mlp, where):
 def _lora_parts(wrapped, adapter_name, name):
     """(lora_A Linear, lora_B Linear, scale) of a LoRA-wrapped projection."""
     lora_a, lora_b = getattr(wrapped, "lora_A", None), getattr(wrapped, "lora_B", None)
-    if lora_a is None or lora_b is None or not hasattr(wrapped, "base_layer"):
+    has_base = hasattr(wrapped, "base_layer") or isinstance(wrapped, LoRALinear)
+    if lora_a is None or lora_b is None or not has_base:
         raise TypeError(f"LoRAMLP.from_lora_mlp: {name} ({type(wrapped).__name__}) is not "
                         "LoRA-wrapped (needs base_layer, lora_A, lora_B)")
     if isinstance(lora_a, nn.ModuleDict):  # PEFT: one entry per adapter name
