@@ -143,3 +143,19 @@ def test_opcheck_low_rank_term_alone():
     a = torch.randn(4, 24, generator=g).requires_grad_()
     b = torch.randn(18, 4, generator=g).requires_grad_()
     torch.library.opcheck(_lora_fwd, (x, None, a, b, None, None, 0.5, 1.0, "cpu"))
+
+
+def test_quantize_base_unfuses_fused_llama_mlps():
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers import LlamaConfig
+    from pyengine.lora import fused_mlps
+    torch.manual_seed(0)
+    mlp = nn.Module()
+    mlp.mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=128))
+    apply_lora(mlp, r=4)
+    assert len(fused_mlps(mlp)) == 1
+    x = torch.randn(3, 64)
+    dense = mlp.mlp(x).detach()
+    quantize_base(mlp, "q8_0")
+    assert fused_mlps(mlp) == [] and all(m.quant_fmt == "q8_0" for m in lora_modules(mlp).values())
+    assert rel_err(mlp.mlp(x).detach(), dense) < 3e-2
