@@ -321,22 +321,21 @@ class LlamaDecoder:
         x = F.embedding(tokens, self.embed)
         for layer, kv in zip(self.layers, self.kv_cache):
             qkv = layer.qkv(F.rms_norm(x, hidden, layer.attn_norm, eps))
-            qk = qkv[:, :qk_width]
+            # rotate q and k in place inside qkv, then write k and v to the cache in one copy
+            qk = qkv[:, :qk_width].view(T, nh + nkv, hd // 2, 2)
             if rope_in_fp32:
-                qk = qk.float()
-            qk = torch.view_as_real(torch.view_as_complex(qk.view(T, nh + nkv, hd // 2, 2)) * rope)
-            qk = qk.view(T, nh + nkv, hd)
-            if rope_in_fp32:
-                qk = qk.to(self.dtype)
-            kv[0, :, start:end].copy_(qk[:, nh:].transpose(0, 1))
-            kv[1, :, start:end].copy_(qkv[:, qk_width:].view(T, nkv, hd).transpose(0, 1))
-            keys, values = kv[0, :, :end], kv[1, :, :end]
-            if T == 1:  # the query heads of a kv group become that group's query rows
-                attn = F.scaled_dot_product_attention(qk[:, :nh].view(1, nkv, groups, hd), keys[None], values[None])
+                qk.copy_(torch.view_as_real(torch.view_as_complex(qk.float()) * rope))
             else:
-                attn = F.scaled_dot_product_attention(
-                    qk[:, :nh].transpose(0, 1)[None], keys[None], values[None], attn_mask=mask,
-                    is_causal=causal, enable_gqa=groups > 1)[0].transpose(0, 1)
+                torch.view_as_complex(qk).mul_(rope)
+            kv[:, :, start:end].copy_(qkv[:, q_width:].view(T, 2, nkv, hd).permute(1, 2, 0, 3))
+            keys, values = kv[:, None, :, :end]  # [1, kv_heads, end, head_dim] each
+            if T == 1:  # the query heads of a kv group become that group's query rows
+                q = qkv[:, :q_width].view(1, nkv, groups, hd)
+                attn = F.scaled_dot_product_attention(q, keys, values)
+            else:
+                q = qkv[:, :q_width].view(T, nh, hd).transpose(0, 1)[None]
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                                      enable_gqa=groups > 1)[0].transpose(0, 1)
             x = x + layer.o(attn.reshape(T, q_width))
             gate_up = layer.gate_up(F.rms_norm(x, hidden, layer.mlp_norm, eps))
             gate, up = gate_up.chunk(2, dim=-1)
