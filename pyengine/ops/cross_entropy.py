@@ -31,7 +31,7 @@ OP = "fused_linear_cross_entropy"
 register_op(OP, ("ref", "cpu", "triton"))
 REDUCTIONS = ("mean", "sum", "none")
 # Logits chunk budget: big chunks keep the GEMMs efficient (96 MB measured 1.2x faster than
-# 32 MB, fp32 N=2048 V=49152), capped at 1/6 of the fp32 [N, V] logits so the op's extra
+# 32 MB, fp32 N=2048 V=49152); in fp32 capped at 1/6 of the [N, V] logits so the op's extra
 # memory stays under ~10% of what eager PyTorch holds (logits + their gradient).
 CHUNK_BYTES = 96 << 20
 CHUNK_FRACTION = 6
@@ -99,7 +99,11 @@ ROW_KERNELS = {"cpu": _cpu_rows, "triton": _triton_rows}
 
 
 def _chunk_rows(n, vocab, itemsize):
-    budget = min(CHUNK_BYTES, n * vocab * 4 // CHUNK_FRACTION)
+    """Rows per chunk.  The memory cap applies to fp32; in bf16/fp16 the fp32 grad_W
+    accumulator dominates the extra memory anyway, and the full budget measured 1.1x faster."""
+    budget = CHUNK_BYTES
+    if itemsize >= 4:
+        budget = min(budget, n * vocab * 4 // CHUNK_FRACTION)
     return max(1, min(n, budget // (vocab * itemsize)))
 
 
