@@ -19,7 +19,6 @@ time <= torch bf16 F.linear.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,18 +54,9 @@ def thread_time_medians(fns, repeats, warmup=1):
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        times = {name: [] for name in fns}
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.thread_time()
-                fn()
-                times[name].append(time.thread_time() - t0)
+        return interleaved_medians(fns, repeats, warmup, clock=time.thread_time)
     finally:
         torch.set_num_threads(prev)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Rotating:
