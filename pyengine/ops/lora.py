@@ -112,12 +112,10 @@ def _composed_lowrank_add(down, up_add):
 
 _torch_lowrank_add = _composed_lowrank_add(_torch_down, _torch_up_add)
 
-# The C++ skinny kernels run on the calling thread only.  They always follow a torch GEMM,
-# after which torch's OpenMP workers keep spinning for a while; a second pool thread then
-# competes with them for the core.  Measured in the op on this 2-core machine (bf16,
-# fwd+bwd): 1 thread was as fast or faster than 2 at both benchmark shapes, with and
-# without OMP_WAIT_POLICY=PASSIVE (benchmarks/RESULTS_lora.md).
-THREADS = 1
+# Thread count of the C++ skinny kernels: torch's.  (They used to run on the calling thread
+# only: with the old pool the caller waited for a worker still competing with torch's
+# spinning OpenMP threads.  Since parallel_for claims tasks dynamically, 2 threads measured
+# 3-5% faster than 1 in the op, fwd+bwd at 2048x2048 r16, fp32 and bf16.)
 
 
 def _cpu_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
@@ -128,7 +126,7 @@ def _cpu_lowrank_add(x, w_down, x_mask, keep, out, w_up, alpha, out_mask):
         x.data_ptr(), _ext.dtype_code(x), x.shape[0], x.shape[1], w_down.data_ptr(),
         w_down.shape[0], _ext.ptr(x_mask), keep, u.data_ptr(), _ext.ptr(out),
         _ext.dtype_code(x if out is None else out), 0 if out is None else out.shape[1],
-        _ext.ptr(w_up), alpha, _ext.ptr(out_mask), THREADS)
+        _ext.ptr(w_up), alpha, _ext.ptr(out_mask), _ext.num_threads())
     return u
 
 
@@ -143,7 +141,7 @@ def _cpu_outer2(x1, u1, mask1, alpha1, x2, u2, alpha2):
         x1.data_ptr(), _ext.dtype_code(x1), x1.shape[1], u1.data_ptr(), _ext.ptr(mask1), alpha1,
         g1.data_ptr(), _ext.ptr(x2), _ext.dtype_code(x1 if x2 is None else x2),
         0 if x2 is None else x2.shape[1], _ext.ptr(u2), alpha2, _ext.ptr(g2), x1.shape[0],
-        u1.shape[1], THREADS)
+        u1.shape[1], _ext.num_threads())
     return g1, g2
 
 
