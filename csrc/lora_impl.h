@@ -11,6 +11,7 @@
 
 #include "common.h"
 #include "lora.h"
+#include "lowrank_tiles.h"  // F32 / BF16 element access
 
 namespace pyengine {
 namespace PYENGINE_ISA_NS {
@@ -18,17 +19,6 @@ namespace {
 
 constexpr int kRows = 4;   // rows of x / out per block
 constexpr int kCols = 64;  // columns per register block
-
-struct F32 {
-  using T = float;
-  static float load(const float* p, int64_t j) { return p[j]; }
-  static void store(float* p, int64_t j, float v) { p[j] = v; }
-};
-struct BF16 {
-  using T = uint16_t;
-  static float load(const uint16_t* p, int64_t j) { return bf16_to_f32(p[j]); }
-  static void store(uint16_t* p, int64_t j, float v) { p[j] = f32_to_bf16(v); }
-};
 
 // Row i of x as fp32 (times the keep-mask) into dst[0, len).
 template <typename D>

@@ -1,5 +1,5 @@
 // Inner loops shared by the kernels that fuse skinny low-rank products into row passes
-// (swiglu_impl.h, lowrank_rows_impl.h).  Included by *_impl.h inside each ISA build:
+// (swiglu_impl.h, lowrank_rows_impl.h; lora_impl.h uses the element access).  Included by *_impl.h inside each ISA build:
 // PYENGINE_ISA_NS must be defined, and every function is static inline in that namespace.
 // Element access per DType (load to fp32, store rounded) and the tile loops: all tile
 // operands fp32; `mat` rows are contiguous with leading dimension ld; loops are `omp simd`

@@ -12,6 +12,7 @@ from safetensors.torch import load_file  # noqa: E402
 from pyengine.lora import (apply_lora, fused_mlps, load_adapter, lora_modules,  # noqa: E402
                            merge_lora, save_adapter)
 from pyengine.nn import LoRALinear, LoRAMLP  # noqa: E402
+from tests.test_lora_peft import ids, logits, randomize_adapters  # noqa: E402
 
 ATOL = 1e-5
 CONFIG = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -28,22 +29,6 @@ def base_dir(tmp_path_factory):
 
 def load(d):
     return transformers.LlamaForCausalLM.from_pretrained(d).eval()
-
-
-def ids():
-    return torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(3))
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(input_ids=ids()).logits
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def adapted(base_dir, fuse_mlp, **kw):

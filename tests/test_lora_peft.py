@@ -55,9 +55,9 @@ def logits(model):
 def randomize_adapters(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        # by name, so fused and unfused models of the same weights get the same adapters
+        for _, p in sorted((n, p) for n, p in model.named_parameters() if p.requires_grad):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def peft_targets(peft_model):

@@ -152,6 +152,13 @@ def _empty(like):
     return like.new_empty(0)
 
 
+def _grad_outputs(gh, gw, gb, hidden, weight, bias):
+    """Op outputs for the grads: in the parameters' dtypes, empty when not computed."""
+    return (gh if gh is not None else _empty(hidden),
+            gw.to(weight.dtype) if gw is not None else _empty(weight),
+            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+
+
 def _check_target_range(target, vocab, ignore_index):
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bool(bad.any()):
@@ -183,10 +190,7 @@ def _flce(hidden: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor]
                                 row_scale=None, scale=scale,
                                 need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
     loss = loss if reduction == "none" else loss.sum() * (scale if reduction == "mean" else 1.0)
-    return (loss,
-            gh if gh is not None else _empty(hidden),
-            gw.to(weight.dtype) if gw is not None else _empty(weight),
-            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+    return (loss, *_grad_outputs(gh, gw, gb, hidden, weight, bias))
 
 
 @_flce.register_fake
@@ -212,9 +216,7 @@ def _flce_backward(grad_loss: Tensor, hidden: Tensor, weight: Tensor, target: Te
                              _opts(ignore_index, label_smoothing, z_loss, softcap),
                              row_scale=grad_loss.float().contiguous(), scale=1.0,  # C++ takes fp32
                              need_gh=need_gh, need_gw=need_gw, need_gb=need_gb)
-    return (gh if gh is not None else _empty(hidden),
-            gw.to(weight.dtype) if gw is not None else _empty(weight),
-            gb.to(bias.dtype) if gb is not None else _empty(hidden))
+    return _grad_outputs(gh, gw, gb, hidden, weight, bias)
 
 
 @_flce_backward.register_fake
