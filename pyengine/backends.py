@@ -2,8 +2,9 @@
 
 Backends: "ref" (plain PyTorch, always there), "cpu" (the C++ extension, CPU tensors),
 "triton" (pyengine.kernels; GPU tensors, or CPU tensors under TRITON_INTERPRET=1).
-An explicit request that cannot be met raises; the automatic choice falls back with one
-debug log line.  Triton is only imported when a triton backend actually runs.
+An explicit request that cannot be met raises BackendUnavailable (a ValueError, so the
+CLIs report it as a usage error); the automatic choice falls back with one debug log line.
+Triton is only imported when a triton backend actually runs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ log = logging.getLogger("pyengine")
 BACKENDS = ("ref", "cpu", "triton")
 _OPS: dict[str, tuple[str, ...]] = {}  # op name -> backends it implements
 _logged: set[tuple[str, str]] = set()
+
+
+class BackendUnavailable(ValueError):
+    """A backend was requested (argument or PYENGINE_BACKEND) that cannot run here."""
 
 
 def register_op(name: str, implemented: tuple[str, ...]) -> None:
@@ -38,15 +43,18 @@ def _why_not(backend: str, device: torch.device | None) -> str | None:
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if device is not None and device.type == "cpu" and not interpret:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        if device is None and not torch.cuda.is_available():
+            return "no GPU (torch.cuda.is_available() is False; TRITON_INTERPRET=1 runs on CPU)"
+        if device is not None and device.type == "cpu":
             return "triton needs a GPU tensor (or TRITON_INTERPRET=1 for CPU tensors)"
         return None
     return f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})"
 
 
 def backends() -> dict[str, dict[str, str]]:
-    """Per op, per backend: "available" or why not (for the machine, any device)."""
+    """Per op, per backend: "available" or why not on this machine."""
     report = {}
     for op, implemented in sorted(_OPS.items()):
         report[op] = {}
@@ -63,12 +71,14 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     implemented = _OPS[op]
     requested = backend or os.environ.get("PYENGINE_BACKEND") or None
     if requested:
+        where = "backend=" if backend else "PYENGINE_BACKEND="
         if requested not in implemented:
-            raise ValueError(f"{op}: backend '{requested}' is not implemented "
-                             f"(this op has: {', '.join(implemented)})")
+            raise BackendUnavailable(f"{op}: {where}{requested!r} is not implemented "
+                                     f"(this op has: {', '.join(implemented)})")
         reason = _why_not(requested, device)
         if reason:
-            raise RuntimeError(f"{op}: backend '{requested}' requested but unavailable: {reason}")
+            raise BackendUnavailable(f"{op}: {where}{requested!r} requested but unavailable: "
+                                     f"{reason}")
         return requested
     order = ("triton", "ref") if device.type != "cpu" else ("cpu", "ref")
     for b in order:
