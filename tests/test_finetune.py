@@ -316,5 +316,5 @@ def test_quant_config(llama, text_data, tmp_path):
     assert from_argv(["--model", llama, "--data", text_data[0], "--quant", "q4_0"]).quant == "q4_0"
     with pytest.raises(ValueError, match="quant nf4 needs method lora"):
         build_config(dict(model=llama, data=text_data[0], method="full", quant="nf4"))
-    with pytest.raises(ValueError, match="quant must be one of"):
+    with pytest.raises(ValueError, match="quant = 'int3': Input should be 'none', 'nf4', 'q4_0' or 'q8_0'"):
         build_config(dict(model=llama, data=text_data[0], quant="int3"))
