@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 
@@ -65,8 +67,12 @@ def peft_model(base_dir, adapter_dir, auto):
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
-    r = run(causal(llama, text_data, tmp_path / "out", max_steps=12))
+    r = run(causal(llama, text_data, tmp_path / "out", max_steps=12, log_every=5))
     first, last = sum(r["losses"][:3]) / 3, sum(r["losses"][-3:]) / 3
     assert last < first - 0.2, r["losses"]
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
@@ -75,33 +81,91 @@ def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "eval.json", "loss.png"):
         assert (out / name).is_file(), name
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
-    assert all(m["tokens_per_s"] > 0 and m["lr"] >= 0 and math.isfinite(m["loss"]) for m in metrics)
+    metrics = metrics_of(out)
+    assert [m["step"] for m in metrics] == [5, 10, 12]
+    losses = r["losses"]
+    assert [m["loss"] for m in metrics] == [sum(losses[0:5]) / 5, sum(losses[5:10]) / 5,
+                                            sum(losses[10:12]) / 2]
+    assert [m["epoch"] for m in metrics] == [5 / 12, 10 / 12, 1.0]  # 48 rows, batch 4
+    assert set(metrics[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens"}
+    assert metrics[-1]["tokens"] == r["tokens_seen"]
+    assert all(m["grad_norm"] > 0 and m["lr"] > 0 for m in metrics)
+    assert T.latest_checkpoint(out).name == "checkpoint-0000012"  # the final checkpoint
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
     assert from_argv(["--config", str(out / "config.yaml")]).to_dict() == \
-        build_config(causal(llama, text_data, out, max_steps=12)).to_dict()  # reusable as-is
+        build_config(causal(llama, text_data, out, max_steps=12, log_every=5)).to_dict()
     assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
 
 
+def run_files(out):
+    return {name: (out / name).read_bytes() for name in ("metrics.jsonl", "adapter_model.safetensors")}
+
+
+def interrupt_in_step(monkeypatch, step, how, grad_accum=2):
+    """A forward hook on a LoRA module that, in training mode, cuts into the second
+    micro-batch of `step` (0-based) after dropout has drawn its mask."""
+    from pyengine.lora import lora_modules
+    prepare, calls = T.Run.prepare_model, []
+
+    def hook(module, args, output):
+        if module.training:
+            calls.append(1)
+            if len(calls) == step * grad_accum + 2:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise KeyboardInterrupt
+
+    def with_hook(self):
+        prepare(self)
+        next(iter(lora_modules(self.model).values())).register_forward_hook(hook)
+    monkeypatch.setattr(T.Run, "prepare_model", with_hook)
+
+
+@pytest.mark.parametrize("how", ["raise", "sigterm"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_after_ctrl_c_repeats_the_losses(llama, text_data, tmp_path, monkeypatch, dtype):
-    kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=6)
-    full = run(causal(llama, text_data, tmp_path / "full", **kw))["losses"]
-
-    real_step = T.Run.train_step
-
-    def interrupted(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-    monkeypatch.setattr(T.Run, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(causal(llama, text_data, tmp_path / "split", **kw))
-    assert T.latest_checkpoint(tmp_path / "split").name == "checkpoint-0000004"
-    monkeypatch.setattr(T.Run, "train_step", real_step)
+def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch, dtype, how):
+    """Cut in deep in step 5 (dropout masks drawn, half the window accumulated); the
+    resumed run repeats the losses, metrics.jsonl and adapter bytes of an uninterrupted
+    run, although the checkpoint step (4 or 5) is not a multiple of log_every."""
+    kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=7, log_every=3)
+    full = run(causal(llama, text_data, tmp_path / "full", **kw))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        interrupt_in_step(m, 4, how)
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run(causal(llama, text_data, tmp_path / "split", **kw))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    want_step = 4 if how == "raise" else 5  # SIGTERM lets the step finish
+    assert T.latest_checkpoint(tmp_path / "split").name == f"checkpoint-{want_step:07d}"
+    if how == "sigterm":
+        assert stopped.value.signum == signal.SIGTERM
     resumed = run(causal(llama, text_data, tmp_path / "split", resume=True, **kw))
-    assert resumed["losses"] == full  # bit for bit, steps 1-4 from the checkpoint
+    assert resumed["losses"] == full["losses"]  # bit for bit
+    assert run_files(tmp_path / "split") == run_files(tmp_path / "full")
+
+
+def test_finished_run_is_extended_by_resume(llama, text_data, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    first = run(causal(llama, text_data, out, max_steps=4))
+    steps_run = []
+    accumulate = T.Run.accumulate
+    monkeypatch.setattr(T.Run, "accumulate", lambda self, step: steps_run.append(step) or
+                        accumulate(self, step))
+    more = run(causal(llama, text_data, out, max_steps=6, resume=True))
+    assert steps_run == [4, 5] and more["losses"][:4] == first["losses"] and more["steps"] == 6
+    assert [m["step"] for m in metrics_of(out)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_same_command_same_bits_on_two_threads(llama, text_data, tmp_path, dtype):
+    """LoRA on every linear incl. the fused MLP; 2 threads; two runs, identical bits."""
+    torch.set_num_threads(2)
+    kw = dict(dtype=dtype, max_steps=12, grad_accum=2, eval_data=None)
+    a = run(causal(llama, text_data, tmp_path / "a", **kw))
+    b = run(causal(llama, text_data, tmp_path / "b", **kw))
+    assert a["losses"] == b["losses"]
+    assert run_files(tmp_path / "a") == run_files(tmp_path / "b")
 
 
 def test_killed_while_saving_leaves_previous_checkpoint(llama, text_data, tmp_path, monkeypatch):
@@ -123,6 +187,8 @@ def test_killed_while_saving_leaves_previous_checkpoint(llama, text_data, tmp_pa
     resumed = run(causal(llama, text_data, out, resume=True, **kw))
     assert resumed["losses"] == full
     assert not list(out.glob(".tmp-*"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000004",
+                                                                "checkpoint-0000006"]
 
 
 def test_adapter_loads_in_peft_and_merge_equals_base_plus_adapter(llama, text_data, tmp_path):
