@@ -479,8 +479,8 @@ def test_output_never_overlaps_the_inputs(llama, tmp_path, where):
     import shutil
     model = tmp_path / "models" / "llama"
     shutil.copytree(llama, model)
-    data = write_jsonl(tmp_path / "data" / "train.jsonl" if (tmp_path / "data").mkdir() is None
-                       else None, [{"text": "a b c"}] * 4)
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "a b c"}] * 4)
     out = {"model": model, "inside model": model / "ft", "parent of model": tmp_path / "models",
            "parent of data": tmp_path / "data"}[where]
     before = snapshot(tmp_path)

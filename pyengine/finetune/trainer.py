@@ -82,6 +82,7 @@ class Run:
         self.eval = (D.Dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_seq_len,
                                self.labels, index_labels=index_labels)
                      if cfg.eval_data else None)
+        self.data_sha256 = file_sha256(cfg.data)
         self.checkpoint = None  # the one to resume from
         if cfg.resume:
             path = latest_checkpoint(self.out)
@@ -148,7 +149,7 @@ class Run:
         for key in ("model", "data", "eval_data"):
             if cfg[key] is not None:
                 cfg[key] = str(Path(cfg[key]).resolve())
-        cfg["data_sha256"] = file_sha256(self.cfg.data)
+        cfg["data_sha256"] = self.data_sha256
         return cfg
 
     # ------------------------------------------------------------------ data
@@ -452,8 +453,7 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 
 def file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def check_output(cfg: FinetuneConfig):
