@@ -146,6 +146,28 @@ def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch
     assert run_files(tmp_path / "split") == run_files(tmp_path / "full")
 
 
+def test_second_ctrl_c_aborts_without_a_checkpoint(llama, text_data, tmp_path, monkeypatch):
+    from pyengine.lora import lora_modules
+    prepare = T.Run.prepare_model
+
+    def with_hook(self):
+        prepare(self)
+        next(iter(lora_modules(self.model).values())).register_forward_hook(
+            lambda *_: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+    monkeypatch.setattr(T.Run, "prepare_model", with_hook)
+    with pytest.raises(KeyboardInterrupt) as aborted:
+        run(causal(llama, text_data, tmp_path / "o", eval_data=None))
+    assert not isinstance(aborted.value, T.Interrupted)
+    assert T.latest_checkpoint(tmp_path / "o") is None
+
+
+def test_one_target_module_name_adapts_that_module(llama, text_data, tmp_path):
+    from pyengine.lora import lora_modules
+    r = T.Run(build_config(causal(llama, text_data, tmp_path / "o", target_modules="q_proj")))
+    assert sorted(lora_modules(r.model)) == ["model.layers.0.self_attn.q_proj",
+                                             "model.layers.1.self_attn.q_proj"]
+
+
 def test_finished_run_is_extended_by_resume(llama, text_data, tmp_path, monkeypatch):
     out = tmp_path / "o"
     first = run(causal(llama, text_data, out, max_steps=4))
