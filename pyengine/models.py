@@ -30,6 +30,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def check_backends() -> None:
     """Resolve every op's backend for CPU tensors now, so that e.g. PYENGINE_BACKEND=triton
     without a GPU is a clear error before a run writes anything."""
@@ -63,7 +68,7 @@ def load_tokenizer(path: str):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"model directory {path}: cannot load the tokenizer: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
@@ -76,7 +81,7 @@ def _check_task(path: str, task: str):
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}/config.json: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}/config.json: {first_line(e)}") from None
     if task == "causal-lm" and (config.is_encoder_decoder
                                 or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
         raise ValueError(f"model {path} is an encoder ({config.model_type}): task causal-lm "
@@ -111,7 +116,7 @@ def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int
         model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise ValueError(f"model directory {path}: cannot load the model: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{first_line(e)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     if pad_token_id is not None and model.config.pad_token_id is None:

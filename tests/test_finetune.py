@@ -535,6 +535,11 @@ def broken_model(kind, llama, tmp_path):
     return str(d)
 
 
+def bytes_file(path, content: bytes) -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
 CLI_ERRORS = {  # name: (argv given the fixtures, message regex)
     "corrupt weights": (lambda f: ["--model", broken_model("corrupt", f.llama, f.tmp)],
                         r"model directory .*model-corrupt: cannot load the model: .*header"),
@@ -552,6 +557,10 @@ CLI_ERRORS = {  # name: (argv given the fixtures, message regex)
                    write_jsonl(f.tmp / "int.jsonl", [{"text": "a", "label": 1},
                                                      {"text": "b", "label": 2}])],
         r".*int.jsonl:2: label 2 is not an index into the class names \['neg', 'pos'\]"),
+    "invalid utf-8": (lambda f: ["--data", bytes_file(f.tmp / "latin1.jsonl", b'{"text": "caf\xe9"}\n')],
+                      r".*latin1.jsonl:1: not valid UTF-8 at byte 14 of the line \(0xe9\)"),
+    "malformed json": (lambda f: ["--data", bytes_file(f.tmp / "bad.jsonl", b'{"text": "a"}\n{"text" "b"}\n')],
+                       r".*bad.jsonl:2: malformed JSON: Expecting ':' delimiter \(column 9\)"),
     "gpt2 conv1d": (lambda f: ["--model", tiny_gpt2(f.tmp / "gpt2")],
                     r"architecture not supported: Conv1D layers \(gpt2: transformer.h.0.attn.c_attn"),
     "fractional batch size": (lambda f: ["--batch-size", "4.9"],
@@ -582,8 +591,8 @@ def test_cli_error_for_a_backend_that_cannot_run(llama, text_data, tmp_path, cap
     out = tmp_path / "out"
     assert main(["--model", llama, "--data", text_data[0], "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert re.match(r"error: \S+: backend 'triton' requested but unavailable: triton needs a GPU",
-                    err), err
+    assert re.match(r"error: .*backend 'triton'", err.splitlines()[-1]), err
+    assert "Traceback" not in err
     assert not out.exists()
 
 

@@ -442,7 +442,7 @@ def read_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path / "state.pt", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
         raise ValueError(f"{path / 'state.pt'}: not a pyengine checkpoint: "
-                         f"{str(e).splitlines()[0]}") from None
+                         f"{M.first_line(e)}") from None
     return dict(ckpt, path=path)
 
 
