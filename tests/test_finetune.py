@@ -91,6 +91,8 @@ def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
     assert set(metrics[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens"}
     assert metrics[-1]["tokens"] == r["tokens_seen"]
     assert all(m["grad_norm"] > 0 and m["lr"] > 0 for m in metrics)
+    timing = [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timing] == [5, 10, 12] and all(t["tokens_per_s"] > 0 for t in timing)
     assert T.latest_checkpoint(out).name == "checkpoint-0000012"  # the final checkpoint
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
     assert from_argv(["--config", str(out / "config.yaml")]).to_dict() == \

@@ -9,7 +9,7 @@ step alone; a checkpoint is taken only at a step boundary and stores the trainab
 weights, optimizer, scheduler, the torch/python RNG states and the per-step losses /
 grad norms that metrics.jsonl is computed from, so a resumed run repeats the
 uninterrupted run's losses, metrics.jsonl and adapter bit for bit.  Wall-clock numbers
-stay out of metrics.jsonl (they are in the returned result and the summary).
+stay out of metrics.jsonl (timing.jsonl, the returned result and the summary have them).
 
 Safety: the output directory must be empty unless --resume (the stored config must
 match in every key that alters training) or --overwrite (cleared only after every input
@@ -44,6 +44,7 @@ from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
 log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2
+TIMING_NAME = "timing.jsonl"  # tokens/s per logging window, kept out of metrics.jsonl
 LABELS_NAME = "labels.json"  # id2label / label2id of a seq-cls / token-cls adapter
 
 
@@ -206,6 +207,7 @@ class Run:
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=st.step, desc="finetune", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
+        window_tokens, window_seconds = 0, 0.0  # throughput since the last log line
         with bar, stop_requests() as stop:
             while st.step < self.total_steps:
                 rng, updating = rng_state(), False
@@ -227,10 +229,15 @@ class Run:
                 st.grad_norms.append(norm)
                 st.tokens += tokens
                 st.train_seconds += dt
+                window_tokens, window_seconds = window_tokens + tokens, window_seconds + dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps:
                     self.log_metrics(lr)
+                    with open(self.out / TIMING_NAME, "a") as f:  # wall clock: not reproducible
+                        f.write(json.dumps(dict(step=st.step, tokens_per_s=window_tokens
+                                                / max(window_seconds, 1e-9))) + "\n")
+                    window_tokens, window_seconds = 0, 0.0
                 if stop:
                     raise self.interrupted(stop[0])
                 if cfg.save_every and st.step % cfg.save_every == 0:
