@@ -17,10 +17,12 @@ content + eos are the labelled tokens).
 """
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,11 @@ IGNORE = -100
 ALPACA_PROMPT = ("Below is an instruction that describes a task{ctx}. Write a response that "
                  "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                  "{input}### Response:\n")
+FALLBACK_CHAT_TEMPLATE = (  # newlines as {{ '\n' }}: HF renders templates with trim_blocks
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ '\\n' }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages %}{{ '\\n' }}{% endif %}"
+    "<|assistant|>{{ '\\n' }}{% endif %}")
 
 
 @dataclass
@@ -38,14 +45,21 @@ class Record:
 
 
 def read_jsonl(path: str) -> list[Record]:
-    """Parse every line; malformed JSON or a non-object line -> ValueError with file:line."""
+    """Parse every line; bad UTF-8, malformed JSON or a non-object line -> ValueError with
+    file:line (and the column where it goes wrong)."""
+    if Path(path).is_dir():
+        raise ValueError(f"data file {path} is a directory (pass a JSONL file)")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"data file {path} does not exist") from None
     records = []
-    for no, line in enumerate(lines, 1):
+    for no, data in enumerate(raw.removeprefix(codecs.BOM_UTF8).split(b"\n"), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{no}: not valid UTF-8 at byte {e.start + 1} of the line "
+                             f"(0x{data[e.start]:02x}); save the file as UTF-8") from None
         if not line.strip():
             continue
         try:
@@ -73,6 +87,10 @@ def _field(rec: Record, key: str, kind, what: str):
 # --------------------------------------------------------------------------- causal-lm
 def _causal_format(rec: Record) -> str:
     keys = rec.value.keys()
+    for key, task in (("label", "seq-cls"), ("tags", "token-cls")):
+        if key in keys:
+            raise ValueError(f"{rec.where}: field {key!r}: labelled data is for --task {task}; "
+                             f"task causal-lm takes text, alpaca or chat records")
     if "messages" in keys:
         return "chat"
     if "instruction" in keys or "output" in keys:
@@ -87,8 +105,9 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def _encode(tokenizer, text: str) -> list[int]:
+    """As pyengine.infer encodes a prompt: with the tokenizer's own special tokens."""
+    return tokenizer(text)["input_ids"]
 
 
 def _eos(tokenizer) -> list[int]:
@@ -108,14 +127,7 @@ def _chat_pieces(rec: Record, tokenizer) -> list[tuple[str, bool]]:
     if not any(m["role"] == "assistant" for m in msgs):
         raise ValueError(f"{rec.where}: messages has no 'assistant' turn to train on")
     if not getattr(tokenizer, "chat_template", None):
-        eos = tokenizer.eos_token or ""
-        pieces = []
-        for m in msgs:
-            if m["role"] == "assistant":
-                pieces += [("<|assistant|>\n", False), (m["content"] + eos, True), ("\n", False)]
-            else:
-                pieces.append((f"<|{m['role']}|>\n{m['content']}{eos}\n", False))
-        return pieces
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
     def render(upto, gen_prompt):
         return tokenizer.apply_chat_template([dict(role=m["role"], content=m["content"])
@@ -142,8 +154,7 @@ def _chat_pieces(rec: Record, tokenizer) -> list[tuple[str, bool]]:
 def _causal_example(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
     fmt = _causal_format(rec)
     if fmt == "text":
-        ids = _bos(tokenizer) + _ids(tokenizer, _field(rec, "text", str, "plain text")) \
-            + _eos(tokenizer)
+        ids = _encode(tokenizer, _field(rec, "text", str, "plain text")) + _eos(tokenizer)
         return ids, list(ids)
     if fmt == "alpaca":
         instruction = _field(rec, "instruction", str, "alpaca format")
@@ -154,7 +165,7 @@ def _causal_example(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
         prompt = ALPACA_PROMPT.format(
             ctx=", paired with an input that provides further context" if extra else "",
             instruction=instruction, input=f"### Input:\n{extra}\n\n" if extra else "")
-        p = _bos(tokenizer) + _ids(tokenizer, prompt)
+        p = _encode(tokenizer, prompt)
         r = _ids(tokenizer, output) + _eos(tokenizer)
         return p + r, [IGNORE] * len(p) + r
     ids, labels = [], []
@@ -189,7 +200,13 @@ def collect_labels(records: list[Record], task: str) -> list[str]:
     return sorted(names, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
 
 
-def _class_id(rec: Record, key: str, value, label2id: dict) -> int:
+def _class_id(rec: Record, key: str, value, label2id: dict, index_labels: bool) -> int:
+    """The class of a label: its name's id, or with given class names an int is the id."""
+    if index_labels and isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < len(label2id):
+            raise ValueError(f"{rec.where}: {key} {value} is not an index into the class names "
+                             f"{list(label2id)} (0..{len(label2id) - 1})")
+        return value
     name = _label_name(rec, key, value)
     if name not in label2id:
         raise ValueError(f"{rec.where}: {key} {name!r} is not a known class "
@@ -197,14 +214,14 @@ def _class_id(rec: Record, key: str, value, label2id: dict) -> int:
     return label2id[name]
 
 
-def _seq_cls_example(rec, tokenizer, label2id):
+def _seq_cls_example(rec, tokenizer, label2id, index_labels):
     text = _field(rec, "text", str, "seq-cls needs text and label")
     label = _class_id(rec, "label", _field(rec, "label", (str, int), "seq-cls needs text and label"),
-                      label2id)
+                      label2id, index_labels)
     return tokenizer(text)["input_ids"], label
 
 
-def _token_cls_example(rec, tokenizer, label2id):
+def _token_cls_example(rec, tokenizer, label2id, index_labels):
     tokens = _field(rec, "tokens", list, "token-cls needs tokens and tags")
     tags = _field(rec, "tags", list, "token-cls needs tokens and tags")
     if len(tokens) != len(tags):
@@ -214,7 +231,7 @@ def _token_cls_example(rec, tokenizer, label2id):
     for i, t in enumerate(tokens):
         if not isinstance(t, str):
             raise ValueError(f"{rec.where}: tokens[{i}] must be str, got {type(t).__name__}")
-    tag_ids = [_class_id(rec, f"tags[{i}]", t, label2id) for i, t in enumerate(tags)]
+    tag_ids = [_class_id(rec, f"tags[{i}]", t, label2id, index_labels) for i, t in enumerate(tags)]
     enc = tokenizer(tokens, is_split_into_words=True, truncation=False)
     labels, previous = [], None
     for word in enc.word_ids():
@@ -231,10 +248,13 @@ class Example:
 
 
 class Dataset:
-    """Tokenised examples of one JSONL file for one task (already validated)."""
+    """Tokenised examples of one JSONL file for one task (already validated).
+    labels: the class names (default: collected from the file); index_labels: an int label
+    is an index into them (for class names the user gave) rather than a class name."""
 
     def __init__(self, path: str, task: str, tokenizer, max_seq_len: int,
-                 labels: list[str] | None = None, packing: bool = False):
+                 labels: list[str] | None = None, packing: bool = False,
+                 index_labels: bool = False):
         self.path, self.task = path, task
         records = read_jsonl(path)
         if task != "causal-lm":
@@ -247,9 +267,9 @@ class Dataset:
             if task == "causal-lm":
                 ids, lab = _causal_example(rec, tokenizer)
             elif task == "seq-cls":
-                ids, lab = _seq_cls_example(rec, tokenizer, label2id)
+                ids, lab = _seq_cls_example(rec, tokenizer, label2id, index_labels)
             else:
-                ids, lab = _token_cls_example(rec, tokenizer, label2id)
+                ids, lab = _token_cls_example(rec, tokenizer, label2id, index_labels)
             if not ids:
                 raise ValueError(f"{rec.where}: tokenises to no tokens")
             if len(ids) > max_seq_len:

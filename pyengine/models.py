@@ -6,24 +6,50 @@ labelled positions go with the LM-head weight into pyengine.ops.fused_linear_cro
 Losses are normalised by `num_items` (labelled tokens, or examples for seq-cls, in the
 whole gradient-accumulation window), so accumulated gradients equal the full-batch ones;
 a window with no labelled token gives loss 0 and zero gradients, never NaN.
+
+Everything loads with local_files_only=True (no hub access, and no process-wide hub
+environment variables).  What cannot be trained (an encoder for causal-lm, GPT-2's
+Conv1D layers under LoRA, a corrupt or incomplete directory) is a ValueError /
+FileNotFoundError naming the directory and the problem.
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
+from pyengine.backends import backends, resolve
 from pyengine.data import IGNORE
 from pyengine.ops import fused_linear_cross_entropy
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# any one of these makes a tokenizer (tokenizer_config.json alone does not)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors can run to pages)."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_backends() -> None:
+    """Resolve every op's backend for CPU tensors now, so that e.g. PYENGINE_BACKEND=triton
+    without a GPU is a clear error before a run writes anything."""
+    for op in backends():
+        try:
+            resolve(op, None, torch.device("cpu"))
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
 
 
 def _check_dir(path: str) -> Path:
     p = Path(path)
+    if p.is_file():
+        hint = p.parent if p.name == "config.json" else "the directory holding config.json"
+        raise ValueError(f"model {path} is a file: pass the model directory ({hint})")
     if not p.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     if not (p / "config.json").is_file():
@@ -34,10 +60,42 @@ def _check_dir(path: str) -> Path:
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(_check_dir(path)), local_files_only=True)
+    p = _check_dir(path)
+    if not any((p / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"model directory {path} has no tokenizer files (one of "
+                                f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there too")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"model directory {path}: cannot load the tokenizer: "
+                         f"{first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def _check_task(path: str, task: str):
+    """An encoder (BERT-like, or encoder-decoder) cannot be trained as a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}/config.json: {first_line(e)}") from None
+    if task == "causal-lm" and (config.is_encoder_decoder
+                                or config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        raise ValueError(f"model {path} is an encoder ({config.model_type}): task causal-lm "
+                         f"needs a decoder-only language model (e.g. Llama); an encoder can "
+                         f"be trained with --task seq-cls or token-cls")
+
+
+def check_lora_supported(model) -> None:
+    """LoRA here adapts nn.Linear layers; GPT-2-style Conv1D layers are refused by name."""
+    from transformers.pytorch_utils import Conv1D
+    conv = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
+    if conv:
+        raise ValueError(f"architecture not supported: Conv1D layers ({model.config.model_type}: "
+                         f"{', '.join(conv[:2])}, ...) under --method lora; use --method full")
 
 
 def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int | None):
@@ -51,11 +109,14 @@ def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int
     if labels is not None:
         kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={n: i for i, n in enumerate(labels)})
+    _check_task(str(_check_dir(path)), task)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized head" is expected here
     try:
-        model = auto.from_pretrained(str(_check_dir(path)), local_files_only=True,
-                                     dtype=torch.float32, **kwargs)
+        model = auto.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"model directory {path}: cannot load the model: "
+                         f"{first_line(e)}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     if pad_token_id is not None and model.config.pad_token_id is None:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -65,8 +68,12 @@ def peft_model(base_dir, adapter_dir, auto):
     return PeftModel.from_pretrained(base, adapter_dir).eval()
 
 
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
-    r = run(causal(llama, text_data, tmp_path / "out", max_steps=12))
+    r = run(causal(llama, text_data, tmp_path / "out", max_steps=12, log_every=5))
     first, last = sum(r["losses"][:3]) / 3, sum(r["losses"][-3:]) / 3
     assert last < first - 0.2, r["losses"]
     assert r["eval_after"]["loss"] < r["eval_before"]["loss"]
@@ -75,33 +82,115 @@ def test_causal_lm_loss_decreases_and_outputs(llama, text_data, tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml",
                  "metrics.jsonl", "eval.json", "loss.png"):
         assert (out / name).is_file(), name
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
-    assert all(m["tokens_per_s"] > 0 and m["lr"] >= 0 and math.isfinite(m["loss"]) for m in metrics)
+    metrics = metrics_of(out)
+    assert [m["step"] for m in metrics] == [5, 10, 12]
+    losses = r["losses"]
+    assert [m["loss"] for m in metrics] == [sum(losses[0:5]) / 5, sum(losses[5:10]) / 5,
+                                            sum(losses[10:12]) / 2]
+    assert [m["epoch"] for m in metrics] == [5 / 12, 10 / 12, 1.0]  # 48 rows, batch 4
+    assert set(metrics[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens"}
+    assert metrics[-1]["tokens"] == r["tokens_seen"]
+    assert all(m["grad_norm"] > 0 and m["lr"] > 0 for m in metrics)
+    timing = [json.loads(line) for line in (out / "timing.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in timing] == [5, 10, 12] and all(t["tokens_per_s"] > 0 for t in timing)
+    assert T.latest_checkpoint(out).name == "checkpoint-0000012"  # the final checkpoint
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 12
     assert from_argv(["--config", str(out / "config.yaml")]).to_dict() == \
-        build_config(causal(llama, text_data, out, max_steps=12)).to_dict()  # reusable as-is
+        build_config(causal(llama, text_data, out, max_steps=12, log_every=5)).to_dict()
     assert set(json.loads((out / "eval.json").read_text())) == {"before", "after"}
 
 
+def run_files(out):
+    return {name: (out / name).read_bytes() for name in ("metrics.jsonl", "adapter_model.safetensors")}
+
+
+def interrupt_in_step(monkeypatch, step, how, grad_accum=2):
+    """A forward hook on a LoRA module that, in training mode, cuts into the second
+    micro-batch of `step` (0-based) after dropout has drawn its mask."""
+    from pyengine.lora import lora_modules
+    prepare, calls = T.Run.prepare_model, []
+
+    def hook(module, args, output):
+        if module.training:
+            calls.append(1)
+            if len(calls) == step * grad_accum + 2:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise KeyboardInterrupt
+
+    def with_hook(self):
+        prepare(self)
+        next(iter(lora_modules(self.model).values())).register_forward_hook(hook)
+    monkeypatch.setattr(T.Run, "prepare_model", with_hook)
+
+
+@pytest.mark.parametrize("how", ["raise", "sigterm"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_resume_after_ctrl_c_repeats_the_losses(llama, text_data, tmp_path, monkeypatch, dtype):
-    kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=6)
-    full = run(causal(llama, text_data, tmp_path / "full", **kw))["losses"]
-
-    real_step = T.Run.train_step
-
-    def interrupted(self, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_step(self, step)
-    monkeypatch.setattr(T.Run, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(causal(llama, text_data, tmp_path / "split", **kw))
-    assert T.latest_checkpoint(tmp_path / "split").name == "checkpoint-0000004"
-    monkeypatch.setattr(T.Run, "train_step", real_step)
+def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch, dtype, how):
+    """Cut in deep in step 5 (dropout masks drawn, half the window accumulated); the
+    resumed run repeats the losses, metrics.jsonl and adapter bytes of an uninterrupted
+    run, although the checkpoint step (4 or 5) is not a multiple of log_every."""
+    kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=7, log_every=3)
+    full = run(causal(llama, text_data, tmp_path / "full", **kw))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        interrupt_in_step(m, 4, how)
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            run(causal(llama, text_data, tmp_path / "split", **kw))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    want_step = 4 if how == "raise" else 5  # SIGTERM lets the step finish
+    assert T.latest_checkpoint(tmp_path / "split").name == f"checkpoint-{want_step:07d}"
+    if how == "sigterm":
+        assert stopped.value.signum == signal.SIGTERM
     resumed = run(causal(llama, text_data, tmp_path / "split", resume=True, **kw))
-    assert resumed["losses"] == full  # bit for bit, steps 1-4 from the checkpoint
+    assert resumed["losses"] == full["losses"]  # bit for bit
+    assert run_files(tmp_path / "split") == run_files(tmp_path / "full")
+
+
+def test_second_ctrl_c_aborts_without_a_checkpoint(llama, text_data, tmp_path, monkeypatch):
+    from pyengine.lora import lora_modules
+    prepare = T.Run.prepare_model
+
+    def with_hook(self):
+        prepare(self)
+        next(iter(lora_modules(self.model).values())).register_forward_hook(
+            lambda *_: [os.kill(os.getpid(), signal.SIGINT) for _ in range(2)])
+    monkeypatch.setattr(T.Run, "prepare_model", with_hook)
+    with pytest.raises(KeyboardInterrupt) as aborted:
+        run(causal(llama, text_data, tmp_path / "o", eval_data=None))
+    assert not isinstance(aborted.value, T.Interrupted)
+    assert T.latest_checkpoint(tmp_path / "o") is None
+
+
+def test_one_target_module_name_adapts_that_module(llama, text_data, tmp_path):
+    from pyengine.lora import lora_modules
+    r = T.Run(build_config(causal(llama, text_data, tmp_path / "o", target_modules="q_proj")))
+    assert sorted(lora_modules(r.model)) == ["model.layers.0.self_attn.q_proj",
+                                             "model.layers.1.self_attn.q_proj"]
+
+
+def test_finished_run_is_extended_by_resume(llama, text_data, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    first = run(causal(llama, text_data, out, max_steps=4))
+    steps_run = []
+    accumulate = T.Run.accumulate
+    monkeypatch.setattr(T.Run, "accumulate", lambda self, step: steps_run.append(step) or
+                        accumulate(self, step))
+    more = run(causal(llama, text_data, out, max_steps=6, resume=True))
+    assert steps_run == [4, 5] and more["losses"][:4] == first["losses"] and more["steps"] == 6
+    assert [m["step"] for m in metrics_of(out)] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_same_command_same_bits_on_two_threads(llama, text_data, tmp_path, dtype):
+    """LoRA on every linear incl. the fused MLP; 2 threads; two runs, identical bits."""
+    torch.set_num_threads(2)
+    kw = dict(dtype=dtype, max_steps=12, grad_accum=2, eval_data=None)
+    a = run(causal(llama, text_data, tmp_path / "a", **kw))
+    b = run(causal(llama, text_data, tmp_path / "b", **kw))
+    assert a["losses"] == b["losses"]
+    assert run_files(tmp_path / "a") == run_files(tmp_path / "b")
 
 
 def test_killed_while_saving_leaves_previous_checkpoint(llama, text_data, tmp_path, monkeypatch):
@@ -123,6 +212,8 @@ def test_killed_while_saving_leaves_previous_checkpoint(llama, text_data, tmp_pa
     resumed = run(causal(llama, text_data, out, resume=True, **kw))
     assert resumed["losses"] == full
     assert not list(out.glob(".tmp-*"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000004",
+                                                                "checkpoint-0000006"]
 
 
 def test_adapter_loads_in_peft_and_merge_equals_base_plus_adapter(llama, text_data, tmp_path):
@@ -154,6 +245,8 @@ def test_seq_cls_bert(bert, cls_data, tmp_path):
     assert set(ev["per_class"]) == {"negative", "positive"}
     assert sum(c["support"] for c in ev["per_class"].values()) == ev["examples"] == 32
     assert r["truncated"] > 0  # max_seq_len=48 cuts some of the long sentences
+    assert json.loads((out / "labels.json").read_text()) == {  # class names with the adapter
+        "id2label": {"0": "negative", "1": "positive"}, "label2id": {"negative": 0, "positive": 1}}
     enc = trained.tokenizer(["A wonderful day", "The soup was cold"], return_tensors="pt",
                             padding=True)
     with torch.no_grad():
@@ -180,6 +273,24 @@ def test_full_finetune_and_packing(llama, text_data, tmp_path):
                    max_seq_len=64, lr=3e-3, dtype="bf16", grad_checkpointing=True))
     assert sum(r["losses"][-3:]) < sum(r["losses"][:3])
     assert (tmp_path / "o" / "config.json").is_file()
+    unpacked = run(causal(llama, text_data, tmp_path / "u", method="full", max_seq_len=64,
+                          dtype="bf16", max_steps=1))
+    assert r["eval_before"] == unpacked["eval_before"]  # evaluation is never packed
+
+
+def test_chat_template_used_in_training_is_saved(llama, tmp_path):
+    from transformers import AutoTokenizer
+    from pyengine.data import FALLBACK_CHAT_TEMPLATE
+    from pyengine.infer import encode_prompt
+    rows = [{"messages": [{"role": "user", "content": r["text"]},
+                          {"role": "assistant", "content": "Noted."}]} for r in sentences(8)]
+    out = tmp_path / "o"
+    run(dict(model=llama, data=write_jsonl(tmp_path / "chat.jsonl", rows), output=str(out),
+             max_steps=1, batch_size=4, progress=False))
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert encode_prompt(saved, "Hi", chat=True) == saved(
+        "<|user|>\nHi</s>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
 
 
 def test_all_masked_window_gives_zero_loss_not_nan(llama, tmp_path):
@@ -316,5 +427,184 @@ def test_quant_config(llama, text_data, tmp_path):
     assert from_argv(["--model", llama, "--data", text_data[0], "--quant", "q4_0"]).quant == "q4_0"
     with pytest.raises(ValueError, match="quant nf4 needs method lora"):
         build_config(dict(model=llama, data=text_data[0], method="full", quant="nf4"))
-    with pytest.raises(ValueError, match="quant must be one of"):
+    with pytest.raises(ValueError, match="quant = 'int3': Input should be 'none', 'nf4', 'q4_0' or 'q8_0'"):
         build_config(dict(model=llama, data=text_data[0], quant="int3"))
+
+
+# --------------------------------------------------------------------------- the user's files
+def snapshot(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(llama, text_data, tmp_path_factory):
+    """A finished run's directory (copied by tests that change it)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(causal(llama, text_data, out, max_steps=4, eval_data=None))
+    return out
+
+
+def test_rerun_into_a_run_directory_is_refused_and_loses_nothing(llama, text_data, finished):
+    before = snapshot(finished)
+    with pytest.raises(ValueError, match=f"--output {finished} is not empty .*--resume .*--overwrite"):
+        run(causal(llama, text_data, finished, max_steps=4, eval_data=None))
+    bad = str(finished.parent / "missing.jsonl")  # --overwrite, but an input is bad
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        run(causal(llama, (bad, None), finished, max_steps=4, eval_data=None, overwrite=True))
+    assert snapshot(finished) == before
+
+
+def test_overwrite_replaces_the_run_as_a_whole(llama, text_data, finished, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "notes.txt").write_text("old")
+    run(causal(llama, text_data, out, max_steps=2, eval_data=None, overwrite=True))
+    assert not (out / "notes.txt").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002"]
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("lr", 0.1, "lr 0.03 -> 0.1"),
+    ("lora_alpha", 8, "lora_alpha 32.0 -> 8.0"),
+    ("seed", 1, "seed 0 -> 1"),
+])
+def test_resume_refuses_changed_training_settings(llama, text_data, finished, key, value, shown):
+    with pytest.raises(ValueError, match=f"--resume: .*checkpoint-0000004 was trained with other "
+                                         f"settings: {re.escape(shown)}"):
+        run(causal(llama, text_data, finished, eval_data=None, resume=True, **{key: value}))
+
+
+def test_resume_refuses_other_data(llama, text_data, finished, tmp_path):
+    other = write_jsonl(tmp_path / "train.jsonl", [{"text": r["text"]} for r in sentences(40)])
+    with pytest.raises(ValueError, match=r"data .*text.*train.jsonl' -> .*train.jsonl'; "
+                                         r"data_sha256 "):
+        run(causal(llama, (other, None), finished, eval_data=None, resume=True))
+
+
+def test_checkpoint_loading_unpickles_no_objects(llama, text_data, finished, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    marker = tmp_path / "code-ran"
+
+    class Evil:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+    torch.save({"trainable": Evil()}, out / "checkpoint-0000004" / "state.pt")
+    with pytest.raises(ValueError, match="checkpoint-0000004/state.pt: not a pyengine checkpoint"):
+        run(causal(llama, text_data, out, eval_data=None, resume=True))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["model", "inside model", "parent of model", "parent of data"])
+def test_output_never_overlaps_the_inputs(llama, tmp_path, where):
+    import shutil
+    model = tmp_path / "models" / "llama"
+    shutil.copytree(llama, model)
+    (tmp_path / "data").mkdir()
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "a b c"}] * 4)
+    out = {"model": model, "inside model": model / "ft", "parent of model": tmp_path / "models",
+           "parent of data": tmp_path / "data"}[where]
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="--output .* overlaps the (model directory|data file)"):
+        run(dict(model=str(model), data=data, output=str(out), method="full", overwrite=True,
+                 max_steps=1, progress=False))
+    assert snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- CLI errors
+def tiny_gpt2(directory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from tests.tiny_hf import llama_tokenizer
+    tok = llama_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2,
+                               n_positions=64)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def broken_model(kind, llama, tmp_path):
+    import shutil
+    d = tmp_path / f"model-{kind}"
+    shutil.copytree(llama, d)
+    if kind == "corrupt":
+        (d / "model.safetensors").write_bytes(b"not a safetensors file")
+    else:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (d / name).unlink(missing_ok=True)
+    return str(d)
+
+
+def bytes_file(path, content: bytes) -> str:
+    path.write_bytes(content)
+    return str(path)
+
+
+CLI_ERRORS = {  # name: (argv given the fixtures, message regex)
+    "corrupt weights": (lambda f: ["--model", broken_model("corrupt", f.llama, f.tmp)],
+                        r"model directory .*model-corrupt: cannot load the model: .*header"),
+    "no tokenizer": (lambda f: ["--model", broken_model("notok", f.llama, f.tmp)],
+                     r"model directory .*model-notok has no tokenizer files"),
+    "model config.json": (lambda f: ["--model", f.llama + "/config.json"],
+                          r"model .*config.json is a file: pass the model directory"),
+    "data directory": (lambda f: ["--data", str(f.tmp)], r"data file .* is a directory"),
+    "output file": (lambda f: ["--output", f.text[0]], r"--output .*train.jsonl is an existing file"),
+    "labelled data, causal-lm": (lambda f: ["--data", f.cls[0]],
+                                 r".*train.jsonl:1: field 'label': labelled data is for --task seq-cls"),
+    "encoder for causal-lm": (lambda f: ["--model", f.bert], r"model .* is an encoder \(bert\)"),
+    "int label out of --labels": (
+        lambda f: ["--model", f.bert, "--task", "seq-cls", "--labels", "neg", "pos", "--data",
+                   write_jsonl(f.tmp / "int.jsonl", [{"text": "a", "label": 1},
+                                                     {"text": "b", "label": 2}])],
+        r".*int.jsonl:2: label 2 is not an index into the class names \['neg', 'pos'\]"),
+    "invalid utf-8": (lambda f: ["--data", bytes_file(f.tmp / "latin1.jsonl", b'{"text": "caf\xe9"}\n')],
+                      r".*latin1.jsonl:1: not valid UTF-8 at byte 14 of the line \(0xe9\)"),
+    "malformed json": (lambda f: ["--data", bytes_file(f.tmp / "bad.jsonl", b'{"text": "a"}\n{"text" "b"}\n')],
+                       r".*bad.jsonl:2: malformed JSON: Expecting ':' delimiter \(column 9\)"),
+    "gpt2 conv1d": (lambda f: ["--model", tiny_gpt2(f.tmp / "gpt2")],
+                    r"architecture not supported: Conv1D layers \(gpt2: transformer.h.0.attn.c_attn"),
+    "fractional batch size": (lambda f: ["--batch-size", "4.9"],
+                              r"command line: batch_size = '4.9': Input should be a valid integer"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_ERRORS)
+def test_cli_errors_exit_2_and_write_nothing(llama, bert, text_data, cls_data, tmp_path, capsys, case):
+    from types import SimpleNamespace
+    from pyengine.finetune.__main__ import main
+    fixtures = SimpleNamespace(llama=llama, bert=bert, text=text_data, cls=cls_data, tmp=tmp_path)
+    make_argv, message = CLI_ERRORS[case]
+    argv = ["--model", llama, "--data", text_data[0], "--output", str(tmp_path / "out"),
+            "--no-progress"] + make_argv(fixtures)
+    before = snapshot(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # (transformers' loading bars may come before)
+    assert re.fullmatch("error: " + message + ".*", err.splitlines()[-1]), err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_cli_error_for_a_backend_that_cannot_run(llama, text_data, tmp_path, capsys, monkeypatch):
+    from pyengine.finetune.__main__ import main
+    monkeypatch.setenv("PYENGINE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a CPU-only machine
+    out = tmp_path / "out"
+    assert main(["--model", llama, "--data", text_data[0], "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.match(r"error: .*backend 'triton'", err.splitlines()[-1]), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_importing_pyengine_modules_changes_no_environment():
+    """`import pyengine` itself is checked where its own side effects are owned; here:
+    what importing finetune / models / data adds on top."""
+    code = ("import os, pyengine; before = dict(os.environ); "
+            "import pyengine.finetune, pyengine.finetune.__main__, pyengine.models, pyengine.data; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "[]"

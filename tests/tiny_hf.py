@@ -25,15 +25,19 @@ def _fast(tok, **special):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def llama_tokenizer():
-    """Byte-level BPE (decodes back to the exact text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def llama_tokenizer(add_bos: bool = False):
+    """Byte-level BPE (decodes back to the exact text); add_bos: tokenizer(text) starts
+    with <s>, as Llama's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator([r["text"] for r in sentences()], trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     return _fast(tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 

@@ -1,5 +1,6 @@
 """python -m pyengine.finetune --help"""
 import logging
+import signal
 import sys
 
 from pyengine.finetune.config import from_argv
@@ -11,8 +12,8 @@ def main(argv=None) -> int:
     try:
         cfg = from_argv(argv)
         Run(cfg)()
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: 128 + the signal's number
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

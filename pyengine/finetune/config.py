@@ -1,102 +1,133 @@
-"""The fine-tune run's configuration: one dataclass, filled from (lowest to highest
+"""The fine-tune run's configuration: one pydantic model, filled from (lowest to highest
 priority) the field defaults, the embedded default job (only when no model is given),
-a YAML file, and command-line flags.  Unknown keys are errors that name the key."""
+a YAML file, and command-line flags.  Every source goes through the same validation
+(pydantic's lax mode: "1e-4" and "2" are numbers, "no" is False, 4.9 is not an int);
+a bad value is a ValueError naming the key, the value and what is allowed, and an
+unknown key is an error naming the key."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
-from dataclasses import dataclass
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal, get_args
 
 import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
-TASKS = ("causal-lm", "seq-cls", "token-cls")
-METHODS = ("lora", "full")
-DTYPES = ("bf16", "fp32")
-QUANTS = ("none", "nf4", "q4_0", "q8_0")
+Task = Literal["causal-lm", "seq-cls", "token-cls"]
+Method = Literal["lora", "full"]
+Dtype = Literal["bf16", "fp32"]
+Quant = Literal["none", "nf4", "q4_0", "q8_0"]
+PositiveInt = Annotated[int, Field(ge=1)]
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
+PATH_KEYS = ("model", "data", "eval_data", "output")
+# keys a --resume may change: they extend the run or only change what is reported / written
+RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "save_every", "log_every", "eval_data",
+                               "eval_batch_size", "progress", "merge", "output", "resume",
+                               "overwrite"})
 
 
-@dataclass
-class FinetuneConfig:
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
     model: str | None = None
     data: str | None = None
     eval_data: str | None = None
-    task: str = "causal-lm"
-    method: str = "lora"
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    target_modules: Any = "all-linear"
+    task: Task = "causal-lm"
+    method: Method = "lora"
+    lora_r: PositiveInt = 16
+    lora_alpha: Annotated[float, Field(gt=0)] = 32.0
+    lora_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
     rslora: bool = False
-    quant: str = "none"
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 8
-    eval_batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    max_seq_len: int = 512
+    quant: Quant = "none"
+    epochs: Annotated[float, Field(gt=0)] = 1.0
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 8
+    eval_batch_size: PositiveInt = 32
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0)] = 2e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0
+    max_seq_len: PositiveInt = 512
     packing: bool = False
-    dtype: str = "bf16"
+    dtype: Dtype = "bf16"
     grad_checkpointing: bool = False
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0)] = 0
     output: str = "finetune-output"
-    save_every: int = 0
-    log_every: int = 10
+    overwrite: bool = False
+    save_every: Annotated[int, Field(ge=0)] = 0
+    log_every: PositiveInt = 10
     resume: bool = False
     merge: bool = False
-    labels: list | None = None
+    labels: list[str] | None = None
     progress: bool = True
 
-    def validate(self) -> "FinetuneConfig":
+    @field_validator(*PATH_KEYS, mode="before")
+    @classmethod
+    def _path(cls, v):
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, v):
+        if isinstance(v, str) and v != "all-linear":
+            return [v]
+        return "all-linear" if v == ["all-linear"] else v
+
+    @field_validator("target_modules", "labels")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, list):
+            if not v or "" in v or len(set(v)) < len(v):
+                raise ValueError("must be distinct non-empty names")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self):
         def bad(key, msg):
-            raise ValueError(f"config: {key} {msg}")
+            raise ValueError(f"{key} {msg}")
         if self.model is None:
             bad("model", "is required (a local Hugging Face model directory)")
         if self.data is None:
             bad("data", "is required (a JSONL file)")
-        if self.task not in TASKS:
-            bad("task", f"must be one of {TASKS}, got {self.task!r}")
-        if self.method not in METHODS:
-            bad("method", f"must be one of {METHODS}, got {self.method!r}")
-        if self.quant not in QUANTS:
-            bad("quant", f"must be one of {QUANTS}, got {self.quant!r}")
         if self.quant != "none" and self.method != "lora":
             bad("quant", f"{self.quant} needs method lora (QLoRA: a quantized frozen base), "
                 f"got method {self.method}")
-        if self.dtype not in DTYPES:
-            bad("dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-        for key in ("lora_r", "batch_size", "eval_batch_size", "grad_accum", "max_seq_len",
-                    "log_every"):
-            if int(getattr(self, key)) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            bad("max_steps", f"must be >= 1, got {self.max_steps}")
-        if self.max_steps is None and not self.epochs > 0:
-            bad("epochs", f"must be > 0, got {self.epochs}")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0, got {self.lr}")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.save_every < 0:
-            bad("save_every", f"must be >= 0 (0 = only on Ctrl-C and at the end), got {self.save_every}")
         if self.packing and self.task != "causal-lm":
             bad("packing", f"only applies to task causal-lm, not {self.task}")
+        if self.labels is not None and self.task == "causal-lm":
+            bad("labels", "only applies to tasks seq-cls and token-cls, not causal-lm")
+        if self.labels is not None and len(self.labels) < 2:
+            bad("labels", f"needs at least 2 class names, got {self.labels}")
+        if self.resume and self.overwrite:
+            bad("resume", "and overwrite exclude each other (continue the run, or replace it)")
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+FIELDS = FinetuneConfig.model_fields
+
+
+def _validated(values: dict, sources: dict) -> FinetuneConfig:
+    """FinetuneConfig(**values), errors as ValueError '<source>: <key> = <value>: <why>'."""
+    try:
+        return FinetuneConfig(**values)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = str(err["loc"][0]) if err["loc"] else None
+            msg = err["msg"].removeprefix("Value error, ")
+            if key is None:  # a cross-key check: its message starts with the key
+                lines.append(f"{sources.get(msg.split()[0], 'config')}: {msg}")
+            else:
+                lines.append(f"{sources.get(key, 'config')}: {key} = {values.get(key)!r}: {msg}")
+        raise ValueError("; ".join(lines)) from None
 
 
 def minilm_dir() -> str:
@@ -124,109 +155,121 @@ def _check_keys(values: dict, where: str) -> None:
                              f"(known: {', '.join(sorted(FIELDS))})")
 
 
+def _normalise_keys(values: dict, where: str) -> dict:
+    bad = [k for k in values if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"{where}: config keys must be names, got {bad[0]!r}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    _check_keys(values, where)
+    return values
+
+
 def load_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
+    except IsADirectoryError:
+        raise ValueError(f"config file {path} is a directory (pass a YAML file)") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: invalid YAML: {e}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: must be a mapping of config keys, got {type(values).__name__}")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    _check_keys(values, path)
-    return values
+    return _normalise_keys(values, path)
 
 
-def build_config(overrides: dict | None = None, yaml_path: str | None = None) -> FinetuneConfig:
-    """defaults < embedded default job (if no model anywhere) < YAML < overrides."""
-    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
-    _check_keys(overrides, "config")
+def build_config(overrides: dict | None = None, yaml_path: str | None = None,
+                 override_source: str = "config") -> FinetuneConfig:
+    """defaults < embedded default job (if no model anywhere) < YAML < overrides.
+    override_source names where the overrides came from in error messages."""
+    overrides = _normalise_keys(overrides or {}, override_source)
     values = load_yaml(yaml_path) if yaml_path else {}
+    sources = dict.fromkeys(values, str(yaml_path))
     values.update(overrides)
+    sources.update(dict.fromkeys(overrides, override_source))
     if values.get("model") is None:
         values = {**embedded_default(), **values}
-    return FinetuneConfig(**values).validate()
+    return _validated(values, sources)
 
 
 def coerce(config: FinetuneConfig | dict | str | None) -> FinetuneConfig:
     """run()'s argument: a FinetuneConfig, a dict of keys, a YAML path, or None (default)."""
     if isinstance(config, FinetuneConfig):
-        return config.validate()
+        return _validated(dict(config), {})  # also checks a model_construct()-ed one
     if isinstance(config, (str, Path)):
         return build_config(yaml_path=str(config))
     return build_config(config)
 
 
 HELP = {
-    "model": "local Hugging Face model directory (default: the bundled MiniLM sentiment job)",
+    "model": "local Hugging Face model directory (none: the bundled MiniLM sentiment job)",
     "data": "training JSONL: {text} | {instruction,input,output} | {messages} | "
             "{text,label} | {tokens,tags}",
-    "eval_data": "evaluation JSONL (same format); evaluated before and after training",
+    "eval_data": "evaluation JSONL (same format, never packed); evaluated before and after "
+                 "training",
     "task": "what to train",
     "method": "LoRA adapters (frozen base) or full fine-tuning",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale = alpha / r)",
-    "lora_dropout": "dropout on the LoRA input",
-    "target_modules": "module names to adapt, or all-linear",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha, > 0 (scale = alpha / r)",
+    "lora_dropout": "dropout on the LoRA input, in [0, 1)",
+    "target_modules": "module names (or path suffixes) to adapt, or all-linear",
     "rslora": "rank-stabilised LoRA scale alpha / sqrt(r)",
     "quant": "QLoRA: quantize the frozen LoRA base weights (method lora only)",
-    "epochs": "passes over the data (ignored if --max-steps is given)",
-    "max_steps": "optimizer steps to run", "batch_size": "examples per micro-batch",
+    "epochs": "passes over the data, > 0 (ignored if --max-steps is given)",
+    "max_steps": "optimizer steps to run (none: from --epochs)",
+    "batch_size": "examples per micro-batch",
     "eval_batch_size": "examples per evaluation batch",
     "grad_accum": "micro-batches per optimizer step (loss normalised over the window)",
-    "lr": "peak learning rate (AdamW, linear warmup then cosine decay)",
-    "weight_decay": "AdamW weight decay", "warmup_ratio": "fraction of steps warming up",
-    "max_grad_norm": "gradient clipping norm (0 = off)",
+    "lr": "peak learning rate, > 0 (AdamW, linear warmup then cosine decay)",
+    "weight_decay": "AdamW weight decay, >= 0",
+    "warmup_ratio": "fraction of steps warming up, in [0, 1)",
+    "max_grad_norm": "gradient clipping norm, >= 0 (0 = off)",
     "max_seq_len": "longer sequences are truncated (counted in the log)",
-    "packing": "causal-lm: pack several examples per row of max_seq_len tokens",
+    "packing": "causal-lm: pack several training examples per row of max_seq_len tokens",
     "dtype": "bf16 = bf16 autocast (and bf16 frozen base under LoRA); fp32 = plain fp32",
     "grad_checkpointing": "recompute activations in backward to save memory",
-    "seed": "seed for init, shuffling and dropout",
-    "output": "output directory (a run without --resume replaces its old checkpoints)",
-    "save_every": "checkpoint every N steps (0: only on Ctrl-C)",
-    "log_every": "steps per metrics.jsonl line", "resume": "continue from the newest checkpoint in --output",
+    "seed": "seed for init, shuffling and dropout, >= 0",
+    "output": "output directory; one holding another run is refused unless --overwrite "
+              "or --resume",
+    "overwrite": "clear a non-empty --output first (after all inputs are validated)",
+    "save_every": "checkpoint every N steps (0: only on Ctrl-C / SIGTERM and at the end)",
+    "log_every": "steps per metrics.jsonl line",
+    "resume": "continue from the newest checkpoint in --output (training settings must match)",
     "merge": "also write the merged model to OUTPUT/merged",
-    "labels": "class names in order (default: sorted names found in the training data)",
+    "labels": "class names in order; an int label in the data is an index into them "
+              "(default: sorted names found in the training data)",
     "progress": "show the tqdm progress bar",
 }
 
 
-def _flag_type(f: dataclasses.Field):
-    if f.type in ("bool",):
-        return None
-    return {"int": int, "int | None": int, "float": float}.get(f.type, str)
-
-
 def make_parser() -> argparse.ArgumentParser:
+    """Flags hand their strings to FinetuneConfig, which converts and checks them exactly
+    as it does YAML and Python values."""
     p = argparse.ArgumentParser(
         prog="python -m pyengine.finetune",
         description="Fine-tune a Hugging Face model directory on a JSONL file (LoRA by "
                     "default). With no arguments: LoRA-fine-tune the bundled MiniLM for "
                     "sentiment classification and report accuracy before and after.",
-        argument_default=argparse.SUPPRESS,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+        argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML file of config keys (flags override it) "
+                                    "(default: none)")
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        kind = _flag_type(f)
-        if kind is None:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=HELP[name])
+        text = f"{HELP[name]} (default: {'none' if f.default is None else f.default})"
+        if f.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         elif name in ("target_modules", "labels"):
-            p.add_argument(flag, nargs="+", help=HELP[name])
+            p.add_argument(flag, nargs="+", metavar="NAME", help=text)
         else:
-            choices = {"task": TASKS, "method": METHODS, "dtype": DTYPES,
-                       "quant": QUANTS}.get(name)
-            p.add_argument(flag, type=kind, choices=choices, help=f"{HELP[name]} (default {f.default})")
+            choices = get_args(f.annotation) if name in ("task", "method", "dtype", "quant") else ()
+            p.add_argument(flag, help=text,
+                           metavar="{" + ",".join(choices) + "}" if choices else None)
     return p
 
 
 def from_argv(argv: list[str] | None) -> FinetuneConfig:
     args = vars(make_parser().parse_args(argv))
     yaml_path = args.pop("config", None)
-    tm = args.get("target_modules")
-    if isinstance(tm, list) and len(tm) == 1:
-        args["target_modules"] = tm[0]
-    return build_config(args, yaml_path)
+    return build_config(args, yaml_path, override_source="command line")

@@ -5,18 +5,31 @@ exact resume.
 
 Determinism: micro-batch m of the run is batch (m mod B) of epoch (m div B) in that
 epoch's permutation fixed by (seed, epoch), so the data position is a function of the
-step alone; a checkpoint stores the trainable weights, optimizer, scheduler and the
-torch/python RNG states at the start of its step, so a resumed run repeats the
-uninterrupted run's losses bit for bit.
+step alone; a checkpoint is taken only at a step boundary and stores the trainable
+weights, optimizer, scheduler, the torch/python RNG states and the per-step losses /
+grad norms that metrics.jsonl is computed from, so a resumed run repeats the
+uninterrupted run's losses, metrics.jsonl and adapter bit for bit.  Wall-clock numbers
+stay out of metrics.jsonl (timing.jsonl, the returned result and the summary have them).
+
+Safety: the output directory must be empty unless --resume (the stored config must
+match in every key that alters training) or --overwrite (cleared only after every input
+was validated); it is never the model directory, inside it, or a parent of the inputs.
+Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a finished run
+leaves a final checkpoint, so --resume --max-steps N extends it.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,21 +39,32 @@ import yaml
 
 from pyengine import data as D
 from pyengine import models as M
-from pyengine.finetune.config import FinetuneConfig
+from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
 
 log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2
+TIMING_NAME = "timing.jsonl"  # tokens/s per logging window, kept out of metrics.jsonl
+LABELS_NAME = "labels.json"  # id2label / label2id of a seq-cls / token-cls adapter
 
 
 @dataclass
 class TrainState:
     step: int = 0
-    losses: list = field(default_factory=list)   # one per optimizer step
-    metrics: list = field(default_factory=list)  # one per logging step
+    losses: list = field(default_factory=list)      # one per optimizer step
+    grad_norms: list = field(default_factory=list)  # one per optimizer step (before clipping)
+    metrics: list = field(default_factory=list)     # one per logging step
     eval_before: dict | None = None
     tokens: int = 0
     train_seconds: float = 0.0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C / SIGTERM at a step boundary; `checkpoint` holds it."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by signal {signum}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
 
 
 class Run:
@@ -49,15 +73,29 @@ class Run:
         self.out = Path(cfg.output)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         # 1. Everything that can fail on user input, before anything is written.
-        self.resume_from = latest_checkpoint(self.out) if cfg.resume else None
-        if cfg.resume and self.resume_from is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out}")
+        M.check_backends()
+        check_output(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
+        index_labels = cfg.labels is not None
         self.train = D.Dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_seq_len, cfg.labels,
-                               cfg.packing)
+                               cfg.packing, index_labels=index_labels)
         self.labels = self.train.labels
         self.eval = (D.Dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_seq_len,
-                               self.labels, cfg.packing) if cfg.eval_data else None)
+                               self.labels, index_labels=index_labels)
+                     if cfg.eval_data else None)
+        self.data_sha256 = file_sha256(cfg.data)
+        self.checkpoint = None  # the one to resume from
+        if cfg.resume:
+            path = latest_checkpoint(self.out)
+            if path is None:
+                raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out}")
+            self.checkpoint = read_checkpoint(path)
+            changed = [f"{k} {old!r} -> {new!r}" for k, old, new in
+                       config_changes(self.checkpoint["config"], self.stored_config())]
+            if changed:
+                raise ValueError(f"--resume: {path} was trained with other settings: "
+                                 f"{'; '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))}"
+                                 f" may change; start a new run in another --output instead)")
         self.batches_per_epoch = D.batches_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(
             cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
@@ -81,6 +119,7 @@ class Run:
         cfg, model = self.cfg, self.model
         if cfg.method == "lora":
             from pyengine.lora import apply_lora, fused_mlps, lora_modules
+            M.check_lora_supported(model)
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -104,6 +143,15 @@ class Run:
 
     def trainable_state(self) -> dict:
         return {n: p.detach().clone() for n, p in self.params}
+
+    def stored_config(self) -> dict:
+        """The config as a checkpoint keeps it: input paths absolute, plus the data's hash."""
+        cfg = self.cfg.to_dict()
+        for key in ("model", "data", "eval_data"):
+            if cfg[key] is not None:
+                cfg[key] = str(Path(cfg[key]).resolve())
+        cfg["data_sha256"] = self.data_sha256
+        return cfg
 
     # ------------------------------------------------------------------ data
     def micro_batch(self, m: int):
@@ -131,7 +179,8 @@ class Run:
                           self.labels)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, step: int) -> tuple[float, int]:
+    def accumulate(self, step: int) -> tuple[float, int]:
+        """Forward + backward of step's micro-batches: gradients only, no weight changes."""
         cfg = self.cfg
         window = [self.micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
         num_items = sum(M.count_items(cfg.task, b["labels"]) for b in window)
@@ -141,49 +190,76 @@ class Run:
                 loss = M.training_loss(cfg.task, self.model, batch, num_items, self.compute_dtype)
             loss.backward()
             total += float(loss.detach())
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for _, p in self.params], cfg.max_grad_norm)
+        return total, sum(int(b["attention_mask"].sum()) for b in window)
+
+    def update(self) -> tuple[float, float]:
+        """Clip, step the optimizer and scheduler; returns (grad norm, lr of this step)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
+                                              self.cfg.max_grad_norm or math.inf)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, sum(int(b["attention_mask"].sum()) for b in window)
+        return float(norm), lr
 
     def loop(self):
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=st.step, desc="finetune", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
-        window_loss, window_tokens, window_t0 = [], 0, time.perf_counter()
-        try:
+        window_tokens, window_seconds = 0, 0.0  # throughput since the last log line
+        with bar, stop_requests() as stop:
             while st.step < self.total_steps:
-                rng, rng_step = rng_state(), st.step  # where this step starts (for Ctrl-C)
+                rng, updating = rng_state(), False
                 t0 = time.perf_counter()
-                loss, tokens = self.train_step(st.step)
+                try:
+                    loss, tokens = self.accumulate(st.step)
+                    updating = True
+                    norm, lr = self.update()
+                except KeyboardInterrupt:
+                    if stop or updating:  # a second Ctrl-C, or weights half updated
+                        log.warning("aborted in step %d without a checkpoint", st.step + 1)
+                        raise
+                    self.optimizer.zero_grad(set_to_none=True)  # back to the step's start
+                    set_rng_state(rng)
+                    raise self.interrupted(signal.SIGINT) from None
                 dt = time.perf_counter() - t0
                 st.step += 1
                 st.losses.append(loss)
+                st.grad_norms.append(norm)
                 st.tokens += tokens
                 st.train_seconds += dt
-                window_loss.append(loss)
-                window_tokens += tokens
+                window_tokens, window_seconds = window_tokens + tokens, window_seconds + dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_t0
-                    st.metrics.append(dict(step=st.step, loss=sum(window_loss) / len(window_loss),
-                                           lr=self.scheduler.get_last_lr()[0],
-                                           tokens_per_s=window_tokens / elapsed))
-                    self.write_metrics()
-                    window_loss, window_tokens, window_t0 = [], 0, time.perf_counter()
-                if cfg.save_every and st.step % cfg.save_every == 0 and st.step < self.total_steps:
-                    self.save_checkpoint(rng_state())
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save_checkpoint(rng if rng_step == st.step else rng_state())
-            log.warning("interrupted at step %d: checkpoint %s; continue with --resume",
-                        st.step, path)
-            raise
-        bar.close()
+                    self.log_metrics(lr)
+                    with open(self.out / TIMING_NAME, "a") as f:  # wall clock: not reproducible
+                        f.write(json.dumps(dict(step=st.step, tokens_per_s=window_tokens
+                                                / max(window_seconds, 1e-9))) + "\n")
+                    window_tokens, window_seconds = 0, 0.0
+                if stop:
+                    raise self.interrupted(stop[0])
+                if cfg.save_every and st.step % cfg.save_every == 0:
+                    self.save_checkpoint()
+        self.save_checkpoint()  # the final one: --resume --max-steps N extends the run
+
+    def interrupted(self, signum: int) -> Interrupted:
+        path = self.save_checkpoint()
+        log.warning("interrupted after step %d: checkpoint %s; continue with --resume",
+                    self.state.step, path)
+        return Interrupted(signum, path)
+
+    def log_metrics(self, lr: float):
+        """One metrics.jsonl line, computed only from what a checkpoint holds."""
+        st = self.state
+        since = st.metrics[-1]["step"] if st.metrics else 0
+        window = st.losses[since:]
+        st.metrics.append(dict(
+            step=st.step, epoch=st.step * self.cfg.grad_accum / self.batches_per_epoch,
+            loss=sum(window) / len(window), lr=lr, grad_norm=st.grad_norms[-1],
+            tokens=st.tokens))
+        self.write_metrics()
 
     # ------------------------------------------------------------------ outputs
     def write_metrics(self):
@@ -191,7 +267,8 @@ class Run:
             for m in self.state.metrics:
                 f.write(json.dumps(m) + "\n")
 
-    def save_checkpoint(self, rng) -> Path:
+    def save_checkpoint(self) -> Path:
+        """At a step boundary only: weights, optimizer, scheduler, RNG and state of now."""
         st = self.state
         final = self.out / f"{CHECKPOINT_PREFIX}{st.step:07d}"
         if final.exists():
@@ -201,15 +278,15 @@ class Run:
         tmp.mkdir(parents=True)
         write_checkpoint_files(tmp, dict(
             trainable=self.trainable_state(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), rng=rng, state=vars(st).copy(),
-            config=self.cfg.to_dict()))
+            scheduler=self.scheduler.state_dict(), rng=rng_state(), state=vars(st).copy(),
+            config=self.stored_config()))
         os.rename(tmp, final)  # the commit point: a checkpoint-* directory is complete
         for old in sorted(self.out.glob(CHECKPOINT_PREFIX + "*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, path: Path) -> dict:
-        ckpt = torch.load(path / "state.pt", weights_only=False)
+    def load_checkpoint(self, ckpt: dict):
+        path = ckpt["path"]
         params = dict(self.params)
         missing = set(params) ^ set(ckpt["trainable"])
         if missing:
@@ -221,7 +298,7 @@ class Run:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
-        return ckpt["rng"]
+        set_rng_state(ckpt["rng"])
 
     def save_outputs(self, eval_after):
         cfg, out = self.cfg, self.out
@@ -229,11 +306,17 @@ class Run:
             from pyengine.lora import save_adapter
             save_adapter(self.model, str(out))
             self.add_heads_to_adapter(out)
+            if self.labels is not None:  # the class names, beside the adapter's head
+                (out / LABELS_NAME).write_text(json.dumps(dict(
+                    id2label=dict(enumerate(self.labels)),
+                    label2id={n: i for i, n in enumerate(self.labels)}), indent=2) + "\n")
         else:
             self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
-        with open(out / "config.yaml", "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        self.write_metrics()
+        with open(out / "config.yaml", "w") as f:  # reusable as --config for a new run
+            yaml.safe_dump({k: v for k, v in cfg.to_dict().items()
+                            if k not in ("resume", "overwrite")}, f, sort_keys=False)
         with open(out / "eval.json", "w") as f:
             json.dump(dict(before=self.state.eval_before, after=eval_after), f, indent=2)
         plot_losses(self.state.losses, out / "loss.png")
@@ -279,19 +362,19 @@ class Run:
 
     # ------------------------------------------------------------------ run
     def __call__(self) -> dict:
-        cfg, st = self.cfg, self.state
+        cfg = self.cfg
+        if cfg.overwrite and self.out.exists():
+            log.warning("--overwrite: clearing %s", self.out)
+            shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+        for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed midway
             shutil.rmtree(stale, ignore_errors=True)
-        if self.resume_from is not None:
-            rng = self.load_checkpoint(self.resume_from)
-            set_rng_state(rng)
-            st = self.state
-            log.info("resumed from %s at step %d", self.resume_from, st.step)
+        if self.checkpoint is not None:
+            self.load_checkpoint(self.checkpoint)
+            log.info("resumed from %s at step %d", self.checkpoint["path"], self.state.step)
         else:
-            for old in self.out.glob(CHECKPOINT_PREFIX + "*"):
-                shutil.rmtree(old)
-            st.eval_before = self.evaluate()
+            self.state.eval_before = self.evaluate()
+        st = self.state
         log.info("training %s (%s, %s) on %d %s for %d steps", cfg.model, cfg.task,
                  cfg.method, len(self.train), "rows" if cfg.packing else "examples",
                  self.total_steps)
@@ -300,7 +383,7 @@ class Run:
         self.save_outputs(eval_after)
         result = dict(output=str(self.out), steps=st.step, losses=list(st.losses),
                       eval_before=st.eval_before, eval_after=eval_after,
-                      tokens_per_s=st.tokens / max(st.train_seconds, 1e-9),
+                      tokens_seen=st.tokens, tokens_per_s=st.tokens / max(st.train_seconds, 1e-9),
                       train_seconds=st.train_seconds,
                       trainable_params=sum(p.numel() for _, p in self.params),
                       truncated=self.train.truncated)
@@ -331,8 +414,76 @@ def set_rng_state(rng: dict):
     random.setstate(rng["python"])
 
 
+@contextlib.contextmanager
+def stop_requests():
+    """While training, SIGINT / SIGTERM only ask the loop to stop at the next step boundary
+    (the list yielded gets the signal number); a second Ctrl-C raises KeyboardInterrupt at
+    once.  The previous handlers come back afterwards.  Main thread only (Python's rule);
+    elsewhere nothing is installed."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        log.warning("signal %d: stopping after this step (Ctrl-C again to abort)", signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def write_checkpoint_files(directory: Path, payload: dict):
     torch.save(payload, directory / "state.pt")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload, loaded with torch.load(weights_only=True): tensors and plain
+    containers only, never arbitrary pickled objects."""
+    try:
+        ckpt = torch.load(path / "state.pt", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path / 'state.pt'}: not a pyengine checkpoint: "
+                         f"{M.first_line(e)}") from None
+    return dict(ckpt, path=path)
+
+
+def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every key that differs and alters training."""
+    return [(k, old.get(k), v) for k, v in new.items()
+            if k not in RESUMABLE_CHANGES and old.get(k) != v]
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_output(cfg: FinetuneConfig):
+    """--output must be a directory that is not, inside or above the model or the data,
+    and empty unless --resume or --overwrite."""
+    out = Path(cfg.output).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {cfg.output} is an existing file (pass a directory)")
+    inputs = [("model directory", Path(cfg.model).resolve())] + [
+        (f"{key} file", Path(getattr(cfg, key)).resolve()) for key in ("data", "eval_data")
+        if getattr(cfg, key)]
+    if cfg.overwrite:
+        inputs.append(("current directory", Path.cwd()))
+    for what, path in inputs:
+        if out == path or out in path.parents or (what == "model directory" and path in out.parents):
+            raise ValueError(f"--output {cfg.output} overlaps the {what} {path}; choose an "
+                             f"output directory outside the inputs")
+    if out.is_dir() and not (cfg.resume or cfg.overwrite):
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            raise ValueError(f"--output {cfg.output} is not empty (holds {', '.join(held[:5])}"
+                             f"{', ...' if len(held) > 5 else ''}); pass --resume to continue "
+                             f"that run or --overwrite to replace it")
 
 
 def latest_checkpoint(out: Path) -> Path | None:
