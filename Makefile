@@ -26,7 +26,7 @@ bench: setup build
 	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 finetune: setup build
-	$(PY) -m pyengine.finetune
+	$(PY) -m pyengine.finetune --overwrite  # the demo job re-runs into its own output dir
 
 clean:
 	rm -rf build *.egg-info pyengine/_C*.so

@@ -73,8 +73,8 @@ def worker_pyengine(model_dir, data, steps, out):
                  lora_alpha=ALPHA, target_modules="all-linear", max_steps=steps,
                  batch_size=BATCH, lr=LR, warmup_ratio=0.0, max_seq_len=SEQ, dtype="bf16",
                  output=out, log_every=1, progress=False, seed=0))
-    metrics = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return dict(losses=r["losses"], tokens_per_s=[m["tokens_per_s"] for m in metrics])
+    timing = [json.loads(line) for line in (Path(out) / "timing.jsonl").read_text().splitlines()]
+    return dict(losses=r["losses"], tokens_per_s=[m["tokens_per_s"] for m in timing])
 
 
 def worker_hf(model_dir, data, steps, out):

@@ -593,18 +593,7 @@ def test_cli_error_for_a_backend_that_cannot_run(llama, text_data, tmp_path, cap
     out = tmp_path / "out"
     assert main(["--model", llama, "--data", text_data[0], "--output", str(out)]) == 2
     err = capsys.readouterr().err
-    assert re.match(r"error: .*backend 'triton'", err.splitlines()[-1]), err
+    assert re.match(r"error: .*PYENGINE_BACKEND='triton' requested but unavailable: .*GPU",
+                    err.splitlines()[-1]), err
     assert "Traceback" not in err
     assert not out.exists()
-
-
-def test_importing_pyengine_modules_changes_no_environment():
-    """`import pyengine` itself is checked where its own side effects are owned; here:
-    what importing finetune / models / data adds on top."""
-    code = ("import os, pyengine; before = dict(os.environ); "
-            "import pyengine.finetune, pyengine.finetune.__main__, pyengine.models, pyengine.data; "
-            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True)
-    assert out.stdout.strip() == "[]"
