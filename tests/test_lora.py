@@ -165,9 +165,9 @@ def test_errors():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", [1, 5, 16, 64])
-def test_isa_variants_match_scalar(dtype, r):
+def test_isa_variants_match_scalar(dtype, r, threads):
     C = _ext._C
-    n, k, m = 23, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
+    n, k, m = 71, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
     g = torch.Generator().manual_seed(r)
     x = torch.randn(n, k, generator=g).to(dtype)
     w_down = torch.randn(r, k, generator=g)
@@ -187,11 +187,12 @@ def test_isa_variants_match_scalar(dtype, r):
             C.lora_down_up_add(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
                                mask_k.data_ptr(), 1.5, u.data_ptr(), out.data_ptr(),
                                _ext.dtype_code(out), m, w_up.data_ptr(), 0.7,
-                               mask_m.data_ptr(), 2)
+                               mask_m.data_ptr(), threads)
             gw, gw2 = torch.empty(r, k), torch.empty(r, m)
             C.lora_outer2(x.data_ptr(), _ext.dtype_code(x), k, u_in.data_ptr(),
                           mask_k.data_ptr(), 0.3, gw.data_ptr(), out0.data_ptr(),
-                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r, 2)
+                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r,
+                          threads)
             results[isa] = (u, out, gw, gw2)
     finally:
         C.set_isa_cap("avx512")

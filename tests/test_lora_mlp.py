@@ -38,7 +38,7 @@ def swiglu_inputs(n, dtype, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_swiglu_isa_variants_match_scalar_and_reference(dtype, restore_isa):
+def test_swiglu_isa_variants_match_scalar_and_reference(dtype, restore_isa, threads):
     n = 20011  # ragged: not a multiple of any vector width or thread grain
     g, u, dh = swiglu_inputs(n, dtype)
     ref_h = reference_swiglu(g, u)
@@ -157,7 +157,7 @@ def test_lora_mlp_matches_fp64_reference(dtype, adapter_dtype, ranks, recompute)
 
 @needs_ext
 @pytest.mark.parametrize("dtype,adapter_dtype", CASES)
-def test_lora_mlp_fused_isa_variants_match_scalar(dtype, adapter_dtype, restore_isa):
+def test_lora_mlp_fused_isa_variants_match_scalar(dtype, adapter_dtype, restore_isa, threads):
     """The fused LoRA-SwiGLU passes (csrc/swiglu_impl.h) per ISA vs the scalar build."""
     x, ws = mlp_tensors(37, 29, 150, (5, 17, 3), dtype, adapter_dtype, seed=3)
     dy = torch.randn(37, 29, generator=torch.Generator().manual_seed(4))

@@ -243,10 +243,10 @@ def test_cpu_bf16_activations(fmt):
 
 @needs_ext
 @pytest.mark.parametrize("fmt", FMTS)
-def test_isa_variants_equal_scalar(fmt, isa_cap):
+def test_isa_variants_equal_scalar(fmt, isa_cap, threads):
     """Integer parts (the int8 activation buffer) and outputs are bit-identical across ISAs."""
     k, m = 64 * 21, 5  # 21 blocks (q8_0/q4_0: 42): partial chunk and group tails
-    qw = quantize(rand_weight(13, k, seed=6), fmt)
+    qw = quantize(rand_weight(150, k, seed=6), fmt)  # 64-row thread chunks: 2 + a ragged one
     x = torch.randn(m, k)
     code = FMT_CODES[fmt]
     row_bytes = _ext._C.quant_act_row_bytes(code, k)
@@ -256,7 +256,8 @@ def test_isa_variants_equal_scalar(fmt, isa_cap):
         buf = torch.empty(m * row_bytes + 64, dtype=torch.uint8)
         off = (-buf.data_ptr()) % 64
         act = buf[off: off + m * row_bytes]
-        _ext._C.quant_quantize_activations(code, x.data_ptr(), 0, m, k, act.data_ptr(), 1)
+        _ext._C.quant_quantize_activations(code, x.data_ptr(), 0, m, k, act.data_ptr(),
+                                           threads)
         acts[isa] = act.clone()
         outs[isa] = torch.cat([quant_matmul(x, qw, backend="cpu"),       # GEMM tiles
                                quant_matmul(x[2:3], qw, backend="cpu")])  # GEMV
