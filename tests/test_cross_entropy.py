@@ -176,6 +176,18 @@ def test_one_row_not_ignored_gives_only_its_loss_and_grads(reduction):
         assert torch.equal(ours[0][others], torch.zeros(8))
 
 
+def test_reference_is_torch_cross_entropy():
+    """The spec (which the other tests trust) against torch's own loss: a custom
+    ignore_index and label smoothing, every reduction."""
+    h, w, t, b = make_inputs(30, 16, 40, torch.float64, ignore_every=0)
+    t[::3] = 7
+    logits = torch.nn.functional.linear(h, w, b)
+    for reduction in ("mean", "sum", "none"):
+        kw = dict(ignore_index=7, label_smoothing=0.1, reduction=reduction)
+        torch.testing.assert_close(ref(h, w, t, b, **kw),
+                                   torch.nn.functional.cross_entropy(logits, t, **kw))
+
+
 def test_custom_ignore_index_and_3d_inputs():
     h, w, t, b = make_inputs(24, 16, 40, torch.float32, ignore_every=0)
     t[::4] = 7  # ignore a real class id
@@ -267,20 +279,22 @@ def test_isa_variants_agree_with_scalar(isa, dtype, threads):
        smoothing=st.sampled_from([0.0, 0.2]), z_loss=st.sampled_from([0.0, 1e-2]),
        softcap=st.sampled_from([None, 2.0]), reduction=st.sampled_from(["mean", "sum", "none"]),
        bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       num_items=st.sampled_from([None, 37]), seed=st.integers(0, 2 ** 16))
+       num_items=st.sampled_from([None, 37]), ignore_index=st.sampled_from([-100, 1]),
+       seed=st.integers(0, 2 ** 16))
 def test_fuzz_every_option(n, h, v, ignored, smoothing, z_loss, softcap, reduction, bias, dtype,
-                           num_items, seed):
+                           num_items, ignore_index, seed):
     """Every option of the op at once, each output element against fp64 within 2x torch's
     own error in the same dtype."""
     torch.manual_seed(seed)
     inputs = make_inputs(n, h, v, dtype, bias=bias, ignore_every=0)
     target = inputs[2]
+    target[target == ignore_index] = 0  # 1 is a class id: ignored only where set below
     if ignored == "some":
-        target[torch.rand(n) < 0.3] = -100
+        target[torch.rand(n) < 0.3] = ignore_index
     elif ignored != "none":
-        target[1 if ignored == "all_but_one" and n > 1 else 0:] = -100
+        target[1 if ignored == "all_but_one" and n > 1 else 0:] = ignore_index
     assert_like_torch(inputs, dtype, label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
-                      reduction=reduction, num_items=num_items)
+                      reduction=reduction, num_items=num_items, ignore_index=ignore_index)
 
 
 def test_small_chunks_cover_every_row(monkeypatch):
