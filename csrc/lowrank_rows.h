@@ -34,7 +34,7 @@ struct LowRankRowsArgs {
 
 void lowrank_rows(const LowRankRowsArgs& a, int num_threads);
 
-// Row-range kernel; grad accumulates into `acc` ([rg * K] fp32, zeroed, per thread).
+// Row-range kernel; grad accumulates into `acc` ([rg * K] fp32, zeroed, one per row block).
 #define PYENGINE_LOWRANK_ROWS_DECL \
   void lowrank_rows_range(const LowRankRowsArgs& a, int64_t begin, int64_t end, float* acc);
 namespace scalar { PYENGINE_LOWRANK_ROWS_DECL }

@@ -128,4 +128,33 @@ void parallel_for(int64_t n, int num_threads, int64_t grain,
   });
 }
 
+void parallel_sum_rows(int64_t n, int num_threads, int64_t grain, const std::vector<SumOut>& outs,
+                       const std::function<void(int64_t, int64_t, float*)>& fn) {
+  if (n <= 0) return;
+  int64_t total = 0;
+  for (const SumOut& o : outs) total += o.size;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t per_block = (n + kMaxRowBlocks - 1) / kMaxRowBlocks;
+  const int64_t block = (per_block + grain - 1) / grain * grain;
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<float> partials(size_t(blocks * total), 0.f);
+  parallel_for(blocks, num_threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b)
+      fn(b * block, std::min(n, (b + 1) * block), partials.data() + b * total);
+  });
+  if (!total) return;
+  // element j of the concatenated outputs: sum over blocks in block order
+  parallel_for(total, num_threads, 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t base = 0;
+    for (const SumOut& o : outs) {
+      const int64_t b = std::max(begin, base), e = std::min(end, base + o.size);
+      for (int64_t k = 0; k < blocks; ++k) {
+        const float* p = partials.data() + k * total;
+        for (int64_t j = b; j < e; ++j) o.data[j - base] += p[j];
+      }
+      base += o.size;
+    }
+  });
+}
+
 }  // namespace pyengine

@@ -2,9 +2,6 @@
 #define PYENGINE_ISA_NS scalar
 #include "swiglu_impl.h"
 
-#include <mutex>
-#include <vector>
-
 #include "cpu_features.h"
 #include "parallel.h"
 
@@ -50,27 +47,15 @@ void lora_swiglu_forward(const LoraSwigluArgs& a, int num_threads) {
   parallel_for(a.n_rows, num_threads, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
 
-// Each task accumulates the weight gradients of its rows privately, then adds them into
-// the caller's (zeroed) outputs under a lock: at most num_threads reductions.
+// The weight gradients are a deterministic row reduction (parallel_sum_rows): fixed row
+// blocks, partials added in block order, so bits do not depend on the thread count.
 void lora_swiglu_backward(const LoraSwigluArgs& a, int num_threads) {
   auto fn = pick(scalar::lora_swiglu_backward_range, avx2::lora_swiglu_backward_range,
                  avx512::lora_swiglu_backward_range);
   const int64_t I = a.inter;
-  float* outs[3] = {a.d_a_down, a.d_bg_t, a.d_bu_t};
-  const int64_t ranks[3] = {a.rd, a.rg, a.ru};
-  std::mutex mu;
-  parallel_for(a.n_rows, num_threads, kRowGrain, [&](int64_t b, int64_t e) {
-    std::vector<float> acc((a.rd + a.rg + a.ru) * I, 0.f);
-    fn(a, b, e, acc.data());
-    std::lock_guard<std::mutex> lock(mu);
-    const float* src = acc.data();
-    for (int i = 0; i < 3; ++i) {
-      float* dst = outs[i];
-      const int64_t count = ranks[i] * I;
-      for (int64_t j = 0; j < count; ++j) dst[j] += src[j];
-      src += count;
-    }
-  });
+  parallel_sum_rows(a.n_rows, num_threads, kRowGrain,
+                    {{a.d_a_down, a.rd * I}, {a.d_bg_t, a.rg * I}, {a.d_bu_t, a.ru * I}},
+                    [&](int64_t b, int64_t e, float* acc) { fn(a, b, e, acc); });
 }
 
 }  // namespace pyengine

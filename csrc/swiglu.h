@@ -64,7 +64,7 @@ void lora_swiglu_forward(const LoraSwigluArgs& a, int num_threads);
 void lora_swiglu_backward(const LoraSwigluArgs& a, int num_threads);
 
 // Row-range kernels; the backward one accumulates its weight gradients into `acc`
-// ([(rd + rg + ru) * I] fp32, zeroed, owned by the calling thread).
+// ([(rd + rg + ru) * I] fp32, zeroed, one per row block).
 #define PYENGINE_SWIGLU_DECL                                                              \
   void swiglu_forward_range(const SwigluArgs& a, int64_t begin, int64_t end);           \
   void swiglu_backward_range(const SwigluArgs& a, int64_t begin, int64_t end);          \

@@ -5,10 +5,13 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 
 from pyengine import _ext
 from pyengine.ops import lora_linear, reference_lora_linear
 from pyengine.ops.lora import _lora_fwd, dropout_mask
+from tests.conftest import assert_within_torch_error, num_threads, repeat_equal
 
 BACKENDS = (["ref"] + (["cpu"] if _ext._C is not None else [])
             + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []))
@@ -76,21 +79,94 @@ def test_fp32_vs_fp64(backend, n, d_in, d_out, r):
                        tol=2e-5)
 
 
+def plain_lora(x, w, a, b, scale, bias=None, keep=None, p=0.0):
+    """What PEFT computes in x's / the adapters' dtypes (the error yardstick)."""
+    xd = x if keep is None else x * keep / (1 - p)
+    return F.linear(x, w, bias) + (scale * F.linear(F.linear(xd.to(a.dtype), a), b)).to(x.dtype)
+
+
+def grads_of(fn, x, a, b, bias, gy):
+    """[y, dx, dA, dB] of fn(x, a, b, bias) for the output gradient gy."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, a, b)]
+    y = fn(*leaves, bias)
+    y.backward(gy.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def assert_like_torch(backend, x, w, a, b, bias, scale, p=0.0, seed=0, scales=(1, 1, 1, 1)):
+    """y, dx, dA, dB of lora_linear per element vs fp64, within 2x PEFT-style torch's error
+    in the same dtypes; `scales` multiplies ours (to check that the rule catches errors)."""
+    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(7))
+    gy = gy.to(x.dtype)  # exact in y's dtype: the same output gradient for all three
+    torch.manual_seed(seed)
+    keep = dropout_mask(x, p) if p > 0 else None
+
+    def ours(x, a, b, bias):
+        torch.manual_seed(seed)  # the same keep-mask as above
+        return lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
+    got = grads_of(ours, x, a, b, bias, gy)
+    plain = grads_of(lambda x, a, b, bias: plain_lora(x, w, a, b, scale, bias, keep, p),
+                     x, a, b, bias, gy)
+    exact = grads_of(lambda x, a, b, bias: plain_lora(x, w.double(), a, b, scale,
+                                                      None if bias is None else bias.double(),
+                                                      keep, p),
+                     x.double(), a.double(), b.double(), bias, gy.double())
+    for name, g, pl, e, f, dt in zip(("y", "dx", "dA", "dB"), got, plain, exact, scales,
+                                     (x.dtype, x.dtype, a.dtype, a.dtype)):
+        assert g.dtype == pl.dtype, name
+        assert_within_torch_error(name, g.double() * f, pl, e, dt)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_base(backend, adapter_dtype):
-    """bf16 x / W with fp32 (the mixed setup) or bf16 adapters: y and grads come back in
-    x's / the adapters' dtypes, with error at most ~2x plain bf16 PyTorch's."""
-    x, w, a, b, bias = make(37, 96, 80, 8, torch.bfloat16, adapter_dtype)
-    y, _, gx, ga, gb, _ = run(backend, x, w, a, b, bias, 1.5)
-    assert y.dtype == gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == adapter_dtype
-    y64, _, _ = fp64_math(x, w, a, b, bias, 1.5)
-    plain = (torch.nn.functional.linear(x, w, bias) + 1.5 * (x.to(adapter_dtype) @ a.T @ b.T)
-             .to(torch.bfloat16))
-    plain_err = (plain.double() - y64).abs().max().item()
-    err = (y.double() - y64).abs().max().item()
-    assert err <= 2 * plain_err + 1e-3, (err, plain_err)
-    check_against_fp64(backend, x, w, a, b, bias, 1.5, tol=3e-2)
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)])
+def test_per_element_vs_torch_error(backend, dtype, adapter_dtype):
+    """fp32, bf16 and bf16 base + fp32 adapters (the mixed setup): outputs in x's / the
+    adapters' dtypes, each element within 2x plain torch's error."""
+    x, w, a, b, bias = make(37, 96, 80, 8, dtype, adapter_dtype, seed=3)
+    assert_like_torch(backend, x, w, a, b, bias, 1.5)
+    assert_like_torch(backend, x, w, a, b, None, 0.5, p=0.2, seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", range(4))
+def test_tolerance_rule_rejects_a_10_percent_error(dtype, which):
+    """The rule above catches y, dx, dA or dB off by 10% (or 25%)."""
+    x, w, a, b, bias = make(37, 96, 80, 8, dtype, seed=3)
+    backend = "cpu" if _ext._C is not None else "ref"
+    for factor in (0.9, 0.75):
+        scales = [1.0] * 4
+        scales[which] = factor
+        with pytest.raises(AssertionError):
+            assert_like_torch(backend, x, w, a, b, bias, 1.5, scales=scales)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 40), d_in=st.integers(1, 80), d_out=st.integers(1, 80),
+       r=st.sampled_from([1, 2, 3, 8, 16]), p=st.sampled_from([0.0, 0.3]),
+       dtypes=st.sampled_from([(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                               (torch.bfloat16, torch.float32)]),
+       bias=st.booleans(), backend=st.sampled_from(BACKENDS), seed=st.integers(0, 2 ** 16))
+def test_fuzz_every_option(n, d_in, d_out, r, p, dtypes, bias, backend, seed):
+    """Ragged in/out, ranks from 1, dropout, dtypes, bias: per element vs fp64."""
+    x, w, a, b, bb = make(n, d_in, d_out, r, *dtypes, bias=bias, seed=seed)
+    assert_like_torch(backend, x, w, a, b, bb, 0.8, p=p, seed=seed)
+
+
+@needs_ext
+def test_deterministic_and_equal_on_any_thread_count():
+    """fwd + bwd (with dropout) give the same bits on repeat and on 1, 2, 3 and 4 threads:
+    the C++ products split rows (down, up_add) or columns (outer), never a reduction."""
+    x, w, a, b, bias = make(300, 257, 190, 8)
+    results = []
+    for threads in (1, 2, 3, 4):
+        with num_threads(threads):
+            results.append(repeat_equal(lambda: run("cpu", x, w, a, b, bias, 1.5, p=0.1,
+                                                    seed=3)[2:5], 3))
+    for threads, got in zip((2, 3, 4), results[1:]):
+        for name, g, want in zip(("dx", "dA", "dB"), got, results[0]):
+            assert torch.equal(g, want), (threads, name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,9 +241,9 @@ def test_errors():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("r", [1, 5, 16, 64])
-def test_isa_variants_match_scalar(dtype, r):
+def test_isa_variants_match_scalar(dtype, r, threads):
     C = _ext._C
-    n, k, m = 23, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
+    n, k, m = 71, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
     g = torch.Generator().manual_seed(r)
     x = torch.randn(n, k, generator=g).to(dtype)
     w_down = torch.randn(r, k, generator=g)
@@ -187,11 +263,12 @@ def test_isa_variants_match_scalar(dtype, r):
             C.lora_down_up_add(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
                                mask_k.data_ptr(), 1.5, u.data_ptr(), out.data_ptr(),
                                _ext.dtype_code(out), m, w_up.data_ptr(), 0.7,
-                               mask_m.data_ptr(), 2)
+                               mask_m.data_ptr(), threads)
             gw, gw2 = torch.empty(r, k), torch.empty(r, m)
             C.lora_outer2(x.data_ptr(), _ext.dtype_code(x), k, u_in.data_ptr(),
                           mask_k.data_ptr(), 0.3, gw.data_ptr(), out0.data_ptr(),
-                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r, 2)
+                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r,
+                          threads)
             results[isa] = (u, out, gw, gw2)
     finally:
         C.set_isa_cap("avx512")

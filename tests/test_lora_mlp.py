@@ -8,7 +8,9 @@ from torch import nn
 from pyengine import _ext
 from pyengine.nn import LoRAMLP
 from pyengine.ops import lora_mlp, reference_lora_mlp, reference_swiglu, swiglu
+from pyengine.ops.lora_mlp import _cpu_low_rank_pass, _cpu_middle_backward
 from pyengine.ops.swiglu import reference_swiglu_backward, swiglu_backward, swiglu_forward
+from tests.conftest import num_threads, repeat_equal
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="extension not built")
 ISAS = ("scalar", "avx2", "avx512")
@@ -36,7 +38,7 @@ def swiglu_inputs(n, dtype, seed=0):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_swiglu_isa_variants_match_scalar_and_reference(dtype, restore_isa):
+def test_swiglu_isa_variants_match_scalar_and_reference(dtype, restore_isa, threads):
     n = 20011  # ragged: not a multiple of any vector width or thread grain
     g, u, dh = swiglu_inputs(n, dtype)
     ref_h = reference_swiglu(g, u)
@@ -155,7 +157,7 @@ def test_lora_mlp_matches_fp64_reference(dtype, adapter_dtype, ranks, recompute)
 
 @needs_ext
 @pytest.mark.parametrize("dtype,adapter_dtype", CASES)
-def test_lora_mlp_fused_isa_variants_match_scalar(dtype, adapter_dtype, restore_isa):
+def test_lora_mlp_fused_isa_variants_match_scalar(dtype, adapter_dtype, restore_isa, threads):
     """The fused LoRA-SwiGLU passes (csrc/swiglu_impl.h) per ISA vs the scalar build."""
     x, ws = mlp_tensors(37, 29, 150, (5, 17, 3), dtype, adapter_dtype, seed=3)
     dy = torch.randn(37, 29, generator=torch.Generator().manual_seed(4))
@@ -184,6 +186,51 @@ def test_lora_mlp_ragged_fp32(n, hidden, inter, ranks, backend):
     got = run_with_grads(lora_mlp, x, ws, dy, 0.5, backend=backend)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype,adapter_dtype", CASES)
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_lora_mlp_deterministic_on_several_threads(dtype, adapter_dtype, threads):
+    """Same inputs and thread count -> same bits for y, dx and all six adapter grads (the
+    weight gradients are reductions over rows split between threads).  Many rows, so many
+    tasks; repeated, as a completion-order reduction differs only on some runs."""
+    x, ws = mlp_tensors(4000, 8, 24, (1, 2, 3), dtype, adapter_dtype, seed=2)
+    dy = torch.randn(4000, 8, generator=torch.Generator().manual_seed(3))
+    with num_threads(threads):
+        repeat_equal(lambda: run_with_grads(lora_mlp, x, ws, dy, 1.3, backend="cpu"), 8)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_mlp_cpu_passes_equal_on_any_thread_count(dtype):
+    """The C++ row passes (csrc/lowrank_rows.h, csrc/swiglu.h) cut rows into blocks that
+    do not depend on the thread count: 1, 2 and 3 threads give the same bits."""
+    gen = torch.Generator().manual_seed(4)
+    n, k, inter, r = 301, 70, 150, 6
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen)
+    src, dst0 = rnd(n, k).to(dtype), rnd(n, k).to(dtype)
+    proj_w, grad_coef, add_coef, add_w = rnd(r, k), rnd(n, r), rnd(n, r), rnd(k, r)
+    g, u, dh0 = (rnd(n, inter).to(dtype) for _ in range(3))
+    xa, p_down = rnd(n, 2 * r), rnd(n, r)
+    a_down, b_gate, b_up = rnd(r, inter), rnd(inter, r), rnd(inter, r)
+
+    def once():
+        dst, dh = dst0.clone(), dh0.clone()
+        proj, grad = _cpu_low_rank_pass(torch.float32, src=src, proj_w=proj_w, scale=0.7,
+                                        grad_coef=grad_coef, dst=dst, add_coef=add_coef,
+                                        add_w=add_w)
+        middle = _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, 0.7, "cpu")
+        return [proj, grad, dst, *middle]
+    results = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            results.append(once())
+    for threads, got in zip((2, 3), results[1:]):
+        for i, (a, b) in enumerate(zip(got, results[0])):
+            assert torch.equal(a, b), (threads, i)
 
 
 def test_lora_mlp_triton_interpreter(monkeypatch):

@@ -16,6 +16,7 @@ from pyengine.ops import quant_matmul, reference_quant_matmul
 from pyengine.ops.quant import FMT_CODES, _qmm
 from pyengine.quant import (FORMATS, NF4_CODEBOOK, QuantizedWeight, quantize,
                             quantize_model)
+from tests.conftest import num_threads, repeat_equal
 
 FMTS = tuple(FORMATS)
 HAS_EXT = _ext._C is not None
@@ -243,10 +244,10 @@ def test_cpu_bf16_activations(fmt):
 
 @needs_ext
 @pytest.mark.parametrize("fmt", FMTS)
-def test_isa_variants_equal_scalar(fmt, isa_cap):
+def test_isa_variants_equal_scalar(fmt, isa_cap, threads):
     """Integer parts (the int8 activation buffer) and outputs are bit-identical across ISAs."""
     k, m = 64 * 21, 5  # 21 blocks (q8_0/q4_0: 42): partial chunk and group tails
-    qw = quantize(rand_weight(13, k, seed=6), fmt)
+    qw = quantize(rand_weight(150, k, seed=6), fmt)  # 64-row thread chunks: 2 + a ragged one
     x = torch.randn(m, k)
     code = FMT_CODES[fmt]
     row_bytes = _ext._C.quant_act_row_bytes(code, k)
@@ -256,7 +257,8 @@ def test_isa_variants_equal_scalar(fmt, isa_cap):
         buf = torch.empty(m * row_bytes + 64, dtype=torch.uint8)
         off = (-buf.data_ptr()) % 64
         act = buf[off: off + m * row_bytes]
-        _ext._C.quant_quantize_activations(code, x.data_ptr(), 0, m, k, act.data_ptr(), 1)
+        _ext._C.quant_quantize_activations(code, x.data_ptr(), 0, m, k, act.data_ptr(),
+                                           threads)
         acts[isa] = act.clone()
         outs[isa] = torch.cat([quant_matmul(x, qw, backend="cpu"),       # GEMM tiles
                                quant_matmul(x[2:3], qw, backend="cpu")])  # GEMV
@@ -314,6 +316,47 @@ def test_backward_x_and_bias(backend):
     quant_matmul(x, qw, bias=bias, backend=backend).backward(dy)
     torch.testing.assert_close(x.grad, dy @ qw.dequantize(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bias.grad, dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["ref", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_backward_across_dequant_chunks(fmt, dtype, backend, monkeypatch):
+    """grad_x = dy @ dequant(W) is summed over row chunks of W: 37 rows in chunks of 8
+    (4 full and a ragged 5), every element against fp64 (fp32 accumulation, one rounding)."""
+    from pyengine.ops import quant as quant_ops
+    k = 128
+    monkeypatch.setattr(quant_ops, "DEQUANT_CHUNK_BYTES", 8 * 4 * k)
+    qw = quantize(rand_weight(37, k, seed=11), fmt)
+    x = torch.randn(5, k).to(dtype).requires_grad_()
+    dy = torch.randn(5, 37).to(dtype)
+    quant_matmul(x, qw, backend=backend).backward(dy)
+    w = qw.dequantize().double()
+    want = dy.double() @ w
+    rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0  # grad_x returned in x's dtype
+    tol = 1e-6 * (dy.double().abs() @ w.abs()) + rounding * want.abs()
+    assert x.grad.dtype == dtype
+    assert bool(((x.grad.double() - want).abs() <= tol).all())
+
+
+@needs_ext
+def test_cpu_same_bits_on_repeat_and_any_thread_count():
+    """Each output row is one thread's dot products: no reduction across threads."""
+    qw = quantize(rand_weight(150, 256, seed=12), "q4_0")
+    x = torch.randn(9, 256, requires_grad=True)
+    dy = torch.randn(9, 150)
+
+    def once():
+        x.grad = None
+        y = quant_matmul(x, qw, backend="cpu")
+        y.backward(dy)
+        return [y.detach(), x.grad]
+    results = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            results.append(repeat_equal(once, 3))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 
 
 @pytest.mark.parametrize("backend", ["ref", pytest.param("cpu", marks=needs_ext)])

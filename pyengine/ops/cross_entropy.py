@@ -260,7 +260,7 @@ def _flce_grad(ctx, grad_loss, *_unused):
     else:  # forward produced the grads for grad_output = 1: scale our own buffers in place
         ctx.grads_used = True  # (out of place while being traced by torch.compile)
         traced = torch._guards.detect_fake_mode(grad_loss) is not None
-        gh, gw, gb = ((g * grad_loss.to(g.dtype)) if traced else g.mul_(grad_loss.to(g.dtype))
+        gh, gw, gb = ((g * grad_loss) if traced else g.mul_(grad_loss)
                       for g in ctx.grads)
         ctx.grads = None
     return (gh if need_gh else None, gw if need_gw else None, None,
