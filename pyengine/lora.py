@@ -382,12 +382,18 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike,
                     f"the model's {path}.lora_{side}.weight has {list(param.shape)} "
                     f"(rank {m.r}, in {m.in_features}, out {m.out_features})")
             params[param] = t
-    own = dict(model.named_parameters())
+    own = dict(model.named_parameters(remove_duplicate=False))
     for name, t in adapter.extra.items():
         if name not in own or own[name].shape != t.shape:
             have = list(own[name].shape) if name in own else "no such parameter"
             raise AdapterError(f"{weights}: key {adapter.keys[name]!r} {list(t.shape)} does not fit "
                                f"the model ({name}: {have})")
+        if sum(p is own[name] for p in own.values()) > 1:  # tied (lm_head = embed_tokens):
+            parent, _, leaf = name.rpartition(".")        # PEFT trains a copy, so untie
+            own[name] = nn.Parameter(own[name].detach().clone(), requires_grad=False)
+            setattr(model.get_submodule(parent), leaf, own[name])
+            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
         params[own[name]] = t
     with torch.no_grad():
         for param, t in params.items():
