@@ -3,6 +3,7 @@
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     save_adapter(model, "out/")     # adapter_config.json + adapter_model.safetensors
     load_adapter(model, "peft_dir/")  # adapters made by PEFT load too
+    read_adapter("peft_dir/")       # the checked file contents (infer and export merge these)
     model = merge_lora(model)       # plain nn.Linear layers again (fp32 merge)
     quantize_base(model, "nf4")     # QLoRA: frozen bases quantized (also apply_lora(quant=))
 
@@ -245,7 +246,7 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
-def pattern_value(path: str, pattern: dict | None, default):
+def _pattern_value(path: str, pattern: dict | None, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key (a regex) that matches the
     end of the module path after a "." (or the whole path) gives the value."""
     for key, value in (pattern or {}).items():
@@ -332,6 +333,8 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
         else:  # modules_to_save copies and saved base layers replace the model's parameter
             path = re.sub(r"\.(modules_to_save(\.[^.]+)?|base_layer)\.", ".", name)
             extra[path], keys[path] = t, key
+    if not tensors:
+        raise AdapterError(f"{weights}: holds no tensors")
     lora, ranks, alphas = {}, {}, {}
     for path, ab in halves.items():
         for side in "AB":
@@ -339,12 +342,12 @@ def read_adapter(directory: str | os.PathLike) -> Adapter:
                 raise AdapterError(f"{weights}: {PREFIX}{path}.lora_{side}.weight is missing (the "
                                    "file has only the other half of the adapter)")
         a, b = tensors[ab["A"]], tensors[ab["B"]]
-        r = pattern_value(path, cfg.get("rank_pattern"), cfg["r"])
+        r = _pattern_value(path, cfg.get("rank_pattern"), cfg["r"])
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise AdapterError(f"{weights}: {ab['A']} {list(a.shape)} and {ab['B']} {list(b.shape)} "
                                f"are not a rank-{r} linear LoRA pair (r from {cfg_file})")
         lora[path], ranks[path], keys[path] = (a, b), r, ab["A"]
-        alphas[path] = pattern_value(path, cfg.get("alpha_pattern"), cfg["lora_alpha"])
+        alphas[path] = _pattern_value(path, cfg.get("alpha_pattern"), cfg["lora_alpha"])
     return Adapter(directory, lora, ranks, alphas, bool(cfg.get("use_rslora", False)),
                    float(cfg.get("lora_dropout") or 0.0), extra, keys)
 

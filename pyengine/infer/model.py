@@ -15,7 +15,8 @@ without expanding K/V.
 
 Dtypes: fp32 or bf16 weights/activations (F.linear), or quantized weights through a
 pluggable callable per linear (`linear_factory(weight, bias, name) -> callable(x)`; name:
-the checkpoint weight(s), for messages), which the quantized path supplies. Batch size is one stream (tokens shape [T]).
+the checkpoint weight(s), for messages), which the quantized path supplies. Batch size is
+one stream (tokens shape [T]).
 
 Floor per decoded token: read every linear weight once (bytes of the weights; ~35 GB/s
 here) plus the KV cache, and ~2 * params FLOPs. At small models Python dispatch dominates,
@@ -164,14 +165,14 @@ def merge_adapter(cfg: DecoderConfig, state: dict[str, torch.Tensor], adapter_di
         raise ModelLoadError(str(e)) from e
     where = adapter.weights_file
     head = "lm_head.weight"
-    if cfg.tied_embeddings and head not in state:
+    if cfg.tied_embeddings:
         if "lm_head" in adapter.lora:
             raise ModelLoadError(f"{where}: LoRA on lm_head, which shares its weight with "
                                  "model.embed_tokens (tie_word_embeddings): not supported")
         if "model.embed_tokens.weight" in adapter.extra:
             raise ModelLoadError(f"{where}: modules_to_save replaces model.embed_tokens, which "
                                  "is tied to lm_head (tie_word_embeddings): not supported")
-        if head in adapter.extra:
+        if head in adapter.extra:  # set below
             state[head] = state["model.embed_tokens.weight"]
             cfg = dataclasses.replace(cfg, tied_embeddings=False)
     for name, t in adapter.extra.items():
@@ -198,7 +199,7 @@ def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
-    if model_dir.is_file() and model_dir.name == "config.json":
+    if model_dir.is_file():
         raise ModelLoadError(f"{model_dir} is a file: pass the model directory "
                              f"{model_dir.parent} (the one holding config.json)")
     if not model_dir.is_dir():
