@@ -188,6 +188,9 @@ def test_cli_errors_are_clear(tiny, tmp_path, capsys):
     assert "--temperature" in cli_error(capsys, "--model", path, "--prompt", "x", "--temperature", -1)
     assert "--prompt" in cli_error(capsys, "--model", path)
     assert "--prompt-file" in cli_error(capsys, "--model", path, "--prompt-file", tmp_path / "no.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    assert f"--prompt-file {tmp_path / 'latin1.txt'}: cannot read it as UTF-8 text" in cli_error(
+        capsys, "--model", path, "--prompt-file", tmp_path / "latin1.txt")
     assert "adapter_config.json not found" in cli_error(
         capsys, "--model", path, "--prompt", "x", "--adapter", tmp_path)
 

@@ -51,7 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.prompt_file is not None:
         if not args.prompt_file.is_file():
             p.error(f"--prompt-file {args.prompt_file} does not exist")
-        args.prompt = args.prompt_file.read_text()
+        try:
+            args.prompt = args.prompt_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})")
     if args.dtype == "bf16" and args.quant != "none":
         p.error("--dtype bf16 applies to --quant none only (quantized layers run fp32 activations)")
     return args
