@@ -1,6 +1,10 @@
 """Export a Llama-family Hugging Face directory to GGUF (llama.cpp's file format).
 
     to_gguf("path/to/hf_dir", "model.gguf", "q8_0")     # fmt: f32 | q8_0 | q4_0
+    python -m pyengine.export HF_DIR OUT.gguf [--fmt q8_0] [--adapter DIR] [--force]
+
+An existing output file is replaced only with --force (overwrite=True); the file is written
+under a temporary name and renamed when complete. CLI errors: `error: ...`, exit 2.
 
 Written with the `gguf` package's GGUFWriter, following llama.cpp's conventions for HF
 Llama checkpoints: architecture "llama", tensors token_embd / blk.N.attn_q ... / output,
@@ -8,8 +12,9 @@ q and k rows permuted per head into llama.cpp's rope layout (the same permutatio
 decoder uses, pyengine.infer.model.interleave_rope_rows), llama3 rope scaling as a
 rope_freqs tensor, a byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with its
 tokens, types and merges. 2-D weights are stored in `fmt` with the exact GGUF blocks of
-pyengine.quant (so llama.cpp and pyengine run identical weights); norms stay F32.
-An optional PEFT adapter is merged in fp32 first.
+pyengine.quant (so llama.cpp and pyengine run identical weights); norms, and weights whose
+rows are not a multiple of the block (warned), stay F32. An optional PEFT adapter is merged
+in fp32 first (pyengine.lora.read_adapter; DoRA and other variants are refused).
 """
 from __future__ import annotations
 
