@@ -1,6 +1,10 @@
 """Export a Llama-family Hugging Face directory to GGUF (llama.cpp's file format).
 
     to_gguf("path/to/hf_dir", "model.gguf", "q8_0")     # fmt: f32 | q8_0 | q4_0
+    python -m pyengine.export HF_DIR OUT.gguf [--fmt q8_0] [--adapter DIR] [--force]
+
+An existing output file is replaced only with --force (overwrite=True); the file is written
+under a temporary name and renamed when complete. CLI errors: `error: ...`, exit 2.
 
 Written with the `gguf` package's GGUFWriter, following llama.cpp's conventions for HF
 Llama checkpoints: architecture "llama", tensors token_embd / blk.N.attn_q ... / output,
@@ -8,13 +12,18 @@ q and k rows permuted per head into llama.cpp's rope layout (the same permutatio
 decoder uses, pyengine.infer.model.interleave_rope_rows), llama3 rope scaling as a
 rope_freqs tensor, a byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with its
 tokens, types and merges. 2-D weights are stored in `fmt` with the exact GGUF blocks of
-pyengine.quant (so llama.cpp and pyengine run identical weights); norms stay F32.
-An optional PEFT adapter is merged in fp32 first.
+pyengine.quant (so llama.cpp and pyengine run identical weights); norms, and weights whose
+rows are not a multiple of the block (warned), stay F32. An optional PEFT adapter is merged
+in fp32 first (pyengine.lora.read_adapter; DoRA and other variants are refused).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +32,12 @@ from pyengine.infer.model import (DecoderConfig, ModelLoadError, interleave_rope
                                   load_hf_state, rope_inv_freq)
 
 log = logging.getLogger("pyengine")
+
+
+class ExportError(ValueError):
+    """A GGUF export that cannot be done as asked (format, output path)."""
+
+
 GGUF_FORMATS = ("f32", "q8_0", "q4_0")
 # pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
@@ -81,12 +96,19 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
 
 
-def _tensor_data(weight: torch.Tensor, fmt: str):
-    """(numpy array, GGML type) of one weight; 1-D tensors and fmt f32 stay F32."""
+def _tensor_data(name: str, weight: torch.Tensor, fmt: str):
+    """(numpy array, GGML type) of one weight; 1-D tensors, fmt f32 and weights whose row
+    length is not a multiple of the format's block stay F32 (with a warning naming them,
+    as pyengine.infer and finetune's quantize_base do)."""
     import gguf
-    from pyengine.quant import quantize
+    from pyengine.quant import format_spec, quantize
 
     if weight.dim() == 1 or fmt == "f32":
+        return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
+    block = format_spec(fmt).block
+    if weight.shape[1] % block:
+        log.warning("GGUF export: %s kept in F32: its rows (%d) are not a multiple of the %s "
+                    "block (%d)", name, weight.shape[1], fmt, block)
         return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
     blocks = quantize(weight.float().contiguous(), fmt).gguf_blocks()
     return blocks.numpy(), gguf.GGMLQuantizationType[fmt.upper()]
@@ -122,20 +144,32 @@ def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
             yield f"blk.{i}.{short}.weight", w
 
 
-def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None) -> Path:
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.is_dir():
+        raise ExportError(f"output {path} is a directory; give a file path such as {path / 'model.gguf'}")
+    if path.exists() and not overwrite:
+        raise ExportError(f"output {path} already exists (pass --force / overwrite=True to replace it)")
+
+
+def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool = False) -> Path:
     """Write `model_dir` (HF Llama / Mistral) as a GGUF file at `path` with 2-D weights in
-    `fmt` (f32 | q8_0 | q4_0). Returns the path."""
+    `fmt` (f32 | q8_0 | q4_0). Returns the path.
+
+    An existing file at `path` is replaced only with overwrite=True. The file is written
+    under a temporary name in the same directory and renamed when complete, so a failed
+    or interrupted export leaves no partial .gguf."""
     import gguf
 
     if fmt not in GGUF_FORMATS:
-        raise ValueError(f"fmt must be one of {', '.join(GGUF_FORMATS)}, got '{fmt}'")
+        raise ExportError(f"fmt must be one of {', '.join(GGUF_FORMATS)}, got '{fmt}'")
     model_dir, path = Path(model_dir), Path(path)
+    _check_output(path, overwrite)
     cfg, state = load_hf_state(model_dir, adapter)
     if cfg.model_type not in ("llama", "mistral"):
         raise ModelLoadError(f"GGUF export supports llama and mistral, not '{cfg.model_type}'")
     if any(k.endswith("_proj.bias") for k in state):
         raise ModelLoadError("GGUF export: projection biases are not supported for llama")
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(None, "llama")
     writer.add_name(model_dir.name)
     writer.add_context_length(cfg.max_positions)
     writer.add_embedding_length(cfg.hidden)
@@ -156,24 +190,46 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None) -> Path:
                           "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[fmt])
     _add_tokenizer(writer, model_dir, cfg.vocab)
     for name, weight in _llama_tensors(cfg, state):
-        data, ggml_type = _tensor_data(weight, fmt)
+        data, ggml_type = _tensor_data(name, weight, fmt)
         writer.add_tensor(name, data, raw_dtype=ggml_type)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer.write_header_to_file(Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        _check_output(path, overwrite)  # a file that appeared meanwhile is not replaced either
+        os.replace(tmp, path)
+    finally:
+        writer.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 
-if __name__ == "__main__":
-    import argparse
-
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyengine.export",
-                                 description="Write a Llama-family HF directory as GGUF.")
-    ap.add_argument("model_dir")
-    ap.add_argument("path")
-    ap.add_argument("--fmt", choices=GGUF_FORMATS, default="q8_0")
-    ap.add_argument("--adapter")
-    a = ap.parse_args()
-    print(to_gguf(a.model_dir, a.path, a.fmt, adapter=a.adapter))
+                                 description="Write a Llama-family HF directory as GGUF.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("model_dir", help="Hugging Face model directory (Llama / Mistral)")
+    ap.add_argument("path", help="output .gguf file (written complete or not at all)")
+    ap.add_argument("--fmt", choices=GGUF_FORMATS, default="q8_0",
+                    help="format of the 2-D weights (norms stay F32)")
+    ap.add_argument("--adapter", help="PEFT LoRA adapter directory, merged in fp32 first")
+    ap.add_argument("--force", action="store_true", help="replace an existing output file")
+    a = ap.parse_args(argv)
+    try:
+        print(to_gguf(a.model_dir, a.path, a.fmt, adapter=a.adapter, overwrite=a.force))
+    except KeyboardInterrupt:
+        print("interrupted: no file written", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

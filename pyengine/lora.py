@@ -3,6 +3,7 @@
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     save_adapter(model, "out/")     # adapter_config.json + adapter_model.safetensors
     load_adapter(model, "peft_dir/")  # adapters made by PEFT load too
+    read_adapter("peft_dir/")       # the checked file contents (infer and export merge these)
     model = merge_lora(model)       # plain nn.Linear layers again (fp32 merge)
     quantize_base(model, "nf4")     # QLoRA: frozen bases quantized (also apply_lora(quant=))
 
@@ -23,9 +24,11 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,16 +52,51 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if any(m is h for h in heads)}
 
 
+def _matches(names: list[str], target_modules) -> list[str]:
+    """PEFT's rule for target_modules, except that a string which is a plain module name
+    (letters, digits, "_", ".") and fullmatches no path means a list of that one name."""
+    if isinstance(target_modules, str):
+        hits = [n for n in names if re.fullmatch(target_modules, n)]
+        if hits or not re.fullmatch(r"[\w.]+", target_modules):
+            return hits
+        target_modules = [target_modules]
+    wanted = list(target_modules)  # module names or path suffixes, as in PEFT
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _conv1d_paths(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"
+            and type(m).__module__.startswith("transformers")]
+
+
+def _check_linear(model: nn.Module, path: str, where: str) -> None:
+    """Raise AdapterError unless `path` is an nn.Linear of `model`."""
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        raise AdapterError(f"{where}, which this model does not have") from None
+    if type(m).__name__ == "Conv1D":
+        raise AdapterError(f"{where}: architecture not supported: Conv1D layers (GPT-2 style); "
+                           "pyengine's LoRA adapts nn.Linear only")
+    if not isinstance(m, nn.Linear):
+        raise AdapterError(f"{where}, which is a {type(m).__name__}, not an nn.Linear")
+
+
 def _select_targets(model: nn.Module, target_modules) -> list[str]:
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
               and not isinstance(m, LoRALinear) and ".lora_" not in f".{name}"]
+    conv1d = _conv1d_paths(model)
     if target_modules == "all-linear":
         heads = _output_head_names(model)
-        return [n for n in linear if n not in heads]
-    if isinstance(target_modules, str):  # a regex over the full module path, as in PEFT
-        return [n for n in linear if re.fullmatch(target_modules, n)]
-    names = list(target_modules)  # module names or path suffixes, as in PEFT
-    return [n for n in linear if any(n == t or n.endswith("." + t) for t in names)]
+        targets, conv_hits = [n for n in linear if n not in heads], conv1d
+    else:
+        targets, conv_hits = _matches(linear, target_modules), _matches(conv1d, target_modules)
+    if conv_hits:
+        raise ValueError(f"apply_lora: architecture not supported: Conv1D layers (GPT-2 style), "
+                         f"e.g. {conv_hits[0]!r}; pyengine's LoRA adapts nn.Linear only")
+    if not targets:
+        raise ValueError(f"apply_lora: no nn.Linear module matches target_modules={target_modules!r}")
+    return targets
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -105,8 +143,6 @@ def _fuse_mlps(model: nn.Module, backend: str | None) -> int:
 
 
 def _adapt(model, targets, ranks, alphas, dropout, rslora, backend, fuse_mlp):
-    if not targets:
-        raise ValueError("apply_lora: no nn.Linear module matches target_modules")
     for p in model.parameters():
         p.requires_grad_(False)
     for path in targets:
@@ -126,7 +162,10 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
                fuse_mlp: bool = True) -> nn.Module:
     """Replace the targeted nn.Linear modules by LoRALinear (in place; returns the model).
     Everything else is frozen; `model.lora_trainable_params` holds the trainable count.
-    target_modules: "all-linear", a list of module names / path suffixes, or a regex.
+    target_modules: "all-linear"; a list of module names / path suffixes (PEFT's rule); or
+    a string, which is a regex that must fullmatch a module path (PEFT's rule) -- except that
+    a plain name such as "q_proj" that fullmatches no path means ["q_proj"].
+    Conv1D layers (GPT-2 style) are not supported: selecting one raises ValueError.
     quant: "nf4" | "q4_0" | "q8_0" quantizes the frozen bases (QLoRA, see quantize_base).
     fuse_mlp: run fully adapted Llama-family gated MLPs as one LoRAMLP op (not with quant:
     the fused op takes dense bases)."""
@@ -189,107 +228,182 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(_config(model, modules), indent=2) + "\n")
 
 
-def _pattern_value(path: str, pattern: dict, default):
-    """PEFT's rank_pattern / alpha_pattern: keys match the end of the module path."""
+class AdapterError(ValueError):
+    """An adapter file that is malformed, does not fit the model, or uses a PEFT feature
+    pyengine cannot apply exactly."""
+
+
+# PEFT LoraConfig options that change what an adapter computes beyond W + s * B @ A:
+# refused (when set) rather than silently dropped.
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)", "use_qalora": "QALoRA",
+    "lora_bias": "a bias on lora_B (lora_bias)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layout)",
+    "layer_replication": "layer replication", "trainable_token_indices": "trainable tokens",
+    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)", "arrow_config": "Arrow routing",
+    "use_bdlora": "block-diagonal LoRA", "kasa_config": "KaSA", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+def _pattern_value(path: str, pattern: dict | None, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key (a regex) that matches the
+    end of the module path after a "." (or the whole path) gives the value."""
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
 
 
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter directory, read and checked by read_adapter: the only reader of
+    adapter files (load_adapter, pyengine.infer and pyengine.export all use it)."""
+    directory: Path
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+    rslora: bool
+    dropout: float
+    extra: dict[str, torch.Tensor]  # full tensors that replace a model parameter (by its path)
+    keys: dict[str, str]  # module or parameter path -> its key in the file, for messages
+
+    @property
+    def weights_file(self) -> Path:
+        return self.directory / WEIGHTS_NAME
+
+    def scaling(self, path: str) -> float:
+        return lora_scaling(self.ranks[path], self.alphas[path], self.rslora)
+
+    def delta(self, path: str) -> torch.Tensor:
+        """fp32 scaling * B @ A of the module at `path` (what merging adds to its weight)."""
+        a, b = self.lora[path]
+        return self.scaling(path) * (b.float() @ a.float())
+
+
+def _check_options(cfg: dict, cfg_file: Path) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    for key, feature in UNSUPPORTED_OPTIONS.items():
+        if cfg.get(key):
+            raise AdapterError(f"{cfg_file}: {feature} is not supported ({key}={cfg[key]!r}); "
+                               "pyengine applies plain LoRA only")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"{cfg_file}: trained biases are not supported (bias={cfg['bias']!r}; "
+                           "only 'none')")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
+            raise AdapterError(f"{cfg_file}: {key} must be a number, got {cfg.get(key)!r}")
+
+
+def read_adapter(directory: str | os.PathLike) -> Adapter:
+    """Read a PEFT-format LoRA adapter (adapter_config.json + adapter_model.safetensors).
+    Ranks and alphas per module follow PEFT's rank_pattern / alpha_pattern rule; PEFT's
+    modules_to_save (and saved base layers) become full replacement tensors. Anything that
+    is not plain LoRA on linear layers raises AdapterError naming the feature and the file."""
+    directory = Path(directory)
     cfg_file, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for f in (cfg_file, weights):
         if not f.is_file():
-            raise FileNotFoundError(f"load_adapter: {f} not found")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"load_adapter: {cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False)):
-        if cfg.get(key, ok) != ok:
-            raise ValueError(f"load_adapter: {cfg_file}: {key}={cfg[key]} is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"load_adapter: {cfg_file}: bias={cfg['bias']!r} is not supported")
-    return cfg, load_file(str(weights))
-
-
-def _split_keys(tensors: dict, weights: Path):
-    """{module path: {"A": key, "B": key}} for the LoRA tensors, and {param path: key}
-    for the rest (PEFT's modules_to_save, e.g. a classification head)."""
-    lora, extra = {}, {}
-    for key in tensors:
+            raise FileNotFoundError(f"adapter: {f} not found")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file}: expected a JSON object, got {type(cfg).__name__}")
+    _check_options(cfg, cfg_file)
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise AdapterError(f"{weights}: cannot read safetensors ({e})") from e
+    halves, extra, keys = {}, {}, {}
+    for key, t in tensors.items():
         if not key.startswith(PREFIX):
-            raise ValueError(f"load_adapter: {weights}: key {key!r} does not start with {PREFIX!r}")
-        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key[len(PREFIX):])
+            raise AdapterError(f"{weights}: key {key!r} does not start with {PREFIX!r}")
+        name = key[len(PREFIX):]
+        m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", name)
         if m:
-            lora.setdefault(m.group(1), {})[m.group(2)] = key
-        else:
-            extra[key[len(PREFIX):]] = key
-    return lora, extra
+            halves.setdefault(m.group(1), {})[m.group(2)] = key
+        elif ".lora_embedding_" in name:
+            raise AdapterError(f"{weights}: LoRA on an embedding layer ({key}) is not supported")
+        elif ".lora_" in name:
+            raise AdapterError(f"{weights}: tensor {key!r} is not plain LoRA (only lora_A / lora_B "
+                               "weights are supported)")
+        else:  # modules_to_save copies and saved base layers replace the model's parameter
+            path = re.sub(r"\.(modules_to_save(\.[^.]+)?|base_layer)\.", ".", name)
+            extra[path], keys[path] = t, key
+    if not tensors:
+        raise AdapterError(f"{weights}: holds no tensors")
+    lora, ranks, alphas = {}, {}, {}
+    for path, ab in halves.items():
+        for side in "AB":
+            if side not in ab:
+                raise AdapterError(f"{weights}: {PREFIX}{path}.lora_{side}.weight is missing (the "
+                                   "file has only the other half of the adapter)")
+        a, b = tensors[ab["A"]], tensors[ab["B"]]
+        r = _pattern_value(path, cfg.get("rank_pattern"), cfg["r"])
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise AdapterError(f"{weights}: {ab['A']} {list(a.shape)} and {ab['B']} {list(b.shape)} "
+                               f"are not a rank-{r} linear LoRA pair (r from {cfg_file})")
+        lora[path], ranks[path], keys[path] = (a, b), r, ab["A"]
+        alphas[path] = _pattern_value(path, cfg.get("alpha_pattern"), cfg["lora_alpha"])
+    return Adapter(directory, lora, ranks, alphas, bool(cfg.get("use_rslora", False)),
+                   float(cfg.get("lora_dropout") or 0.0), extra, keys)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike,
                  backend: str | None = None, fuse_mlp: bool = True) -> nn.Module:
     """Load a PEFT-format LoRA adapter (made by save_adapter or by PEFT) into `model`.
     A model without LoRA modules gets them (rank / alpha from the config; fuse_mlp as in
-    apply_lora); a model that has them must match the file exactly: every module, every shape."""
-    directory = Path(directory)
-    cfg, tensors = _read_adapter(directory)
-    weights = directory / WEIGHTS_NAME
-    lora_keys, extra = _split_keys(tensors, weights)
-    for path, ab in lora_keys.items():
-        for side in "AB":
-            if side not in ab:
-                raise KeyError(f"load_adapter: {weights}: {PREFIX}{path}.lora_{side}.weight is "
-                               "missing (the file has only the other half of the adapter)")
+    apply_lora); a model that has them must match the file exactly: every module, every shape.
+    modules_to_save tensors (e.g. a classification head) replace the model's parameters."""
+    adapter = read_adapter(directory)
+    weights = adapter.weights_file
     modules = lora_modules(model)
     if not modules:
-        paths = sorted(lora_keys)
+        paths = sorted(adapter.lora)
         for path in paths:
-            try:
-                m = model.get_submodule(path)
-            except AttributeError:
-                m = None
-            if not isinstance(m, nn.Linear):
-                raise KeyError(f"load_adapter: {weights}: key {lora_keys[path]['A']!r} names "
-                               f"module {path!r}, which is not an nn.Linear in this model")
-        ranks = {p: _pattern_value(p, cfg.get("rank_pattern"), cfg["r"]) for p in paths}
-        alphas = {p: _pattern_value(p, cfg.get("alpha_pattern"), cfg["lora_alpha"]) for p in paths}
-        _adapt(model, paths, ranks, alphas, float(cfg.get("lora_dropout", 0.0)),
-               bool(cfg.get("use_rslora", False)), backend, fuse_mlp)
+            _check_linear(model, path, f"{weights}: key {adapter.keys[path]!r} names module {path!r}")
+        _adapt(model, paths, adapter.ranks, adapter.alphas, adapter.dropout, adapter.rslora,
+               backend, fuse_mlp)
         modules = lora_modules(model)
-    unexpected = sorted(set(lora_keys) - set(modules))
+    unexpected = sorted(set(adapter.lora) - set(modules))
     if unexpected:
-        raise KeyError(f"load_adapter: {weights}: adapter for {unexpected[0]!r} "
-                       f"({lora_keys[unexpected[0]]['A']}) but the model has no LoRA module there "
-                       f"({len(unexpected)} such modules)")
-    missing = sorted(set(modules) - set(lora_keys))
+        raise AdapterError(f"{weights}: adapter for {unexpected[0]!r} ({adapter.keys[unexpected[0]]}) "
+                           f"but the model has no LoRA module there ({len(unexpected)} such modules)")
+    missing = sorted(set(modules) - set(adapter.lora))
     if missing:
-        raise KeyError(f"load_adapter: {weights}: key {PREFIX}{missing[0]}.lora_A.weight is "
-                       f"missing ({len(missing)} LoRA modules of the model have no adapter in the file)")
+        raise AdapterError(f"{weights}: key {PREFIX}{missing[0]}.lora_A.weight is missing "
+                           f"({len(missing)} LoRA modules of the model have no adapter in the file)")
     params = {}
     for path, m in modules.items():
-        for side, param in (("A", m.lora_A.weight), ("B", m.lora_B.weight)):
-            t = tensors[lora_keys[path][side]]
+        for side, t, param in zip("AB", adapter.lora[path], (m.lora_A.weight, m.lora_B.weight)):
             if t.shape != param.shape:
-                raise ValueError(
-                    f"load_adapter: {weights}: {lora_keys[path][side]} has shape {list(t.shape)}, "
+                raise AdapterError(
+                    f"{weights}: {PREFIX}{path}.lora_{side}.weight has shape {list(t.shape)}, "
                     f"the model's {path}.lora_{side}.weight has {list(param.shape)} "
                     f"(rank {m.r}, in {m.in_features}, out {m.out_features})")
             params[param] = t
-    own = dict(model.named_parameters())
-    for path, key in extra.items():
-        name = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", path)
-        if name not in own or own[name].shape != tensors[key].shape:
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for name, t in adapter.extra.items():
+        if name not in own or own[name].shape != t.shape:
             have = list(own[name].shape) if name in own else "no such parameter"
-            raise KeyError(f"load_adapter: {weights}: key {key!r} {list(tensors[key].shape)} does "
-                           f"not fit the model ({name}: {have})")
-        params[own[name]] = tensors[key]
+            raise AdapterError(f"{weights}: key {adapter.keys[name]!r} {list(t.shape)} does not fit "
+                               f"the model ({name}: {have})")
+        if sum(p is own[name] for p in own.values()) > 1:  # tied (lm_head = embed_tokens):
+            parent, _, leaf = name.rpartition(".")        # PEFT trains a copy, so untie
+            own[name] = nn.Parameter(own[name].detach().clone(), requires_grad=False)
+            setattr(model.get_submodule(parent), leaf, own[name])
+            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+                model.config.tie_word_embeddings = False
+        params[own[name]] = t
     with torch.no_grad():
         for param, t in params.items():
             param.copy_(t)
-    for path, key in extra.items():  # PEFT trains modules_to_save: keep them trainable
-        own[re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", path)].requires_grad_(True)
+    for name in adapter.extra:  # PEFT trains modules_to_save (not saved base layers)
+        if ".base_layer." not in adapter.keys[name]:
+            own[name].requires_grad_(True)
     return model
 
 

@@ -1,85 +1,224 @@
-"""pyengine.export.to_gguf: the GGUF reads back with gguf.GGUFReader with our exact weights
-(q/k in llama.cpp's rope order), llama metadata and the BPE tokenizer; llama.cpp (when
-llama-cpp-python is installed) tokenizes and decodes like we do."""
+"""pyengine.export: the GGUF read back with gguf.GGUFReader holds exactly the expected tensors
+(names, shapes, types, values: pyengine.quant's blocks bit for bit, q/k in llama.cpp's rope
+order) and metadata (every key and value), for a tied and an untied head, llama3 rope scaling
+and GQA; the CLI's errors; llama.cpp (when llama-cpp-python is installed) computes our logits."""
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
 gguf = pytest.importorskip("gguf")
-from pyengine.export import to_gguf  # noqa: E402
-from pyengine.infer import ModelLoadError, generate_ids, load_model  # noqa: E402
+from pyengine.export import main as export_main, to_gguf  # noqa: E402
+from pyengine.infer import load_model  # noqa: E402
 from pyengine.infer.model import interleave_rope_rows  # noqa: E402
 from pyengine.quant import quantize  # noqa: E402
 from tests.tiny_llama import save_tiny_model  # noqa: E402
 
 PROMPT = "hello world, the quick"
+LLAMA3 = dict(rope_type="llama3", rope_theta=500.0, factor=8.0, low_freq_factor=1.0,
+              high_freq_factor=4.0, original_max_position_embeddings=16)
+MODELS = {  # tied head, 2 kv heads for 4; untied head, llama3 rope, 1 kv head, K=40 in ffn_down
+    "tied": dict(),
+    "untied_llama3": dict(tie_word_embeddings=False, num_key_value_heads=1, intermediate_size=40,
+                          rope_parameters=LLAMA3),
+}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_export")
-    hf, tok = save_tiny_model(path, seed=3)
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf, tok = save_tiny_model(path, seed=3, **MODELS[request.param])
     return path, hf, tok
 
 
-def field(reader, key):
-    f = reader.fields[key]
-    return f.contents()
+def llama3_rope_factors(head_dim, theta, factor, low, high, old_len):
+    """llama.cpp's rope_freqs for llama3 scaling: how much slower each frequency turns."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old_len / high:
+            out.append(1.0)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out)
+
+
+def expected_tensors(hf):
+    """{gguf name: weight in llama.cpp's orientation} for a transformers Llama."""
+    cfg, sd = hf.config, hf.state_dict()
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not cfg.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":
+        out["rope_freqs.weight"] = llama3_rope_factors(
+            cfg.head_dim, rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+            rope["high_freq_factor"], rope["original_max_position_embeddings"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            f"blk.{i}.attn_norm.weight": sd[p + "input_layernorm.weight"],
+            f"blk.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"],
+            f"blk.{i}.attn_q.weight": interleave_rope_rows(sd[p + "self_attn.q_proj.weight"],
+                                                          cfg.num_attention_heads),
+            f"blk.{i}.attn_k.weight": interleave_rope_rows(sd[p + "self_attn.k_proj.weight"],
+                                                          cfg.num_key_value_heads),
+            f"blk.{i}.attn_v.weight": sd[p + "self_attn.v_proj.weight"],
+            f"blk.{i}.attn_output.weight": sd[p + "self_attn.o_proj.weight"],
+            f"blk.{i}.ffn_gate.weight": sd[p + "mlp.gate_proj.weight"],
+            f"blk.{i}.ffn_up.weight": sd[p + "mlp.up_proj.weight"],
+            f"blk.{i}.ffn_down.weight": sd[p + "mlp.down_proj.weight"]})
+    return out
+
+
+def expected_metadata(path, hf, tok, fmt):
+    cfg = hf.config
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    types = [3 if t in ("<s>", "</s>") else 1 for t in tokens]  # CONTROL / NORMAL
+    return {
+        "GGUF.version": 3, "GGUF.tensor_count": len(expected_tensors(hf)), "GGUF.kv_count": 23,
+        "general.architecture": "llama", "general.name": path.name,
+        "general.file_type": {"f32": 0, "q8_0": 7, "q4_0": 2}[fmt],
+        "llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 2,
+        "llama.feed_forward_length": cfg.intermediate_size, "llama.attention.head_count": 4,
+        "llama.attention.head_count_kv": cfg.num_key_value_heads, "llama.attention.key_length": 16,
+        "llama.attention.value_length": 16, "llama.rope.dimension_count": 16,
+        "llama.rope.freq_base": 500.0, "llama.attention.layer_norm_rms_epsilon": float(np.float32(1e-6)),
+        "llama.vocab_size": len(tokens), "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": [" ".join(m) for m in spec["model"]["merges"]],
+        "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.chat_template": tok.chat_template,
+    }
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])
-def test_gguf_reads_back_with_our_weights(tiny, tmp_path, fmt):
+def test_gguf_holds_exactly_the_expected_tensors_and_metadata(tiny, tmp_path, fmt):
     path, hf, tok = tiny
-    out = to_gguf(path, tmp_path / f"m-{fmt}.gguf", fmt)
-    reader = gguf.GGUFReader(out)
-    cfg = hf.config
-    assert field(reader, "general.architecture") == "llama"
-    assert field(reader, "llama.block_count") == cfg.num_hidden_layers
-    assert field(reader, "llama.attention.head_count_kv") == cfg.num_key_value_heads
-    assert field(reader, "llama.rope.freq_base") == pytest.approx(500.0)
-    assert field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
-    assert field(reader, "tokenizer.ggml.tokens")[:2] == ["<s>", "</s>"]
-    assert field(reader, "tokenizer.ggml.eos_token_id") == 1
-    assert len(field(reader, "tokenizer.ggml.merges")) > 10
-
-    sd = hf.state_dict()
-    expected = {"token_embd.weight": sd["model.embed_tokens.weight"],
-                "output_norm.weight": sd["model.norm.weight"],
-                "blk.1.attn_q.weight": interleave_rope_rows(sd["model.layers.1.self_attn.q_proj.weight"], 4),
-                "blk.1.attn_k.weight": interleave_rope_rows(sd["model.layers.1.self_attn.k_proj.weight"], 2),
-                "blk.0.attn_v.weight": sd["model.layers.0.self_attn.v_proj.weight"],
-                "blk.0.ffn_down.weight": sd["model.layers.0.mlp.down_proj.weight"],
-                "blk.1.ffn_norm.weight": sd["model.layers.1.post_attention_layernorm.weight"]}
-    tensors = {t.name: t for t in reader.tensors}
-    assert "output.weight" not in tensors  # tied embeddings
-    assert len(tensors) == 2 + 9 * cfg.num_hidden_layers
-    for name, w in expected.items():
-        t = tensors[name]
+    reader = gguf.GGUFReader(to_gguf(path, tmp_path / f"m-{fmt}.gguf", fmt))
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    assert meta == expected_metadata(path, hf, tok, fmt)
+    want = expected_tensors(hf)
+    assert [t.name for t in reader.tensors] == list(want)
+    for t in reader.tensors:
+        w = want[t.name]
+        assert list(t.shape) == list(reversed(w.shape)), t.name  # ggml lists ne0 (row length) first
+        quantized = w.dim() == 2 and fmt != "f32" and w.shape[1] % 32 == 0
+        assert t.tensor_type.name == (fmt.upper() if quantized else "F32"), t.name
         got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
-        ours = w if w.dim() == 1 or fmt == "f32" else quantize(w, fmt).dequantize()
-        assert t.tensor_type.name == ("F32" if w.dim() == 1 else fmt.upper())
-        torch.testing.assert_close(got, ours, rtol=0, atol=0)
+        ours = quantize(w, fmt).dequantize() if quantized else w.float()
+        torch.testing.assert_close(got, ours, rtol=0 if quantized else 1e-6, atol=0, msg=t.name)
+        if quantized:  # the very bytes of pyengine's blocks
+            assert np.array_equal(t.data.reshape(-1), quantize(w, fmt).gguf_blocks().numpy().reshape(-1))
 
 
-def test_llama_cpp_matches_our_decoder(tiny, tmp_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    path, _, tok = tiny
-    out = to_gguf(path, tmp_path / "m.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(out), n_threads=2, n_ctx=128, verbose=False)
-    ids = tok(PROMPT)["input_ids"]
-    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
-    theirs = []
-    for t in llm.generate(ids, temp=0.0, top_k=1):
-        theirs.append(t)
-        if len(theirs) == 24 or t == 1:
-            break
-    ours, _ = generate_ids(load_model(path), ids, max_new_tokens=24, stop_ids=(1,))
-    assert ours == theirs
+def test_ragged_k_weights_stay_f32_with_a_warning(tmp_path, caplog):
+    save_tiny_model(tmp_path / "m", seed=1, intermediate_size=40)
+    with caplog.at_level("WARNING", logger="pyengine"):
+        to_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_0")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"GGUF export: blk.{i}.ffn_down.weight kept in F32: its rows (40) are not a multiple of "
+        "the q4_0 block (32)" for i in range(2)]
 
 
-def test_export_errors(tiny, tmp_path):
+def cli(capsys, *args):
+    capsys.readouterr()
+    code = export_main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.err
+
+
+def test_cli_errors_exit_2_and_keep_files(tiny, tmp_path, capsys):
     path = tiny[0]
-    with pytest.raises(ValueError, match="fmt must be one of"):
-        to_gguf(path, tmp_path / "x.gguf", "q2_k")
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        to_gguf(tmp_path / "nothing", tmp_path / "x.gguf", "f32")
+    out = tmp_path / "m.gguf"
+    assert cli(capsys, tmp_path / "nothing", out) == (2, f"error: model directory {tmp_path / 'nothing'} "
+                                                         "does not exist\n")
+    assert cli(capsys, path, out, "--adapter", tmp_path) == (
+        2, f"error: adapter: {tmp_path / 'adapter_config.json'} not found\n")
+    assert cli(capsys, path, tmp_path) == (
+        2, f"error: output {tmp_path} is a directory; give a file path such as {tmp_path / 'model.gguf'}\n")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, err = cli(capsys, path, blocker / "m.gguf")  # the output's folder cannot be made
+    assert code == 2 and err.startswith("error: ") and str(blocker) in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        export_main([str(path), str(out), "--fmt", "q2_k"])
+    assert e.value.code == 2 and "invalid choice: 'q2_k'" in capsys.readouterr().err
+    # an existing output is kept unless --force
+    out.write_bytes(b"precious")
+    assert cli(capsys, path, out, "--fmt", "f32") == (
+        2, f"error: output {out} already exists (pass --force / overwrite=True to replace it)\n")
+    assert out.read_bytes() == b"precious"
+    assert cli(capsys, path, out, "--fmt", "f32", "--force") == (0, "")
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "m.gguf"]
+
+
+def test_cli_refuses_other_architectures(tmp_path, capsys):
+    save_tiny_model(tmp_path / "qwen", "Qwen2Config", tie_word_embeddings=False)
+    assert cli(capsys, tmp_path / "qwen", tmp_path / "q.gguf") == (
+        2, "error: GGUF export supports llama and mistral, not 'qwen2'\n")
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def test_failed_write_leaves_no_file(tiny, tmp_path, capsys, monkeypatch):
+    def disk_full(self, *args, **kwargs):
+        self.fout[0].write(b"\0" * 100)  # part of the file is out when the disk fills up
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    code, err = cli(capsys, tiny[0], tmp_path / "m.gguf")
+    assert (code, err) == (2, "error: [Errno 28] No space left on device\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+LLAMA_CPP_LOGITS = """
+import sys, numpy as np, llama_cpp
+model, out, ids = sys.argv[1], sys.argv[2], [int(i) for i in sys.argv[3:]]
+llm = llama_cpp.Llama(model_path=model, n_ctx=64, n_threads=2, logits_all=True, verbose=False,
+                      type_k=0, type_v=0, flash_attn=False)  # F32 KV cache, as ours
+llm.eval(ids)
+np.save(out, np.array(llm.scores[:len(ids)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(model, ids, out):
+    """llama.cpp's logits [T, V] for `ids`, computed in a subprocess: a llama.cpp built for
+    CPU features this machine does not enable (AMX in some VMs) dies with SIGILL there, not
+    in the test process."""
+    res = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(model), str(out), *map(str, ids)],
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode == -signal.SIGILL:
+        pytest.skip("llama.cpp died with SIGILL: built for a CPU feature this machine does not "
+                    "enable (e.g. AMX in a VM); rebuild with CMAKE_ARGS='-DGGML_NATIVE=OFF ...'")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.from_numpy(np.load(out))
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q8_0"])
+def test_llama_cpp_logits_match_ours(tiny, tmp_path, fmt):
+    """llama.cpp runs our GGUF and gets our decoder's logits: f32 to rounding, q8_0 within
+    twice the error the format itself makes (llama.cpp also quantizes activations)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(pip install llama-cpp-python: builds llama.cpp from source)")
+    path, _, tok = tiny
+    ids = tok(PROMPT)["input_ids"]
+    out = to_gguf(path, tmp_path / f"{fmt}.gguf", fmt)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    assert llm.tokenize(PROMPT.encode(), add_bos=False, special=False) == ids
+    theirs = llama_cpp_logits(out, ids, tmp_path / "logits.npy")
+    fp32 = load_model(path).forward(torch.tensor(ids), 0, all_logits=True)
+    if fmt == "f32":
+        assert (theirs - fp32).abs().max() <= 1e-5 * fp32.abs().max()
+    else:
+        ours = load_model(path, quant=fmt).forward(torch.tensor(ids), 0, all_logits=True)
+        assert (theirs - ours).abs().max() <= 2 * (ours - fp32).abs().max()

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from pyengine.infer import ModelLoadError, generate, generate_ids, load_model, sample_next
-from pyengine.infer.model import load_lora_deltas
 from tests.tiny_llama import save_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -189,11 +188,11 @@ def test_cli_errors_are_clear(tiny, tmp_path, capsys):
     assert "--temperature" in cli_error(capsys, "--model", path, "--prompt", "x", "--temperature", -1)
     assert "--prompt" in cli_error(capsys, "--model", path)
     assert "--prompt-file" in cli_error(capsys, "--model", path, "--prompt-file", tmp_path / "no.txt")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    assert f"--prompt-file {tmp_path / 'latin1.txt'}: cannot read it as UTF-8 text" in cli_error(
+        capsys, "--model", path, "--prompt-file", tmp_path / "latin1.txt")
     assert "adapter_config.json not found" in cli_error(
         capsys, "--model", path, "--prompt", "x", "--adapter", tmp_path)
-    # K=96 is not a multiple of nf4's 64-weight blocks
-    assert "not a multiple of the block size 64" in cli_error(
-        capsys, "--model", path, "--prompt", "x", "--quant", "nf4")
 
 
 def test_load_errors_are_clear(tiny, tmp_path):
@@ -217,7 +216,109 @@ def test_load_errors_are_clear(tiny, tmp_path):
     with pytest.raises(ValueError, match="quant must be one of"):
         load_model(path, quant="int3")
     with pytest.raises(ModelLoadError, match="adapter_config.json not found"):
-        load_lora_deltas(tmp_path)
+        load_model(path, adapter=tmp_path)
     model = load_model(path, max_len=8)
     with pytest.raises(ValueError, match="exceeds the KV cache"):
         model.forward(torch.arange(9), 0)
+
+
+def test_context_limits_are_errors(tiny, capsys):
+    """max_position_embeddings is 256: prompt + new tokens beyond it is refused up front."""
+    path, _, tok = tiny
+    n = len(tok(PROMPT)["input_ids"])
+    err = cli_error(capsys, "--model", path, "--prompt", PROMPT, "--max-new-tokens", 257 - n)
+    assert err == (f"error: the prompt ({n} tokens) + max_new_tokens ({257 - n}) = 257 exceeds the "
+                   f"model's context of 256 tokens (max_position_embeddings); use max_new_tokens "
+                   f"<= {256 - n}\n")
+    long_prompt = " ".join(["hello world"] * 200)
+    assert "; shorten the prompt" in cli_error(capsys, "--model", path, "--prompt", long_prompt)
+    ids, _ = generate_ids(load_model(path), list(range(2, 2 + n)), max_new_tokens=256 - n)
+    assert len(ids) <= 256 - n  # exactly filling the context is allowed
+
+
+def test_cli_model_path_and_tokenizer_errors(tiny, tmp_path, capsys):
+    path = tiny[0]
+    err = cli_error(capsys, "--model", path / "config.json", "--prompt", "x")
+    assert err == (f"error: {path / 'config.json'} is a file: pass the model directory {path} "
+                   "(the one holding config.json)\n")
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((path / f).read_bytes())
+    err = cli_error(capsys, "--model", bare, "--prompt", "x")
+    assert err == (f"error: {bare}: no tokenizer files (none of tokenizer.json, tokenizer.model, "
+                   "vocab.json)\n")
+
+
+def test_cli_ctrl_c_exits_130_without_traceback(tiny, capsys, monkeypatch):
+    from pyengine.infer import __main__ as cli
+    real = cli.generate
+
+    def interrupted(*args, **kwargs):  # Ctrl-C arrives while tokens are streaming
+        def stop(stats):
+            raise KeyboardInterrupt
+        return real(*args, **{**kwargs, "report": stop})
+    monkeypatch.setattr(cli, "generate", interrupted)
+    try:
+        code = cli.main(["--model", str(tiny[0]), "--prompt", PROMPT, "--max-new-tokens", "3"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main() (a traceback for the user)")
+    assert code == 130
+    assert capsys.readouterr().err == "\ninterrupted\n"
+
+
+def test_cli_closed_stdout_exits_quietly(tiny):
+    """`infer ... | head`: the reader closes the pipe; no traceback, exit 141 (as SIGPIPE)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "pyengine.infer", "--model", str(tiny[0]),
+                             "--prompt", PROMPT, "--max-new-tokens", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the first token is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_quantized_layers_with_ragged_k_stay_fp32(tmp_path, caplog):
+    """intermediate 40: down_proj's K is no multiple of 32 -> kept fp32 with one warning per
+    tensor, exactly the checkpoint's weight; the other layers are quantized."""
+    hf, tok = save_tiny_model(tmp_path, seed=2, intermediate_size=40)
+    with caplog.at_level("WARNING", logger="pyengine"):
+        model = load_model(tmp_path, quant="q8_0")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model.layers.{i}.mlp.down_proj.weight kept in fp32: in_features 40 is not a multiple "
+        "of the q8_0 block (32)" for i in range(2)]
+    sd = hf.state_dict()
+    for i, layer in enumerate(model.layers):
+        assert torch.equal(layer.down.keywords["weight"], sd[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert not hasattr(layer.gate_up, "keywords")  # quantized
+    ids = torch.tensor(tok(PROMPT)["input_ids"])
+    fp32 = load_model(tmp_path).forward(ids, 0)
+    assert (model.forward(ids, 0) - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+def test_cli_passive_openmp_does_not_leak(tiny, monkeypatch, capsys):
+    """The CLI re-executes itself with OMP_WAIT_POLICY=PASSIVE (torch's OpenMP reads it at
+    load) without changing its own os.environ; the re-executed process removes it, so
+    programs it starts inherit the user's environment. Import side effects:
+    tests/test_side_effects.py."""
+    from pyengine.infer import __main__ as cli
+    argv = ["--model", str(tiny[0]), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    monkeypatch.setattr(sys, "argv", ["pyengine.infer", *argv])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # a user who chose no policy
+    user_env = dict(os.environ)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or sys.exit(0))
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"os.execv{a}: changes os.environ"))
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert calls == [(sys.executable, [sys.executable, "-m", "pyengine.infer", *argv],
+                      dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{cli._PASSIVE_MARK: "1"}))]
+    assert dict(os.environ) == user_env
+    # the re-executed process: the policy and the marker are gone before any work
+    monkeypatch.setattr(os, "environ", dict(calls[0][2]))
+    assert cli.main() == 0
+    assert os.environ == user_env and calls[1:] == []
+    # a policy the user chose is kept, with no re-execution
+    monkeypatch.setattr(os, "environ", dict(user_env, OMP_WAIT_POLICY="ACTIVE"))
+    assert cli.main() == 0 and calls[1:] == [] and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from pyengine.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter  # noqa: E402
+from pyengine.lora import AdapterError, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter  # noqa: E402
 from pyengine.nn import LoRALinear  # noqa: E402
 
 ATOL = 1e-4
@@ -149,16 +149,16 @@ def test_errors_for_adapters_that_do_not_fit(base_dir, tmp_path):
     tensors = load_file(str(weights))
     tensors.pop(key_a)
     save_file(tensors, str(weights))
-    with pytest.raises(KeyError, match=rf"{key_a} is missing"):
+    with pytest.raises(AdapterError, match=rf"{key_a} is missing"):
         load_adapter(load(base_dir), tmp_path)
-    with pytest.raises(KeyError, match=rf"{key_a} is missing"):
+    with pytest.raises(AdapterError, match=rf"{key_a} is missing"):
         load_adapter(apply_lora(load(base_dir), r=8, alpha=16), tmp_path)
     # an adapter for a module the model does not have
     tensors = load_file(str(_saved(src, tmp_path)))
     tensors["base_model.model.no.such.proj.lora_A.weight"] = torch.zeros(8, 4)
     tensors["base_model.model.no.such.proj.lora_B.weight"] = torch.zeros(4, 8)
     save_file(tensors, str(weights))
-    with pytest.raises(KeyError, match="no.such.proj"):
+    with pytest.raises(AdapterError, match="no.such.proj"):
         load_adapter(load(base_dir), tmp_path)
     # an adapter whose input size does not match the layer
     tensors = load_file(str(_saved(src, tmp_path)))

@@ -6,38 +6,64 @@
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from pyengine.infer.model import LlamaDecoder, ModelLoadError, load_hf_state
+from pyengine.infer.model import LlamaDecoder, ModelLoadError, dense_linear, load_hf_state
 
+log = logging.getLogger("pyengine")
 QUANT_FORMATS = ("none", "q8_0", "q4_0", "nf4")
 
 __all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS", "generate",
-           "generate_ids", "load_model", "sample_next"]
+           "generate_ids", "load_model", "load_tokenizer", "sample_next"]
 
 
 def quant_linear_factory(fmt: str):
     """Linear layers on weights quantized to `fmt` with pyengine.quant.
 
     Inference calls the chosen quant_matmul backend directly: the public op's checks and
-    dispatch cost microseconds per call, which add up at one token per forward."""
+    dispatch cost microseconds per call, which add up at one token per forward.
+    A weight whose in_features is not a multiple of the format's block stays fp32, with a
+    warning naming it (as finetune's quantize_base and the GGUF export do)."""
     from pyengine.backends import resolve
     from pyengine.ops import quant as quant_ops
-    from pyengine.quant import quantize
+    from pyengine.quant import format_spec, quantize
 
     run = quant_ops.BACKENDS[resolve(quant_ops.OP, None, torch.device("cpu"))]
+    block = format_spec(fmt).block
 
-    def make(weight, bias):
+    def make(weight, bias, name):
+        if weight.shape[1] % block:
+            log.warning("%s kept in fp32: in_features %d is not a multiple of the %s block (%d)",
+                        name, weight.shape[1], fmt, block)
+            return dense_linear(torch.float32)(weight, bias)
         qweight = quantize(weight.float().contiguous(), fmt)
         qs, scales = qweight.qs.contiguous(), qweight.scales.contiguous()
         b = None if bias is None else bias.float().contiguous()
         return lambda x: run(x.contiguous(), qs, scales, fmt, b)
     return make
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(model_dir):
+    """The Hugging Face tokenizer saved in `model_dir` (local files only)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{model_dir}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({e})") from e
 
 
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,
@@ -108,6 +134,14 @@ def generate_ids(model: LlamaDecoder, prompt_ids: list[int], *, max_new_tokens: 
     _check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids:
         raise ValueError("the prompt is empty (no tokens)")
+    context = model.cfg.max_positions
+    if len(prompt_ids) + max_new_tokens > context:
+        raise ValueError(
+            f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of {context} tokens "
+            f"(max_position_embeddings)" + (f"; use max_new_tokens <= {context - len(prompt_ids)}"
+                                            if len(prompt_ids) < context else
+                                            "; shorten the prompt"))
     model.reserve(len(prompt_ids) + max_new_tokens)
     generator = None
     if temperature > 0:

@@ -14,8 +14,9 @@ token) the query heads of a kv group are folded into the query length, so attent
 without expanding K/V.
 
 Dtypes: fp32 or bf16 weights/activations (F.linear), or quantized weights through a
-pluggable callable per linear (`linear_factory(weight, bias) -> callable(x)`), which the
-quantized path supplies. Batch size is one stream (tokens shape [T]).
+pluggable callable per linear (`linear_factory(weight, bias, name) -> callable(x)`; name:
+the checkpoint weight(s), for messages), which the quantized path supplies. Batch size is
+one stream (tokens shape [T]).
 
 Floor per decoded token: read every linear weight once (bytes of the weights; ~35 GB/s
 here) plus the KV cache, and ~2 * params FLOPs. At small models Python dispatch dominates,
@@ -23,6 +24,7 @@ so a decode step is kept to ~20 torch calls per layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 Linear = Callable[[torch.Tensor], torch.Tensor]
-LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None"], Linear]
+LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None", str], Linear]  # weight, bias, name
 
 
 class ModelLoadError(ValueError):
@@ -150,45 +152,46 @@ def _read_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_lora_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """PEFT adapter -> {'<module path>.weight': scale * B @ A} in fp32.
+def merge_adapter(cfg: DecoderConfig, state: dict[str, torch.Tensor], adapter_dir: str | Path):
+    """Merge a PEFT LoRA adapter into the fp32 `state` in place (pyengine.lora.read_adapter:
+    PEFT's rank / alpha pattern rules; DoRA and other variants refused). modules_to_save
+    tensors replace the weight they name; one for lm_head unties a tied head (PEFT trains a
+    copy). Returns the config (untied when that happened)."""
+    from pyengine.lora import AdapterError, read_adapter
 
-    scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora; per-module ranks and
-    alphas from rank_pattern / alpha_pattern are honoured."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    cfg_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise ModelLoadError(f"adapter: {p} not found")
     try:
-        cfg = json.loads(cfg_path.read_text())
-        weights = load_file(str(weights_path))
-    except (json.JSONDecodeError, SafetensorError, OSError, RuntimeError) as e:
-        raise ModelLoadError(f"adapter {adapter_dir}: corrupt file ({e})") from e
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelLoadError(f"adapter: peft_type '{cfg.get('peft_type')}' is not LORA")
-    prefix, deltas = "base_model.model.", {}
-    for key, a in weights.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")]
-        b = weights.get(module + ".lora_B.weight")
-        if b is None:
-            raise ModelLoadError(f"adapter: {module}.lora_B.weight missing")
-        path = module[len(prefix):] if module.startswith(prefix) else module
-        short = path.split(".")[-1]
-        r = cfg.get("rank_pattern", {}).get(short, cfg["r"])
-        alpha = cfg.get("alpha_pattern", {}).get(short, cfg.get("lora_alpha", r))
-        if a.shape[0] != r or b.shape[1] != r:
-            raise ModelLoadError(f"adapter: {module} has rank {a.shape[0]}, config says r={r}")
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        deltas[path + ".weight"] = scale * (b.float() @ a.float())
-    if not deltas:
-        raise ModelLoadError(f"adapter {adapter_dir}: no lora_A/lora_B weights found")
-    return deltas
+        adapter = read_adapter(adapter_dir)
+    except (AdapterError, FileNotFoundError) as e:
+        raise ModelLoadError(str(e)) from e
+    where = adapter.weights_file
+    head = "lm_head.weight"
+    if cfg.tied_embeddings:
+        if "lm_head" in adapter.lora:
+            raise ModelLoadError(f"{where}: LoRA on lm_head, which shares its weight with "
+                                 "model.embed_tokens (tie_word_embeddings): not supported")
+        if "model.embed_tokens.weight" in adapter.extra:
+            raise ModelLoadError(f"{where}: modules_to_save replaces model.embed_tokens, which "
+                                 "is tied to lm_head (tie_word_embeddings): not supported")
+        if head in adapter.extra:  # set below
+            state[head] = state["model.embed_tokens.weight"]
+            cfg = dataclasses.replace(cfg, tied_embeddings=False)
+    for name, t in adapter.extra.items():
+        if name not in state or state[name].shape != t.shape:
+            have = list(state[name].shape) if name in state else "no such weight in the model"
+            raise ModelLoadError(f"{where}: {adapter.keys[name]} {list(t.shape)} cannot be placed "
+                                 f"in this causal-LM decoder ({name}: {have})")
+        state[name] = t.float()
+    for path in adapter.lora:
+        name = path + ".weight"
+        if name not in state:
+            raise ModelLoadError(f"{where}: {adapter.keys[path]} targets {name}, which the model "
+                                 "does not have")
+        delta = adapter.delta(path)
+        if state[name].shape != delta.shape:
+            raise ModelLoadError(f"{where}: LoRA delta for {name} has shape {list(delta.shape)}, "
+                                 f"the weight has {list(state[name].shape)}")
+        state[name] = state[name] + delta
+    return cfg
 
 
 def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
@@ -196,24 +199,21 @@ def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise ModelLoadError(f"{model_dir} is a file: pass the model directory "
+                             f"{model_dir.parent} (the one holding config.json)")
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"{model_dir}: config.json not found")
     try:
-        hf_cfg = AutoConfig.from_pretrained(str(model_dir))
+        hf_cfg = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
         raise ModelLoadError(f"{model_dir}/config.json: cannot parse ({e})") from e
     cfg = DecoderConfig.from_hf(hf_cfg)
     state = {k: v.float() for k, v in _read_safetensors_dir(model_dir).items()}
     if adapter is not None:
-        for name, delta in load_lora_deltas(adapter).items():
-            if name not in state:
-                raise ModelLoadError(f"adapter targets {name}, which the model does not have")
-            if state[name].shape != delta.shape:
-                raise ModelLoadError(f"adapter delta for {name} has shape {tuple(delta.shape)}, "
-                                     f"weight is {tuple(state[name].shape)}")
-            state[name] += delta
+        cfg = merge_adapter(cfg, state, adapter)
     return cfg, state
 
 
@@ -222,7 +222,7 @@ def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
 
 def dense_linear(dtype: torch.dtype) -> LinearFactory:
     """Factory of plain F.linear layers with weights cast to `dtype`."""
-    def make(weight, bias):
+    def make(weight, bias, name=""):
         return functools.partial(F.linear, weight=weight.to(dtype).contiguous(),
                                  bias=None if bias is None else bias.to(dtype))
     return make
@@ -259,7 +259,8 @@ class LlamaDecoder:
         self.layers = []
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
-            q, k, v = (get(p + f"self_attn.{n}_proj.weight") for n in "qkv")
+            attn, mlp = p + "self_attn.", p + "mlp."
+            q, k, v = (get(attn + f"{n}_proj.weight") for n in "qkv")
             qkv_w = torch.cat([interleave_rope_rows(q, nh), interleave_rope_rows(k, nkv), v])
             qkv_b = None
             if p + "self_attn.q_proj.bias" in state:
@@ -268,16 +269,17 @@ class LlamaDecoder:
             gate_up_w = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
             self.layers.append(_Layer(
                 attn_norm=get(p + "input_layernorm.weight").to(dtype),
-                qkv=make(qkv_w, qkv_b),
-                o=make(get(p + "self_attn.o_proj.weight"), state.get(p + "self_attn.o_proj.bias")),
+                qkv=make(qkv_w, qkv_b, attn + "{q,k,v}_proj.weight"),
+                o=make(get(attn + "o_proj.weight"), state.get(attn + "o_proj.bias"), attn + "o_proj.weight"),
                 mlp_norm=get(p + "post_attention_layernorm.weight").to(dtype),
-                gate_up=make(gate_up_w, None),
-                down=make(get(p + "mlp.down_proj.weight"), None)))
+                gate_up=make(gate_up_w, None, mlp + "{gate,up}_proj.weight"),
+                down=make(get(mlp + "down_proj.weight"), None, mlp + "down_proj.weight")))
         embed = get("model.embed_tokens.weight")
         self.embed = embed.to(dtype)
         self.final_norm = get("model.norm.weight").to(dtype)
-        head = embed if cfg.tied_embeddings or "lm_head.weight" not in state else state["lm_head.weight"]
-        self.lm_head = make(head, None)
+        untied = not cfg.tied_embeddings and "lm_head.weight" in state
+        self.lm_head = (make(state["lm_head.weight"], None, "lm_head.weight") if untied
+                        else make(embed, None, "model.embed_tokens.weight"))
         self.inv_freq = rope_inv_freq(cfg)
         self.max_len = 0
         self.reserve(max_len)
