@@ -8,8 +8,8 @@ whole gradient-accumulation window), so accumulated gradients equal the full-bat
 a window with no labelled token gives loss 0 and zero gradients, never NaN.
 
 Everything loads with local_files_only=True (no hub access, and no process-wide hub
-environment variables).  What cannot be trained (an encoder for causal-lm, GPT-2's
-Conv1D layers under LoRA, a corrupt or incomplete directory) is a ValueError /
+environment variables).  What cannot be trained (an encoder for causal-lm, a corrupt
+or incomplete directory; GPT-2's Conv1D layers are refused by apply_lora) is a ValueError /
 FileNotFoundError naming the directory and the problem.
 """
 from __future__ import annotations
@@ -84,15 +84,6 @@ def _check_task(path: str, task: str):
         raise ValueError(f"model {path} is an encoder ({config.model_type}): task causal-lm "
                          f"needs a decoder-only language model (e.g. Llama); an encoder can "
                          f"be trained with --task seq-cls or token-cls")
-
-
-def check_lora_supported(model) -> None:
-    """LoRA here adapts nn.Linear layers; GPT-2-style Conv1D layers are refused by name."""
-    from transformers.pytorch_utils import Conv1D
-    conv = [name for name, m in model.named_modules() if isinstance(m, Conv1D)]
-    if conv:
-        raise ValueError(f"architecture not supported: Conv1D layers ({model.config.model_type}: "
-                         f"{', '.join(conv[:2])}, ...) under --method lora; use --method full")
 
 
 def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int | None):

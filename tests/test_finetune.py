@@ -565,7 +565,7 @@ CLI_ERRORS = {  # name: (argv given the fixtures, message regex)
     "malformed json": (lambda f: ["--data", bytes_file(f.tmp / "bad.jsonl", b'{"text": "a"}\n{"text" "b"}\n')],
                        r".*bad.jsonl:2: malformed JSON: Expecting ':' delimiter \(column 9\)"),
     "gpt2 conv1d": (lambda f: ["--model", tiny_gpt2(f.tmp / "gpt2")],
-                    r"architecture not supported: Conv1D layers \(gpt2: transformer.h.0.attn.c_attn"),
+                    r"apply_lora: architecture not supported: Conv1D layers \(GPT-2 style\), e.g. 'transformer.h.0.attn.c_attn'"),
     "fractional batch size": (lambda f: ["--batch-size", "4.9"],
                               r"command line: batch_size = '4.9': Input should be a valid integer"),
 }

@@ -119,7 +119,6 @@ class Run:
         cfg, model = self.cfg, self.model
         if cfg.method == "lora":
             from pyengine.lora import apply_lora, fused_mlps, lora_modules
-            M.check_lora_supported(model)
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
