@@ -302,6 +302,7 @@ def test_cli_passive_openmp_does_not_leak(tiny, monkeypatch, capsys):
     load) without changing its own os.environ; the re-executed process removes it, so
     programs it starts inherit the user's environment. Import side effects:
     tests/test_side_effects.py."""
+    from pyengine.cli import PASSIVE_MARK
     from pyengine.infer import __main__ as cli
     argv = ["--model", str(tiny[0]), "--prompt", PROMPT, "--max-new-tokens", "2"]
     monkeypatch.setattr(sys, "argv", ["pyengine.infer", *argv])
@@ -313,7 +314,7 @@ def test_cli_passive_openmp_does_not_leak(tiny, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main()
     assert calls == [(sys.executable, [sys.executable, "-m", "pyengine.infer", *argv],
-                      dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{cli._PASSIVE_MARK: "1"}))]
+                      dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"}))]
     assert dict(os.environ) == user_env
     # the re-executed process: the policy and the marker are gone before any work
     monkeypatch.setattr(os, "environ", dict(calls[0][2]))

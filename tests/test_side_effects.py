@@ -16,7 +16,7 @@ from pyengine.backends import BackendUnavailable, resolve
 MODULES = ["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.lora", "pyengine.quant",
            "pyengine.data", "pyengine.models", "pyengine.finetune", "pyengine.finetune.trainer",
            "pyengine.finetune.__main__", "pyengine.infer", "pyengine.infer.__main__",
-           "pyengine.export"]
+           "pyengine.export", "pyengine.cli"]
 
 SNAPSHOT = """
 import os, sys, json, torch
@@ -78,3 +78,30 @@ def test_requested_backend_that_cannot_run_is_a_clear_value_error(monkeypatch):
     with pytest.raises(BackendUnavailable, match=r"backend='triton'"):
         resolve("fused_linear_cross_entropy", "triton", torch.device("cpu"))
     assert resolve("fused_linear_cross_entropy", None, torch.device("cpu")) in ("cpu", "ref")
+
+
+@pytest.mark.parametrize("module", ["pyengine.finetune", "pyengine.infer"])
+def test_cli_runs_with_passive_openmp_without_leaking_it(module, monkeypatch):
+    """Each CLI re-executes itself with OMP_WAIT_POLICY=PASSIVE (unless the user chose a
+    policy) and leaves its own os.environ as the user's; the re-executed process removes
+    the policy before any work, so the programs it starts inherit the user's environment."""
+    import importlib
+
+    from pyengine.cli import PASSIVE_MARK, passive_openmp
+    main = importlib.import_module(module + ".__main__").main
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    user_env = dict(os.environ)
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or sys.exit(0))
+    with pytest.raises(SystemExit):
+        main()
+    assert calls == [(sys.executable, [sys.executable, "-m", module, "--help"],
+                      dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"}))]
+    assert dict(os.environ) == user_env
+    monkeypatch.setattr(os, "environ", dict(calls[0][2]))  # the re-executed process
+    passive_openmp(module)
+    assert os.environ == user_env and len(calls) == 1
+    monkeypatch.setattr(os, "environ", dict(user_env, OMP_WAIT_POLICY="ACTIVE"))
+    passive_openmp(module)  # a policy the user chose: kept, no re-execution
+    assert len(calls) == 1 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

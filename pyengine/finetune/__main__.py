@@ -1,13 +1,21 @@
-"""python -m pyengine.finetune --help"""
+"""python -m pyengine.finetune --help
+
+Errors print `error: ...` and exit 2; Ctrl-C / SIGTERM stop at a step boundary with a
+checkpoint and exit 128 + the signal's number. The command runs with
+OMP_WAIT_POLICY=PASSIVE unless the user set a policy (pyengine.cli.passive_openmp);
+programs it starts do not inherit that setting."""
 import logging
 import signal
 import sys
 
+from pyengine.cli import passive_openmp
 from pyengine.finetune.config import from_argv
 from pyengine.finetune.trainer import Run
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the command line, not a call from Python
+        passive_openmp("pyengine.finetune")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = from_argv(argv)

@@ -5,8 +5,8 @@
 Streams the generated text to stdout; prefill / decode speed goes to stderr.
 Errors print `error: ...` and exit 2; Ctrl-C exits 130; a closed stdout (`... | head`)
 ends the run quietly with exit 141, as a process stopped by SIGPIPE. The command runs with
-OMP_WAIT_POLICY=PASSIVE unless the user set a policy (see _passive_openmp); programs it
-starts do not inherit that setting."""
+OMP_WAIT_POLICY=PASSIVE unless the user set a policy (pyengine.cli.passive_openmp);
+programs it starts do not inherit that setting."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pyengine.cli import passive_openmp
 from pyengine.infer import QUANT_FORMATS, ModelLoadError, generate, load_model, load_tokenizer
 
 
@@ -62,28 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-_PASSIVE_MARK = "_PYENGINE_INFER_PASSIVE_OPENMP"
-
-
-def _passive_openmp() -> None:
-    """Run this command with torch's OpenMP threads sleeping when idle (OMP_WAIT_POLICY=PASSIVE)
-    unless the user chose a policy; the variable does not stay in os.environ, so programs
-    started from this process inherit the user's environment unchanged.
-
-    Between the many small ops of a decode step, idle OpenMP threads spin and take the cores
-    from pyengine's kernel thread pool (measured on 2 threads, a 13M-parameter Llama on a
-    shared machine: decode 25-57 -> 143-314 tokens/s fp32, 101-111 -> 394-696 q8_0). The
-    OpenMP runtime reads the policy once, when torch loads, so the command re-executes itself
-    with it set; the re-executed process then removes it (and the marker) from os.environ."""
-    if os.environ.pop(_PASSIVE_MARK, None) is not None:
-        os.environ.pop("OMP_WAIT_POLICY", None)
-        return
-    if "OMP_WAIT_POLICY" in os.environ:
-        return
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{_PASSIVE_MARK: "1"})
-    os.execve(sys.executable, [sys.executable, "-m", "pyengine.infer", *sys.argv[1:]], env)
-
-
 def _run(args) -> int:
     try:
         model = load_model(args.model, adapter=args.adapter, quant=args.quant,
@@ -104,7 +83,7 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     if argv is None:  # the command line, not a call from Python
-        _passive_openmp()
+        passive_openmp("pyengine.infer")
     args = parse_args(argv)
     try:
         return _run(args)
