@@ -14,13 +14,14 @@ import sys
 PASSIVE_MARK = "_PYENGINE_PASSIVE_OPENMP"
 
 
-def passive_openmp(module: str) -> None:
-    """Run `python -m module` (this process's command line) with OMP_WAIT_POLICY=PASSIVE
-    unless the user chose a policy; returns in the process that should do the work."""
+def passive_openmp() -> None:
+    """Re-run this process's command line (interpreter flags included) with
+    OMP_WAIT_POLICY=PASSIVE unless the user chose a policy; returns in the process that
+    should do the work. Call it only from a CLI's `if __name__ == "__main__":` block."""
     if os.environ.pop(PASSIVE_MARK, None) is not None:
         os.environ.pop("OMP_WAIT_POLICY", None)
         return
     if "OMP_WAIT_POLICY" in os.environ:
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"})
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -62,6 +62,10 @@ BAD = [  # key, value, what the message must say is allowed
     ("task", "chat", "'causal-lm', 'seq-cls' or 'token-cls'"),
     ("target_modules", ["q_proj", "q_proj"], "distinct non-empty names"),
     ("max_steps", 0, "greater than or equal to 1"),
+    ("batch_size", True, "not a yes/no value"),  # lax parsing would read it as 1
+    ("lr", True, "not a yes/no value"),
+    ("seed", 2**40, "less than or equal to 4294967295"),  # overflowed the shuffle's seed
+    ("output", "", "at least 1 character"),  # would mean the current directory
 ]
 
 

@@ -115,10 +115,9 @@ def interrupt_in_step(monkeypatch, step, how, grad_accum=2):
         if module.training:
             calls.append(1)
             if len(calls) == step * grad_accum + 2:
-                if how == "sigterm":
-                    os.kill(os.getpid(), signal.SIGTERM)
-                else:
+                if how == "raise":  # as if a signal came while our handler was not there
                     raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM if how == "sigterm" else signal.SIGINT)
 
     def with_hook(self):
         prepare(self)
@@ -126,7 +125,7 @@ def interrupt_in_step(monkeypatch, step, how, grad_accum=2):
     monkeypatch.setattr(T.Run, "prepare_model", with_hook)
 
 
-@pytest.mark.parametrize("how", ["raise", "sigterm"])
+@pytest.mark.parametrize("how", ["raise", "sigterm", "sigint"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch, dtype, how):
     """Cut in deep in step 5 (dropout masks drawn, half the window accumulated); the
@@ -140,10 +139,10 @@ def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch
         with pytest.raises(KeyboardInterrupt) as stopped:
             run(causal(llama, text_data, tmp_path / "split", **kw))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
-    want_step = 4 if how == "raise" else 5  # SIGTERM lets the step finish
+    want_step = 4 if how == "raise" else 5  # a signal lets the step finish
     assert T.latest_checkpoint(tmp_path / "split").name == f"checkpoint-{want_step:07d}"
-    if how == "sigterm":
-        assert stopped.value.signum == signal.SIGTERM
+    if how != "raise":
+        assert stopped.value.signum == {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how]
     resumed = run(causal(llama, text_data, tmp_path / "split", resume=True, **kw))
     assert resumed["losses"] == full["losses"]  # bit for bit
     assert run_files(tmp_path / "split") == run_files(tmp_path / "full")
@@ -464,6 +463,33 @@ def test_overwrite_replaces_the_run_as_a_whole(llama, text_data, finished, tmp_p
     run(causal(llama, text_data, out, max_steps=2, eval_data=None, overwrite=True))
     assert not (out / "notes.txt").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(llama, text_data, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that are not a pyengine run \(notes.txt\)"):
+        run(causal(llama, text_data, out, max_steps=2, eval_data=None, overwrite=True))
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_resume_past_the_requested_steps_is_refused(llama, text_data, finished, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"checkpoint-0000004 is at step 4, past this run's 2 steps"):
+        run(causal(llama, text_data, out, max_steps=2, eval_data=None, resume=True))
+    assert snapshot(out) == before
+
+
+def test_resume_with_other_eval_data_reports_no_before(llama, text_data, tmp_path):
+    out = tmp_path / "run"
+    first = run(causal(llama, text_data, out, max_steps=2))
+    assert first["eval_before"] is not None
+    more = run(causal(llama, text_data, out, max_steps=3, resume=True, eval_data=text_data[0]))
+    assert more["eval_before"] is None and more["eval_after"]["tokens"] > first["eval_after"]["tokens"]
 
 
 @pytest.mark.parametrize("key, value, shown", [

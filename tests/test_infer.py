@@ -295,31 +295,3 @@ def test_quantized_layers_with_ragged_k_stay_fp32(tmp_path, caplog):
     ids = torch.tensor(tok(PROMPT)["input_ids"])
     fp32 = load_model(tmp_path).forward(ids, 0)
     assert (model.forward(ids, 0) - fp32).abs().max() < 0.1 * fp32.abs().max()
-
-
-def test_cli_passive_openmp_does_not_leak(tiny, monkeypatch, capsys):
-    """The CLI re-executes itself with OMP_WAIT_POLICY=PASSIVE (torch's OpenMP reads it at
-    load) without changing its own os.environ; the re-executed process removes it, so
-    programs it starts inherit the user's environment. Import side effects:
-    tests/test_side_effects.py."""
-    from pyengine.cli import PASSIVE_MARK
-    from pyengine.infer import __main__ as cli
-    argv = ["--model", str(tiny[0]), "--prompt", PROMPT, "--max-new-tokens", "2"]
-    monkeypatch.setattr(sys, "argv", ["pyengine.infer", *argv])
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # a user who chose no policy
-    user_env = dict(os.environ)
-    calls = []
-    monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or sys.exit(0))
-    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"os.execv{a}: changes os.environ"))
-    with pytest.raises(SystemExit):
-        cli.main()
-    assert calls == [(sys.executable, [sys.executable, "-m", "pyengine.infer", *argv],
-                      dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"}))]
-    assert dict(os.environ) == user_env
-    # the re-executed process: the policy and the marker are gone before any work
-    monkeypatch.setattr(os, "environ", dict(calls[0][2]))
-    assert cli.main() == 0
-    assert os.environ == user_env and calls[1:] == []
-    # a policy the user chose is kept, with no re-execution
-    monkeypatch.setattr(os, "environ", dict(user_env, OMP_WAIT_POLICY="ACTIVE"))
-    assert cli.main() == 0 and calls[1:] == [] and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -80,28 +80,47 @@ def test_requested_backend_that_cannot_run_is_a_clear_value_error(monkeypatch):
     assert resolve("fused_linear_cross_entropy", None, torch.device("cpu")) in ("cpu", "ref")
 
 
-@pytest.mark.parametrize("module", ["pyengine.finetune", "pyengine.infer"])
-def test_cli_runs_with_passive_openmp_without_leaking_it(module, monkeypatch):
-    """Each CLI re-executes itself with OMP_WAIT_POLICY=PASSIVE (unless the user chose a
-    policy) and leaves its own os.environ as the user's; the re-executed process removes
-    the policy before any work, so the programs it starts inherit the user's environment."""
-    import importlib
-
+def test_passive_openmp_reexecutes_the_command_line_without_leaking(monkeypatch):
+    """A CLI re-executes its own command line (interpreter flags kept) with
+    OMP_WAIT_POLICY=PASSIVE unless the user chose a policy, leaving its os.environ as the
+    user's; the re-executed process removes the policy before any work, so the programs it
+    starts inherit the user's environment."""
     from pyengine.cli import PASSIVE_MARK, passive_openmp
-    main = importlib.import_module(module + ".__main__").main
-    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    command = ["/usr/bin/python3", "-u", "-m", "pyengine.finetune", "--max-steps", "3"]
+    monkeypatch.setattr(sys, "orig_argv", command)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     user_env = dict(os.environ)
     calls = []
     monkeypatch.setattr(os, "execve", lambda *a: calls.append(a) or sys.exit(0))
     with pytest.raises(SystemExit):
-        main()
-    assert calls == [(sys.executable, [sys.executable, "-m", module, "--help"],
+        passive_openmp()
+    assert calls == [(sys.executable, [sys.executable, *command[1:]],
                       dict(user_env, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"}))]
     assert dict(os.environ) == user_env
     monkeypatch.setattr(os, "environ", dict(calls[0][2]))  # the re-executed process
-    passive_openmp(module)
+    passive_openmp()
     assert os.environ == user_env and len(calls) == 1
     monkeypatch.setattr(os, "environ", dict(user_env, OMP_WAIT_POLICY="ACTIVE"))
-    passive_openmp(module)  # a policy the user chose: kept, no re-execution
+    passive_openmp()  # a policy the user chose: kept, no re-execution
     assert len(calls) == 1 and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+CHILD_ENV = """
+import os, subprocess, sys
+import pyengine.cli
+pyengine.cli.passive_openmp()
+child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+                       capture_output=True, text=True).stdout.strip()
+print(os.environ.get("OMP_WAIT_POLICY"), child, sys.orig_argv[1])
+"""
+
+
+def test_passive_openmp_for_real(tmp_path):
+    """The real re-execution: the work runs once, with the interpreter's flags, and the
+    policy reaches neither os.environ nor a child."""
+    script = tmp_path / "cli.py"
+    script.write_text(CHILD_ENV)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-u", str(script)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert (out.returncode, out.stdout) == (0, "None None -u\n"), out.stderr[-2000:]

@@ -14,19 +14,18 @@ from pyengine.finetune.trainer import Run
 
 
 def main(argv=None) -> int:
-    if argv is None:  # the command line, not a call from Python
-        passive_openmp("pyengine.finetune")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = from_argv(argv)
         Run(cfg)()
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: 128 + the signal's number
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, unreadable / unwritable paths, disk full
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
+    passive_openmp()
     sys.exit(main())

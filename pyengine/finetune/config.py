@@ -56,8 +56,8 @@ class FinetuneConfig(BaseModel):
     packing: bool = False
     dtype: Dtype = "bf16"
     grad_checkpointing: bool = False
-    seed: Annotated[int, Field(ge=0)] = 0
-    output: str = "finetune-output"
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    output: Annotated[str, Field(min_length=1)] = "finetune-output"
     overwrite: bool = False
     save_every: Annotated[int, Field(ge=0)] = 0
     log_every: PositiveInt = 10
@@ -65,6 +65,15 @@ class FinetuneConfig(BaseModel):
     merge: bool = False
     labels: list[str] | None = None
     progress: bool = True
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        """Lax parsing reads true as 1: a yes/no is never a number (batch_size: true)."""
+        annotation = str(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and ("int" in annotation or "float" in annotation):
+            raise ValueError("must be a number, not a yes/no value")
+        return v
 
     @field_validator(*PATH_KEYS, mode="before")
     @classmethod

@@ -13,7 +13,8 @@ stay out of metrics.jsonl (timing.jsonl, the returned result and the summary hav
 
 Safety: the output directory must be empty unless --resume (the stored config must
 match in every key that alters training) or --overwrite (cleared only after every input
-was validated); it is never the model directory, inside it, or a parent of the inputs.
+was validated, and only when it is a run's directory: its .pyengine-run marker, a
+checkpoint or metrics.jsonl is there); it is never the model directory, inside it, or a parent of the inputs.
 Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a finished run
 leaves a final checkpoint, so --resume --max-steps N extends it.
 """
@@ -46,6 +47,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2
 TIMING_NAME = "timing.jsonl"  # tokens/s per logging window, kept out of metrics.jsonl
 LABELS_NAME = "labels.json"  # id2label / label2id of a seq-cls / token-cls adapter
+RUN_MARKER = ".pyengine-run"  # written first into every output: --overwrite clears only these
 
 
 @dataclass
@@ -99,6 +101,10 @@ class Run:
         self.batches_per_epoch = D.batches_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(
             cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+        if self.checkpoint is not None and self.checkpoint["state"]["step"] > self.total_steps:
+            raise ValueError(f"--resume: {self.checkpoint['path']} is at step "
+                             f"{self.checkpoint['state']['step']}, past this run's "
+                             f"{self.total_steps} steps (raise --max-steps / --epochs)")
         # 2. Model.
         seed_everything(cfg.seed)
         self.model = M.load_model(cfg.model, cfg.task, self.labels, self.tokenizer.pad_token_id)
@@ -298,6 +304,9 @@ class Run:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
         set_rng_state(ckpt["rng"])
+        if ckpt["config"].get("eval_data") != self.stored_config()["eval_data"]:
+            log.warning("--resume with another --eval-data: no 'before' evaluation to compare")
+            self.state.eval_before = None
 
     def save_outputs(self, eval_after):
         cfg, out = self.cfg, self.out
@@ -366,6 +375,7 @@ class Run:
             log.warning("--overwrite: clearing %s", self.out)
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / RUN_MARKER).write_text("a pyengine.finetune output directory\n")
         for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed midway
             shutil.rmtree(stale, ignore_errors=True)
         if self.checkpoint is not None:
@@ -434,7 +444,7 @@ def stop_requests():
         yield requested
     finally:
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
 
 
 def write_checkpoint_files(directory: Path, payload: dict):
@@ -477,12 +487,22 @@ def check_output(cfg: FinetuneConfig):
         if out == path or out in path.parents or (what == "model directory" and path in out.parents):
             raise ValueError(f"--output {cfg.output} overlaps the {what} {path}; choose an "
                              f"output directory outside the inputs")
-    if out.is_dir() and not (cfg.resume or cfg.overwrite):
-        held = sorted(p.name for p in out.iterdir())
-        if held:
-            raise ValueError(f"--output {cfg.output} is not empty (holds {', '.join(held[:5])}"
-                             f"{', ...' if len(held) > 5 else ''}); pass --resume to continue "
-                             f"that run or --overwrite to replace it")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    listing = f"{', '.join(held[:5])}{', ...' if len(held) > 5 else ''}"
+    if held and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--output {cfg.output} is not empty (holds {listing}); pass --resume "
+                         f"to continue that run or --overwrite to replace it")
+    if held and cfg.overwrite and not is_run_dir(out):
+        raise ValueError(f"--output {cfg.output} holds files that are not a pyengine run "
+                         f"({listing}); --overwrite only replaces a run's own directory: "
+                         f"choose another --output")
+
+
+def is_run_dir(out: Path) -> bool:
+    """A directory a fine-tune wrote: its marker (or, from older runs, a checkpoint or
+    metrics.jsonl) is there."""
+    return ((out / RUN_MARKER).is_file() or (out / "metrics.jsonl").is_file()
+            or latest_checkpoint(out) is not None)
 
 
 def latest_checkpoint(out: Path) -> Path | None:

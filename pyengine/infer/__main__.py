@@ -82,8 +82,6 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    if argv is None:  # the command line, not a call from Python
-        passive_openmp("pyengine.infer")
     args = parse_args(argv)
     try:
         return _run(args)
@@ -99,4 +97,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    passive_openmp()
     sys.exit(main())
