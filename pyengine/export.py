@@ -144,7 +144,11 @@ def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
             yield f"blk.{i}.{short}.weight", w
 
 
-def _check_output(path: Path, overwrite: bool) -> None:
+def _check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
+    for given in inputs:
+        if given.resolve() in path.resolve().parents:
+            raise ExportError(f"output {path} is inside the input directory {given}; "
+                              "write the GGUF file elsewhere")
     if path.is_dir():
         raise ExportError(f"output {path} is a directory; give a file path such as {path / 'model.gguf'}")
     if path.exists() and not overwrite:
@@ -163,7 +167,8 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
     if fmt not in GGUF_FORMATS:
         raise ExportError(f"fmt must be one of {', '.join(GGUF_FORMATS)}, got '{fmt}'")
     model_dir, path = Path(model_dir), Path(path)
-    _check_output(path, overwrite)
+    inputs = (model_dir,) if adapter is None else (model_dir, Path(adapter))
+    _check_output(path, overwrite, inputs)
     cfg, state = load_hf_state(model_dir, adapter)
     if cfg.model_type not in ("llama", "mistral"):
         raise ModelLoadError(f"GGUF export supports llama and mistral, not '{cfg.model_type}'")
@@ -201,6 +206,9 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
         writer.write_tensors_to_file()
         writer.close()
         _check_output(path, overwrite)  # a file that appeared meanwhile is not replaced either
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     finally:
         writer.close()

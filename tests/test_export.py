@@ -144,8 +144,9 @@ def test_cli_errors_exit_2_and_keep_files(tiny, tmp_path, capsys):
     out = tmp_path / "m.gguf"
     assert cli(capsys, tmp_path / "nothing", out) == (2, f"error: model directory {tmp_path / 'nothing'} "
                                                          "does not exist\n")
-    assert cli(capsys, path, out, "--adapter", tmp_path) == (
-        2, f"error: adapter: {tmp_path / 'adapter_config.json'} not found\n")
+    (tmp_path / "empty").mkdir()
+    assert cli(capsys, path, out, "--adapter", tmp_path / "empty") == (
+        2, f"error: adapter: {tmp_path / 'empty' / 'adapter_config.json'} not found\n")
     assert cli(capsys, path, tmp_path) == (
         2, f"error: output {tmp_path} is a directory; give a file path such as {tmp_path / 'model.gguf'}\n")
     blocker = tmp_path / "a_file"
@@ -162,7 +163,16 @@ def test_cli_errors_exit_2_and_keep_files(tiny, tmp_path, capsys):
     assert out.read_bytes() == b"precious"
     assert cli(capsys, path, out, "--fmt", "f32", "--force") == (0, "")
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "llama"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "m.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "m.gguf"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user makes
+    inside = path / "model.safetensors"  # --force must not replace the model's own files
+    before = inside.read_bytes()
+    assert cli(capsys, path, inside, "--force") == (
+        2, f"error: output {inside} is inside the input directory {path}; write the GGUF file "
+           "elsewhere\n")
+    assert inside.read_bytes() == before
 
 
 def test_cli_refuses_other_architectures(tmp_path, capsys):
