@@ -134,7 +134,10 @@ void parallel_sum_rows(int64_t n, int num_threads, int64_t grain, const std::vec
   int64_t total = 0;
   for (const SumOut& o : outs) total += o.size;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t per_block = (n + kMaxRowBlocks - 1) / kMaxRowBlocks;
+  const int64_t partial_bytes = std::max<int64_t>(total, 1) * int64_t(sizeof(float));
+  const int64_t max_blocks =
+      std::clamp(kPartialBudgetBytes / partial_bytes, kMinRowBlocks, kMaxRowBlocks);
+  const int64_t per_block = (n + max_blocks - 1) / max_blocks;
   const int64_t block = (per_block + grain - 1) / grain * grain;
   const int64_t blocks = (n + block - 1) / block;
   std::vector<float> partials(size_t(blocks * total), 0.f);
