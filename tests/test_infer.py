@@ -246,8 +246,9 @@ def test_cli_model_path_and_tokenizer_errors(tiny, tmp_path, capsys):
     for f in ("config.json", "model.safetensors"):
         (bare / f).write_bytes((path / f).read_bytes())
     err = cli_error(capsys, "--model", bare, "--prompt", "x")
-    assert err == (f"error: {bare}: no tokenizer files (none of tokenizer.json, tokenizer.model, "
-                   "vocab.json)\n")
+    assert err == (f"error: model directory {bare} has no tokenizer files (one of tokenizer.json, "
+                   "tokenizer.model, vocab.json, vocab.txt, spiece.model, sentencepiece.bpe.model, "
+                   "tokenizer.tiktoken); save the tokenizer there too\n")
 
 
 def test_cli_ctrl_c_exits_130_without_traceback(tiny, capsys, monkeypatch):

@@ -10,11 +10,11 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pyengine.models import load_tokenizer
 from pyengine.infer.model import LlamaDecoder, ModelLoadError, dense_linear, load_hf_state
 
 log = logging.getLogger("pyengine")
@@ -48,22 +48,6 @@ def quant_linear_factory(fmt: str):
         b = None if bias is None else bias.float().contiguous()
         return lambda x: run(x.contiguous(), qs, scales, fmt, b)
     return make
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(model_dir):
-    """The Hugging Face tokenizer saved in `model_dir` (local files only)."""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelLoadError(f"{model_dir}: no tokenizer files (none of {', '.join(TOKENIZER_FILES)})")
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({e})") from e
 
 
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,

@@ -249,7 +249,7 @@ class LlamaDecoder:
             raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
         self.cfg, self.dtype = cfg, dtype
         make = linear_factory or dense_linear(dtype)
-        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        nh, nkv = cfg.n_heads, cfg.n_kv_heads
 
         def get(name):
             if name not in state:
