@@ -188,8 +188,8 @@ def quantize_base(model: nn.Module, fmt: str) -> nn.Module:
         if m.quant_fmt is not None:
             continue
         if m.in_features % block:
-            log.info("quantize_base: %s left unquantized: in_features %d is not a multiple of "
-                     "the %s block (%d)", path, m.in_features, fmt, block)
+            log.warning("quantize_base: %s left unquantized: in_features %d is not a multiple of "
+                        "the %s block (%d)", path, m.in_features, fmt, block)
             continue
         m.quantize_base(fmt)
         done += 1

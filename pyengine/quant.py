@@ -313,8 +313,8 @@ def quantize_model(model: torch.nn.Module, fmt: str, skip: tuple[str, ...] = ("l
         if type(mod) is not torch.nn.Linear or any(s in name for s in skip):
             continue
         if mod.in_features % spec.block:
-            log.info("quantize_model: keeping %s unquantized (in_features %d not a multiple "
-                     "of %d for %s)", name, mod.in_features, spec.block, fmt)
+            log.warning("quantize_model: keeping %s unquantized (in_features %d not a multiple "
+                        "of %d for %s)", name, mod.in_features, spec.block, fmt)
             continue
         targets.append(name)
     for name in targets:
