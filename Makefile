@@ -22,13 +22,19 @@ build: setup
 test: setup build
 	$(PY) -m pytest -q tests
 
-# The llama.cpp round trip of our GGUF export (tests/test_export.py): llama-cpp-python
-# compiles llama.cpp from source (minutes, once; pip caches the wheel). Portable build:
-# a -march=native llama.cpp can die with SIGILL in VMs that hide AMX.
+# The llama.cpp round trip of our GGUF export (tests/test_export.py) against the real
+# llama.cpp. llama-cpp-python ships only as source: the first run compiles it (~15-25 min
+# on 2 cores) into a wheel kept in LLAMA_WHEELS, later runs install that wheel. Portable
+# build: a -march=native llama.cpp dies with SIGILL in VMs that hide AMX.
 LLAMA_CPP_PYTHON ?= llama-cpp-python==0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/pyengine/wheels
+LLAMA_WHEEL := $(subst ==,-,$(subst -,_,$(LLAMA_CPP_PYTHON)))
 test-llamacpp: setup build
-	$(PY) -c "import llama_cpp" 2>/dev/null || \
-		CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q $(LLAMA_CPP_PYTHON) diskcache
+	$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  { ls $(LLAMA_WHEELS)/$(LLAMA_WHEEL)-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel -q --no-deps -w $(LLAMA_WHEELS) $(LLAMA_CPP_PYTHON); } && \
+	  $(PIP) install -q diskcache jinja2 typing-extensions numpy && \
+	  $(PIP) install -q --no-index --no-deps --find-links $(LLAMA_WHEELS) $(LLAMA_CPP_PYTHON); }
 	PYENGINE_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_export.py -k llama_cpp
 
 bench: setup build
