@@ -325,15 +325,20 @@ def test_grad_accum_normalises_over_the_whole_window(llama, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_epochs_with_grad_accum_steps_epochs_and_lr_schedule(llama, text_data, tmp_path):
+@pytest.mark.parametrize("warmup_ratio, warmup", [(0.0, 0), (0.34, 2)])
+def test_epochs_with_grad_accum_steps_epochs_and_lr_schedule(llama, text_data, tmp_path,
+                                                             warmup_ratio, warmup):
     """epochs=1, 48 rows, batch 4, grad_accum 2: 12 micro-batches = 6 optimizer steps; each
-    metrics line has the epoch reached and the lr that step used (cosine, no warmup)."""
+    metrics line has the epoch reached and the lr that step used (linear warmup over
+    int(warmup_ratio * 6) optimizer steps, then cosine to 0)."""
     r = run(causal(llama, text_data, tmp_path / "out", max_steps=None, epochs=1, grad_accum=2,
-                   log_every=1, lr=1e-3))
+                   log_every=1, lr=1e-3, warmup_ratio=warmup_ratio))
     metrics = metrics_of(tmp_path / "out")
     assert len(r["losses"]) == 6 and [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert [m["epoch"] for m in metrics] == [s * 2 / 12 for s in range(1, 7)]
-    want_lr = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    want_lr = [1e-3 * (s / warmup if s < warmup else
+                       0.5 * (1 + math.cos(math.pi * (s - warmup) / (6 - warmup))))
+               for s in range(6)]
     assert [m["lr"] for m in metrics] == pytest.approx(want_lr, rel=1e-12, abs=1e-18)
 
 
