@@ -136,6 +136,27 @@ def test_cpu_row_kernels_equal_on_any_thread_count(dtype):
             assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_row_kernel_strided_rows(dtype):
+    """Rows of a wider buffer (row stride > V): same losses and gradient bits as the same
+    rows packed contiguously, and the columns past V are left untouched."""
+    from pyengine.ops.cross_entropy import _cpu_rows
+    gen = torch.Generator().manual_seed(6)
+    n, vocab, pad = 37, 301, 19
+    wide = (torch.randn(n, vocab + pad, generator=gen) * 4).to(dtype)
+    target = torch.randint(0, vocab, (n,), generator=gen)
+    target[::5] = -100
+    packed, strided = wide[:, :vocab].clone(), wide.clone()
+    opts = dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, scale=0.3,
+                row_scale=torch.rand(n, generator=gen), write_grad=True)
+    loss_packed, loss_strided = torch.empty(n), torch.empty(n)
+    _cpu_rows(packed, target, loss_packed, **opts)
+    _cpu_rows(strided[:, :vocab], target, loss_strided, **opts)
+    assert torch.equal(loss_strided, loss_packed)
+    assert torch.equal(strided[:, :vocab], packed)
+    assert torch.equal(strided[:, vocab:], wide[:, vocab:])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_fp64(reduction):
     h, w, t, b = make_inputs(7, 5, 11, torch.float64, ignore_every=3)

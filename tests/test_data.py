@@ -170,6 +170,15 @@ def test_packing_masks_example_boundaries():
     assert [r.labels for r in rows] == [[X, 5, 6, X, 7], [X, 8, 9, 4]]
 
 
+def test_packing_fills_a_row_to_exactly_max_len():
+    """An example that fits exactly (row length == max_len) joins the row; one token more
+    starts a new row."""
+    exs = [D.Example([1, 5, 6], [1, 5, 6]), D.Example([1, 7, 8], [1, 7, 8]), D.Example([1], [1])]
+    rows = D.pack(exs, 6)
+    assert [r.input_ids for r in rows] == [[1, 5, 6, 1, 7, 8], [1]]
+    assert [r.labels for r in rows] == [[X, 5, 6, X, 7, 8], [X]]
+
+
 def test_collate_pads_right():
     b = D.collate([D.Example([3, 4, 5], [3, 4, 5]), D.Example([6], [D.IGNORE])], pad_id=0)
     assert b["input_ids"].tolist() == [[3, 4, 5], [6, 0, 0]]

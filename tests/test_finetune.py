@@ -324,6 +324,74 @@ def test_grad_accum_normalises_over_the_whole_window(llama, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("warmup_ratio, warmup", [(0.0, 0), (0.34, 2)])
+def test_epochs_with_grad_accum_steps_epochs_and_lr_schedule(llama, text_data, tmp_path,
+                                                             warmup_ratio, warmup):
+    """epochs=1, 48 rows, batch 4, grad_accum 2: 12 micro-batches = 6 optimizer steps; each
+    metrics line has the epoch reached and the lr that step used (linear warmup over
+    int(warmup_ratio * 6) optimizer steps, then cosine to 0)."""
+    r = run(causal(llama, text_data, tmp_path / "out", max_steps=None, epochs=1, grad_accum=2,
+                   log_every=1, lr=1e-3, warmup_ratio=warmup_ratio))
+    metrics = metrics_of(tmp_path / "out")
+    assert len(r["losses"]) == 6 and [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in metrics] == [s * 2 / 12 for s in range(1, 7)]
+    want_lr = [1e-3 * (s / warmup if s < warmup else
+                       0.5 * (1 + math.cos(math.pi * (s - warmup) / (6 - warmup))))
+               for s in range(6)]
+    assert [m["lr"] for m in metrics] == pytest.approx(want_lr, rel=1e-12, abs=1e-18)
+
+
+def test_accumulated_step_gradients_equal_one_big_batch(llama, text_data, tmp_path):
+    """Run.accumulate over grad_accum micro-batches leaves the gradients of the mean loss of
+    one batch holding all their examples (normalised by the window's labelled tokens)."""
+    from pyengine import data as D, models as M
+    rows = [{"instruction": r["text"], "output": r["text"][: 10 + 7 * i]}
+            for i, r in enumerate(sentences(8))]  # different labelled-token counts per row
+    run_ = T.Run(build_config(dict(model=llama, data=write_jsonl(tmp_path / "a.jsonl", rows),
+                                   output=str(tmp_path / "o"), dtype="fp32", progress=False,
+                                   batch_size=2, grad_accum=2)))
+    run_.accumulate(0)
+    accumulated = [p.grad.clone() for _, p in run_.params]
+    run_.model.zero_grad()
+    picked = run_._order(0)[:4]  # micro-batches 0 and 1 of epoch 0
+    whole = D.collate([run_.train.examples[i] for i in picked], run_.tokenizer.pad_token_id)
+    M.training_loss("causal-lm", run_.model, whole, M.count_items("causal-lm", whole["labels"]),
+                    torch.float32).backward()
+    for (name, p), a in zip(run_.params, accumulated):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 0.5])
+def test_clipping_off_at_zero_and_to_the_given_norm(llama, text_data, tmp_path, max_grad_norm):
+    """update() hands the optimizer the raw gradients when max_grad_norm is 0 (off), else
+    gradients rescaled to total norm max_grad_norm."""
+    run_ = T.Run(build_config(causal(llama, text_data, tmp_path / "o",
+                                     max_grad_norm=max_grad_norm)))
+    for i, (_, p) in enumerate(run_.params):
+        p.grad = torch.full_like(p, 0.1 * (i + 1))
+    raw = [p.grad.clone() for _, p in run_.params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in raw]))
+    seen = []
+    run_.optimizer.step = lambda: seen.extend(p.grad.clone() for _, p in run_.params)
+    got_norm, _ = run_.update()
+    assert got_norm == pytest.approx(float(norm), rel=1e-6)
+    factor = 1.0 if max_grad_norm == 0 else max_grad_norm / (float(norm) + 1e-6)
+    for g, r in zip(seen, raw):
+        torch.testing.assert_close(g, r * factor, rtol=1e-6, atol=0)
+
+
+def test_weight_decay_skips_biases_and_norms(bert, cls_data, tmp_path):
+    """Only matrices decay: every 1-D trainable parameter (the head's bias, LayerNorm
+    weights under full fine-tuning) sits in a group with weight_decay 0."""
+    run_ = T.Run(build_config(dict(model=bert, data=cls_data[0], task="seq-cls", method="full",
+                                   output=str(tmp_path / "o"), weight_decay=0.1, progress=False)))
+    decay = {id(p): g["weight_decay"] for g in run_.optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len(run_.params)
+    one_d = [n for n, p in run_.params if p.ndim == 1]
+    assert "classifier.bias" in one_d and any("LayerNorm" in n for n in one_d)
+    assert all(decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0) for _, p in run_.params)
+
+
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("content, message", [
     ('{"text": "ok"}\n{"text": "broken"\n', r"train.jsonl:2: malformed JSON"),

@@ -322,3 +322,45 @@ def test_lora_linear_module_train_eval_and_merge():
     torch.testing.assert_close(m.merged()(x), want, rtol=1e-5, atol=1e-5)
     m.train()  # dropout on the adapter input only: outputs differ between calls
     assert not torch.equal(m(x), m(x))
+
+
+# ----------------------------------------------------------------- pyengine.lora (no PEFT)
+class Blocks(torch.nn.Module):
+    """Paths that name matching must tell apart: up, block.up, block.lookup (ends in "up")."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.block = torch.nn.Module()
+        self.block.up = torch.nn.Linear(16, 16)
+        self.block.lookup = torch.nn.Linear(16, 8)
+
+
+def test_target_module_names_match_whole_path_components():
+    from pyengine.lora import apply_lora, lora_modules
+    model = apply_lora(Blocks(), r=2, alpha=4, target_modules=["up"])
+    assert sorted(lora_modules(model)) == ["block.up", "up"]
+
+
+def test_rank_and_alpha_patterns_short_names_and_save_round_trip(tmp_path):
+    """A PEFT config whose rank_pattern / alpha_pattern keys are short module names sets
+    those modules' rank and scale; save_adapter writes patterns that reload the same."""
+    import json
+    from safetensors.torch import save_file
+    from pyengine.lora import load_adapter, lora_modules, save_adapter
+    shapes = {"up": (8, 16), "block.up": (16, 16), "block.lookup": (16, 8)}  # (in, out)
+    ranks = {"up": 4, "block.up": 4, "block.lookup": 2}
+    alphas = {"up": 8.0, "block.up": 8.0, "block.lookup": 3.0}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(
+        peft_type="LORA", r=2, lora_alpha=3.0, target_modules=["up", "lookup"],
+        rank_pattern={"up": 4}, alpha_pattern={"up": 8.0})))
+    save_file({f"base_model.model.{p}.lora_{s}.weight": torch.randn(
+        *((ranks[p], i) if s == "A" else (o, ranks[p]))) for p, (i, o) in shapes.items()
+        for s in "AB"}, str(tmp_path / "a" / "adapter_model.safetensors"))
+    model = load_adapter(Blocks(), tmp_path / "a")
+    got = {p: (m.r, m.alpha, m.scaling) for p, m in lora_modules(model).items()}
+    assert got == {p: (ranks[p], alphas[p], alphas[p] / ranks[p]) for p in shapes}
+    save_adapter(model, tmp_path / "b")
+    again = load_adapter(Blocks(), tmp_path / "b")
+    assert {p: (m.r, m.alpha, m.scaling) for p, m in lora_modules(again).items()} == got

@@ -40,6 +40,33 @@ def test_classification_report_on_an_asymmetric_confusion_matrix():
     assert r["examples"] == 22
 
 
+class FixedClassifier(torch.nn.Module):
+    """Predicts class input_ids[:, 0] for every example (a stand-in with known predictions)."""
+
+    def __init__(self, classes):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+        logits = torch.nn.functional.one_hot(input_ids[:, 0], self.classes) * 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_evaluate_confusion_is_true_by_predicted():
+    """evaluate() counts confusion[true, predicted]: on asymmetric pairs every per-class
+    precision and recall equals the hand count (a transposed matrix swaps them)."""
+    pairs = [(0, 0)] * 3 + [(0, 1)] * 2 + [(1, 1)] + [(2, 1)] * 4 + [(2, 2)]  # (true, predicted)
+    batches = [dict(input_ids=torch.tensor([[p, 0] for _, p in pairs[s:s + 4]]),
+                    attention_mask=torch.ones(len(pairs[s:s + 4]), 2, dtype=torch.long),
+                    labels=torch.tensor([t for t, _ in pairs[s:s + 4]]))
+               for s in range(0, len(pairs), 4)]
+    r = M.evaluate("seq-cls", FixedClassifier(3), batches, torch.float32, ["a", "b", "c"])
+    got = {n: (c["precision"], c["recall"], c["support"]) for n, c in r["per_class"].items()}
+    assert got == {"a": (1.0, 3 / 5, 5), "b": (1 / 7, 1.0, 1), "c": (1.0, 1 / 5, 5)}
+    assert r["accuracy"] == 5 / 11 and r["examples"] == 11
+
+
 def causal_batch(tok, tmp_path):
     """Alpaca rows (prompt unlabelled) of different lengths and a plain text row (every
     token labelled, the first one too): padding and ignored targets."""

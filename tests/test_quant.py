@@ -68,6 +68,8 @@ def ggml_q4_0(w):
 def test_gguf_formats_exact(fmt):
     w = rand_weight(5, 96, seed=1)
     w[1, :32] = 0.0  # an all-zero block: d = 0, q = 0 (q8_0) / 8 (q4_0)
+    w[2, 32:64] = torch.arange(32) - 15.5  # with the 127 below, q8_0 d = 1: every
+    w[2, 32] = 127.0                       # quant a tie, which ggml rounds away from zero
     qw = quantize(w, fmt)
     ref = (ggml_q8_0 if fmt == "q8_0" else ggml_q4_0)(w.numpy())
     codes = qw.codes().reshape(-1, 32).numpy()
@@ -104,6 +106,17 @@ def test_nf4_nearest_code():
     dist = (norm[..., None] - code).abs()
     assert torch.all(dist.gather(-1, q[..., None]).squeeze(-1) <= dist.min(-1).values + 1e-7)
     assert torch.equal(qw.dequantize().reshape(-1, 64), code[q] * d[:, None])
+
+
+def test_nf4_scale_is_the_fp16_absmax_codes_nearest_for_it():
+    """Codes are nearest for the stored (fp16-rounded) scale: absmax 1.0003 is stored as
+    1.0, so 0.0398 / 1.0 lies above the 0 / 0.0796 midpoint (0.03979) and takes code 8,
+    while 0.0398 / 1.0003 would lie below it."""
+    w = torch.zeros(1, 64)
+    w[0, 0], w[0, 1] = 1.0003, 0.0398
+    qw = quantize(w, "nf4")
+    assert qw.scales.item() == 1.0
+    assert qw.codes()[0, 0, :3].tolist() == [15, 8, 7]
 
 
 @pytest.mark.parametrize("fmt", FMTS)
