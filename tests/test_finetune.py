@@ -163,6 +163,19 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(llama, text_data, tmp_path, m
     assert T.latest_checkpoint(tmp_path / "o") is None
 
 
+def test_signal_handlers_of_the_caller_come_back(llama, text_data, tmp_path):
+    """Handlers the caller installed (not only the defaults) are restored after a run."""
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGINT, mine), signal.signal(signal.SIGTERM, mine)
+    try:
+        run(causal(llama, text_data, tmp_path / "o", max_steps=1, eval_data=None))
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == (mine, mine)
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
 def test_one_target_module_name_adapts_that_module(llama, text_data, tmp_path):
     from pyengine.lora import lora_modules
     r = T.Run(build_config(causal(llama, text_data, tmp_path / "o", target_modules="q_proj")))
@@ -171,8 +184,11 @@ def test_one_target_module_name_adapts_that_module(llama, text_data, tmp_path):
 
 
 def test_finished_run_is_extended_by_resume(llama, text_data, tmp_path, monkeypatch):
+    """Two checkpoints are kept (2 and 4): --resume continues from the newest."""
     out = tmp_path / "o"
-    first = run(causal(llama, text_data, out, max_steps=4))
+    first = run(causal(llama, text_data, out, max_steps=4, save_every=2))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0000002",
+                                                                "checkpoint-0000004"]
     steps_run = []
     accumulate = T.Run.accumulate
     monkeypatch.setattr(T.Run, "accumulate", lambda self, step: steps_run.append(step) or
@@ -253,6 +269,18 @@ def test_seq_cls_bert(bert, cls_data, tmp_path):
         ours = trained.model.eval()(**enc).logits
         peft = peft_model(bert, str(out), AutoModelForSequenceClassification)(**enc).logits
     torch.testing.assert_close(peft, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_labels_json_keeps_the_given_class_order(bert, cls_data, tmp_path):
+    """--labels in an unsorted order: labels.json maps the ids the run trained with."""
+    out = tmp_path / "o"
+    trained = T.Run(build_config(dict(
+        model=bert, data=cls_data[0], task="seq-cls", output=str(out), labels=["positive", "negative"],
+        batch_size=4, max_steps=1, dtype="fp32", progress=False, max_seq_len=16)))
+    trained()
+    assert trained.train.examples[1].labels == 0  # row 1 is "positive"
+    assert json.loads((out / "labels.json").read_text()) == {
+        "id2label": {"0": "positive", "1": "negative"}, "label2id": {"positive": 0, "negative": 1}}
 
 
 def test_token_cls_bert(bert, tmp_path):
