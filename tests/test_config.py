@@ -58,6 +58,7 @@ BAD = [  # key, value, what the message must say is allowed
     ("lr", "fast", "valid number"),
     ("lr", float("inf"), "finite number"),
     ("lora_dropout", 1.0, "less than 1"),
+    ("warmup_ratio", 1.0, "less than 1"),  # a schedule that never leaves its warmup
     ("packing", "maybe", "valid boolean"),
     ("task", "chat", "'causal-lm', 'seq-cls' or 'token-cls'"),
     ("target_modules", ["q_proj", "q_proj"], "distinct non-empty names"),

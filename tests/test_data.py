@@ -154,6 +154,13 @@ def test_int_labels_index_the_given_class_names(btok, tmp_path):
                   btok, 512, ["negative", "positive"], index_labels=True)
 
 
+def test_a_sequence_of_exactly_max_seq_len_is_not_truncated(btok, tmp_path):
+    rows = [{"text": "the film was fine", "label": "a"}, {"text": "short", "label": "b"}]
+    full = btok(rows[0]["text"])["input_ids"]
+    ds = D.Dataset(write_jsonl(tmp_path / "s.jsonl", rows), "seq-cls", btok, len(full))
+    assert ds.truncated == 0 and ds.examples[0].input_ids == full
+
+
 def test_truncation_is_counted_and_keeps_sep(btok, tmp_path, caplog):
     rows = [{"text": "the film " * 30, "label": "a"}, {"text": "short", "label": "b"}]
     with caplog.at_level("WARNING"):
