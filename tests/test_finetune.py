@@ -132,8 +132,8 @@ def test_resume_after_interrupt_is_exact(llama, text_data, tmp_path, monkeypatch
     resumed run repeats the losses, metrics.jsonl and adapter bytes of an uninterrupted
     run, although the checkpoint step (4 or 5) is not a multiple of log_every."""
     kw = dict(dtype=dtype, grad_accum=2, lora_dropout=0.2, max_steps=7, log_every=3)
-    full = run(causal(llama, text_data, tmp_path / "full", **kw))
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    full = run(causal(llama, text_data, tmp_path / "full", **kw))
     with monkeypatch.context() as m:
         interrupt_in_step(m, 4, how)
         with pytest.raises(KeyboardInterrupt) as stopped:
