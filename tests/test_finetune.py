@@ -418,6 +418,8 @@ def test_weight_decay_skips_biases_and_norms(bert, cls_data, tmp_path):
     one_d = [n for n, p in run_.params if p.ndim == 1]
     assert "classifier.bias" in one_d and any("LayerNorm" in n for n in one_d)
     assert all(decay[id(p)] == (0.1 if p.ndim >= 2 else 0.0) for _, p in run_.params)
+    # one fused kernel per step, not torch's default per-parameter loop on CPU
+    assert all(g["fused"] for g in run_.optimizer.param_groups)
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -112,9 +112,10 @@ class Run:
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         decay = [p for n, p in self.params if p.ndim >= 2]
         no_decay = [p for n, p in self.params if p.ndim < 2]
+        # fused: one kernel over all parameters per step, not a Python loop over them
         self.optimizer = torch.optim.AdamW(
             [dict(params=decay, weight_decay=cfg.weight_decay),
-             dict(params=no_decay, weight_decay=0.0)], lr=cfg.lr)
+             dict(params=no_decay, weight_decay=0.0)], lr=cfg.lr, fused=True)
         from transformers import get_cosine_schedule_with_warmup
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
