@@ -207,13 +207,16 @@ PYBIND11_MODULE(_C, m) {
       "rope",
       [](bool backward, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t cos_sb,
          uintptr_t cos, uintptr_t sin, uintptr_t q, uintptr_t q_out, int64_t hq,
-         std::array<int64_t, 3> q_strides, uintptr_t k, uintptr_t k_out, int64_t hk,
-         std::array<int64_t, 3> k_strides, int num_threads) {
+         std::array<int64_t, 6> q_strides, uintptr_t k, uintptr_t k_out, int64_t hk,
+         std::array<int64_t, 6> k_strides, int num_threads) {
+        // strides: batch, head, position of the input, then of the output
+        const auto& qs = q_strides;
+        const auto& ks = k_strides;
         RopeArgs a{dtype, batch, seq, dim, cos_sb, ptr<const void>(cos), ptr<const void>(sin),
-                   {ptr<const void>(q), ptr<void>(q_out), hq, q_strides[0], q_strides[1],
-                    q_strides[2]},
-                   {ptr<const void>(k), ptr<void>(k_out), hk, k_strides[0], k_strides[1],
-                    k_strides[2]}};
+                   {ptr<const void>(q), ptr<void>(q_out), hq, qs[0], qs[1], qs[2], qs[3], qs[4],
+                    qs[5]},
+                   {ptr<const void>(k), ptr<void>(k_out), hk, ks[0], ks[1], ks[2], ks[3], ks[4],
+                    ks[5]}};
         py::gil_scoped_release nogil;
         if (backward) rope_backward(a, num_threads);
         else rope_forward(a, num_threads);

@@ -5,8 +5,8 @@
 //             (= x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1])
 //   backward: dx1 = dy1 * c1 + dy2 * s2,   dx2 = dy2 * c2 - dy1 * s1
 //             (the transpose; a rotation by -sin when the halves of cos/sin are equal)
-// q [B, Hq, S, D], k [B, Hk, S, D] with any strides for B, H, S (D contiguous); outputs
-// have the strides of their inputs.  cos, sin [Bc, S, D] contiguous, Bc = B or 1.  One
+// q [B, Hq, S, D], k [B, Hk, S, D] with any strides for B, H, S (D contiguous), and so
+// the outputs.  cos, sin [Bc, S, D] contiguous, Bc = B or 1.  One
 // dtype (fp32, bf16, fp16) for all; math in fp32, one rounding per output element.
 // Floor (bytes): reads q, k, cos, sin and writes q, k once: memory-bound (3 flops/element).
 #pragma once
@@ -16,9 +16,10 @@ namespace pyengine {
 
 struct RopeTensor {
   const void* in;        // x (forward) or dy (backward)
-  void* out;             // y or dx, same strides as `in`
+  void* out;             // y or dx
   int64_t heads;
-  int64_t sb, sh, ss;    // element strides of batch, head, position
+  int64_t sb, sh, ss;    // element strides of batch, head, position in `in`
+  int64_t osb, osh, oss; // the same in `out`
 };
 
 struct RopeArgs {

@@ -18,9 +18,9 @@ void rotate(const RopeArgs& a, int64_t begin, int64_t end) {
     const RopeTensor& t = is_q ? a.q : a.k;
     const int64_t i = is_q ? r : r - rows_q;
     const int64_t b = i / (t.heads * S), h = (i / S) % t.heads, p = i % S;
-    const int64_t off = b * t.sb + h * t.sh + p * t.ss, coff = b * a.cos_sb + p * a.dim;
-    const T* x = static_cast<const T*>(t.in) + off;
-    T* y = static_cast<T*>(t.out) + off;
+    const int64_t coff = b * a.cos_sb + p * a.dim;
+    const T* x = static_cast<const T*>(t.in) + b * t.sb + h * t.sh + p * t.ss;
+    T* y = static_cast<T*>(t.out) + b * t.osb + h * t.osh + p * t.oss;
     const T* c = cos + coff;
     const T* s = sin + coff;
 #pragma omp simd
