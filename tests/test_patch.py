@@ -207,3 +207,20 @@ def test_autocast_bf16_matches_hf_under_autocast():
     assert_within_torch_error("logits", got, want, exact, torch.bfloat16)
     for name in exact_g:
         assert_within_torch_error(name, got_g[name], want_g[name], exact_g[name], torch.bfloat16)
+
+
+def test_peft_wrapped_decoder():
+    """A PEFT LoRA model holds the same HF modules under base_model.model: patched too."""
+    peft = pytest.importorskip("peft")
+
+    def build():
+        model = peft.get_peft_model(tiny_decoder("mistral"), peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "up_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.3)
+        return model
+    ids, mask = batch(4)
+    ops = check_against_fp64(build, torch.bfloat16, None, ids, mask)
+    assert {"pyengine.norm", "pyengine.rope", "pyengine.swiglu"} <= ops
