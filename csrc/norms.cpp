@@ -28,7 +28,13 @@ void forward(const NormArgs& a, int num_threads, FwdFn fn) {
 
 // dweight (and dbias) are a deterministic row reduction (parallel_sum_rows): fixed row
 // blocks, partials added in block order, so bits do not depend on the thread count.
+// Without dweight (a frozen norm) only dx is computed, rows in parallel.
 void backward(const NormArgs& a, int num_threads, BwdFn fn) {
+  if (!a.dweight) {
+    parallel_for(a.rows, num_threads, kRowGrain,
+                 [&](int64_t b, int64_t e) { fn(a, b, e, nullptr); });
+    return;
+  }
   std::vector<SumOut> outs{{a.dweight, a.cols}};
   if (a.dbias) outs.push_back({a.dbias, a.cols});
   parallel_sum_rows(a.rows, num_threads, kRowGrain, outs,

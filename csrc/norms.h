@@ -39,8 +39,8 @@ struct NormArgs {
   const void* dy;         // backward in
   const void* ds;         // backward in, nullptr: none
   void* dx;               // backward out
-  float* dweight;         // [cols] backward out (caller zeroes)
-  float* dbias;           // [cols] backward out, LayerNorm (caller zeroes)
+  float* dweight;         // [cols] backward out (caller zeroes); nullptr: not wanted
+  float* dbias;           // [cols] backward out, LayerNorm (caller zeroes); nullptr: idem
 };
 
 void rms_norm_forward(const NormArgs& a, int num_threads);
@@ -49,7 +49,8 @@ void layer_norm_forward(const NormArgs& a, int num_threads);
 void layer_norm_backward(const NormArgs& a, int num_threads);
 
 // Row-range kernels; the backward ones add their weight gradients into `acc`
-// ([cols] dweight then [cols] dbias for LayerNorm, fp32, zeroed, one per row block).
+// ([cols] dweight then [cols] dbias for LayerNorm, fp32, zeroed, one per row block;
+// nullptr: dx only).
 #define PYENGINE_NORMS_DECL                                                                \
   void rms_norm_forward_range(const NormArgs& a, int64_t begin, int64_t end);             \
   void rms_norm_backward_range(const NormArgs& a, int64_t begin, int64_t end, float* acc); \

@@ -60,7 +60,7 @@ void rms_forward(const NormArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename D>
+template <typename D, bool kAcc>
 void rms_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
   using T = typename D::T;
   const int64_t C = a.cols;
@@ -79,7 +79,7 @@ void rms_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
       const float nj = D::load(s, off + j) * rstd, dyj = D::load(dy, off + j);
       n[j] = nj;
       dn[j] = dyj * D::load(w, j);
-      acc[j] += dyj * round_to<D>(nj);
+      if (kAcc) acc[j] += dyj * round_to<D>(nj);
       dot += dn[j] * nj;
     }
     const float c = dot / float(C);
@@ -120,7 +120,7 @@ void ln_forward(const NormArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename D>
+template <typename D, bool kAcc>
 void ln_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
   using T = typename D::T;
   const int64_t C = a.cols;
@@ -130,7 +130,7 @@ void ln_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
   const T* ds = static_cast<const T*>(a.ds);
   T* dx = static_cast<T*>(a.dx);
   float* acc_w = acc;
-  float* acc_b = acc + C;
+  float* acc_b = kAcc ? acc + C : nullptr;
   std::vector<float> xh(C), g(C);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t off = r * C;
@@ -141,8 +141,10 @@ void ln_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
       const float xj = (D::load(s, off + j) - mean) * rstd, dyj = D::load(dy, off + j);
       xh[j] = xj;
       g[j] = dyj * D::load(w, j);
-      acc_w[j] += dyj * xj;
-      acc_b[j] += dyj;
+      if (kAcc) {
+        acc_w[j] += dyj * xj;
+        acc_b[j] += dyj;
+      }
       sum_g += g[j];
       dot += g[j] * xj;
     }
@@ -158,28 +160,40 @@ void ln_backward(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
   }
 }
 
+// fn(D{}) for the element type of `dtype`
+template <typename Fn>
+static inline void by_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kF32: fn(F32{}); break;
+    case kBF16: fn(BF16{}); break;
+    default: fn(F16{}); break;
+  }
+}
+
 }  // namespace
 
-#define PYENGINE_NORMS_DISPATCH(fn, ...)             \
-  switch (a.dtype) {                                 \
-    case kF32: fn<F32>(__VA_ARGS__); break;          \
-    case kBF16: fn<BF16>(__VA_ARGS__); break;        \
-    default: fn<F16>(__VA_ARGS__); break;            \
-  }
-
 void rms_norm_forward_range(const NormArgs& a, int64_t begin, int64_t end) {
-  PYENGINE_NORMS_DISPATCH(rms_forward, a, begin, end)
+  by_dtype(a.dtype, [&](auto d) { rms_forward<decltype(d)>(a, begin, end); });
 }
+
+// acc == nullptr: the weight gradients are not wanted (a frozen norm), only dx
 void rms_norm_backward_range(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
-  PYENGINE_NORMS_DISPATCH(rms_backward, a, begin, end, acc)
+  by_dtype(a.dtype, [&](auto d) {
+    if (acc) rms_backward<decltype(d), true>(a, begin, end, acc);
+    else rms_backward<decltype(d), false>(a, begin, end, acc);
+  });
 }
+
 void layer_norm_forward_range(const NormArgs& a, int64_t begin, int64_t end) {
-  PYENGINE_NORMS_DISPATCH(ln_forward, a, begin, end)
+  by_dtype(a.dtype, [&](auto d) { ln_forward<decltype(d)>(a, begin, end); });
 }
+
 void layer_norm_backward_range(const NormArgs& a, int64_t begin, int64_t end, float* acc) {
-  PYENGINE_NORMS_DISPATCH(ln_backward, a, begin, end, acc)
+  by_dtype(a.dtype, [&](auto d) {
+    if (acc) ln_backward<decltype(d), true>(a, begin, end, acc);
+    else ln_backward<decltype(d), false>(a, begin, end, acc);
+  });
 }
-#undef PYENGINE_NORMS_DISPATCH
 
 }  // namespace PYENGINE_ISA_NS
 }  // namespace pyengine

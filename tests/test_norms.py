@@ -205,3 +205,24 @@ def test_bad_inputs_name_what_is_wrong():
         layer_norm(x, w, b, 1e-5, res[:2])
     with pytest.raises(TypeError, match="rms_norm: dtypes"):
         rms_norm(x.int(), w.int(), 1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("layer", [False, True])
+def test_frozen_weight_skips_its_gradient_and_keeps_dx(layer):
+    """A frozen norm (LoRA training) gets no weight gradient computed; dx is unchanged."""
+    x, res, w, b, dy = inputs(50, 40, torch.bfloat16, seed=9)
+
+    def run(train_weight):
+        xl, wl, bl = x.clone().requires_grad_(), w.clone().requires_grad_(train_weight), \
+            b.clone().requires_grad_(train_weight)
+        y, s = (layer_norm(xl, wl, bl, 1e-5, res, backend="cpu") if layer
+                else rms_norm(xl, wl, 1e-5, res, backend="cpu"))
+        (y.float() * dy.float()).sum().backward()
+        return xl.grad, wl.grad
+    dx_frozen, dw_frozen = run(False)
+    dx, dw = run(True)
+    assert dw_frozen is None and dw is not None and torch.equal(dx_frozen, dx)
+    dx2, _, _ = norm_backward(layer, dy, None, x + res, w, *norm_forward(
+        layer, x, w, b if layer else None, res, 1e-5, "cpu")[2:], "cpu", want_dw=False)
+    assert torch.equal(dx2, dx)

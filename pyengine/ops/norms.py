@@ -76,7 +76,7 @@ def _ref_forward(layer, x, weight, bias, residual, eps):
     return (y.to(x.dtype).view(x.shape), _none(x) if residual is None else s, mean, rstd)
 
 
-def _ref_backward(layer, dy, ds, s, weight, mean, rstd):
+def _ref_backward(layer, dy, ds, s, weight, mean, rstd, want_dw):
     """(dx, dweight fp32, dbias fp32 or empty) for the saved s and statistics."""
     ct = torch.promote_types(s.dtype, torch.float32)
     sf, dyf, w = _rows(s).to(ct), _rows(dy).to(ct), weight.to(ct)
@@ -108,16 +108,16 @@ def _cpu_forward(layer, x, weight, bias, residual, eps):
     return y, _none(x) if s is None else s, _none(rstd) if mean is None else mean, rstd
 
 
-def _cpu_backward(layer, dy, ds, s, weight, mean, rstd):
+def _cpu_backward(layer, dy, ds, s, weight, mean, rstd, want_dw):
     rows, cols = s.numel() // s.shape[-1], s.shape[-1]
     dx = torch.empty_like(s)
-    dw = torch.zeros(cols)
-    db = torch.zeros(cols) if layer else None
+    dw = torch.zeros(cols) if want_dw else None
+    db = torch.zeros(cols) if want_dw and layer else None
     _ext._C.norm_backward(layer, _ext.dtype_code(s), rows, cols, weight.data_ptr(), s.data_ptr(),
                           mean.data_ptr() if layer else 0, rstd.data_ptr(), dy.data_ptr(),
-                          _ext.ptr(ds), dx.data_ptr(), dw.data_ptr(), _ext.ptr(db),
+                          _ext.ptr(ds), dx.data_ptr(), _ext.ptr(dw), _ext.ptr(db),
                           _ext.num_threads())
-    return dx, dw, _none(dw) if db is None else db
+    return dx, _none(rstd) if dw is None else dw, _none(rstd) if db is None else db
 
 
 def _triton_forward(layer, x, weight, bias, residual, eps):
@@ -129,7 +129,7 @@ def _triton_forward(layer, x, weight, bias, residual, eps):
     return y, s, _none(rstd), rstd
 
 
-def _triton_backward(layer, dy, ds, s, weight, mean, rstd):
+def _triton_backward(layer, dy, ds, s, weight, mean, rstd, want_dw):
     from pyengine.kernels.layer_norm import layer_norm_backward
     from pyengine.kernels.rms_norm import rms_norm_backward
     if layer:
@@ -149,10 +149,11 @@ def norm_forward(layer: bool, x, weight, bias, residual, eps: float, backend: st
                                                                    residual, eps)
 
 
-def norm_backward(layer: bool, dy, ds, s, weight, mean, rstd, backend: str):
-    """(dx, dweight fp32, dbias fp32 or empty) on a resolved backend."""
+def norm_backward(layer: bool, dy, ds, s, weight, mean, rstd, backend: str, want_dw=True):
+    """(dx, dweight fp32, dbias fp32 or empty) on a resolved backend; want_dw=False: the
+    weight gradients may come back empty (the cpu kernel then skips them)."""
     return BACKWARD[backend if s.dtype in KERNEL_DTYPES else "ref"](layer, dy, ds, s, weight,
-                                                                    mean, rstd)
+                                                                    mean, rstd, want_dw)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -181,23 +182,27 @@ def _setup_context(ctx, inputs, output):
 
 def _norm_grad(ctx, dy, ds, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
+    want_dw = ctx.needs_input_grad[2] or (ctx.has_bias and ctx.needs_input_grad[3])
     dx, dw, db = _norm_backward(ctx.layer, dy.contiguous(),
                                 ds.contiguous() if ctx.has_residual and ds is not None else None,
-                                s, weight, mean, rstd, ctx.backend)
-    return (None, dx, dw.to(weight.dtype), db.to(weight.dtype) if ctx.has_bias else None,
+                                s, weight, mean, rstd, ctx.backend, want_dw)
+    return (None, dx, dw.to(weight.dtype) if want_dw else None,
+            db.to(weight.dtype) if want_dw and ctx.has_bias else None,
             dx if ctx.has_residual else None, None, None)
 
 
 @torch.library.custom_op("pyengine::norm_backward", mutates_args=())
 def _norm_backward(layer: bool, dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor,
-                   mean: Tensor, rstd: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return norm_backward(layer, dy, ds, s, weight, mean, rstd, backend)
+                   mean: Tensor, rstd: Tensor, backend: str,
+                   want_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = norm_backward(layer, dy, ds, s, weight, mean, rstd, backend, want_dw)
+    return (dx, dw, db) if want_dw else (dx, _none(rstd), _none(rstd))
 
 
 @_norm_backward.register_fake
-def _(layer, dy, ds, s, weight, mean, rstd, backend):
+def _(layer, dy, ds, s, weight, mean, rstd, backend, want_dw):
     acc = torch.promote_types(s.dtype, torch.float32)
-    cols = s.shape[-1]
+    cols = s.shape[-1] if want_dw else 0
     return (torch.empty_like(s), s.new_empty(cols, dtype=acc),
             s.new_empty(cols if layer else 0, dtype=acc))
 
