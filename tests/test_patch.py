@@ -60,12 +60,15 @@ def batch(seed=0):
 
 
 def output_and_grads(model, ids, mask):
-    """Logits (fp64) and the gradients of every trainable parameter (a fixed random
-    projection of the logits as the loss), by parameter name."""
+    """Logits and the gradients of every trainable parameter by name; the loss is a fixed
+    random projection of the logits (of the unpadded tokens for a causal LM)."""
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=mask).logits
-    proj = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    (logits.double() * proj * mask[..., None] if logits.dim() == 3 else logits.double() * proj).sum().backward()
+    proj = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64)
+    if logits.dim() == 3:
+        proj = proj * mask[..., None]
+    (logits.double() * proj).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
              if p.requires_grad}
     return logits.detach(), grads
@@ -224,3 +227,33 @@ def test_peft_wrapped_decoder():
     ids, mask = batch(4)
     ops = check_against_fp64(build, torch.bfloat16, None, ids, mask)
     assert {"pyengine.norm", "pyengine.rope", "pyengine.swiglu"} <= ops
+
+
+@pytest.mark.parametrize("family", sorted(DECODER_CONFIGS))
+def test_attention_function_from_config_gets_hfs_arguments(family):
+    """The patched attention calls the function config._attn_implementation names, with
+    the arguments HF's forward passes (Mistral / Qwen2 add sliding_window): what another
+    attention kernel registered there would receive."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+
+    def recording(module, q, k, v, mask, **kwargs):
+        calls.append((q, k, v, mask, kwargs))
+        return sdpa(module, q, k, v, mask, **kwargs)
+    ALL_ATTENTION_FUNCTIONS["pyengine_test_recording"] = recording
+    try:
+        model = tiny_decoder(family)
+        model.config._attn_implementation = "pyengine_test_recording"
+        ids, mask = batch(5)
+        model(input_ids=ids, attention_mask=mask)
+        hf_calls, calls[:] = list(calls), []
+        patch_model(model)(input_ids=ids, attention_mask=mask)
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["pyengine_test_recording"]
+    assert len(calls) == len(hf_calls) == 2
+    for (q, k, v, m, kw), (hq, hk, hv, hm, hkw) in zip(calls, hf_calls):
+        assert kw.keys() == hkw.keys() and ("sliding_window" in kw) == (family != "llama")
+        assert all(kw[n] == hkw[n] for n in kw if not isinstance(kw[n], torch.Tensor)), kw
+        torch.testing.assert_close((q, k, v), (hq, hk, hv), rtol=1e-5, atol=1e-5)
+        assert (m is None and hm is None) or torch.equal(m, hm)

@@ -56,9 +56,9 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _none(like: Tensor, dtype=None) -> Tensor:
+def _none(like: Tensor) -> Tensor:
     """The empty tensor standing for an absent output (custom ops return fresh tensors)."""
-    return like.new_empty(0, dtype=dtype)
+    return like.new_empty(0)
 
 
 def _ref_forward(layer, x, weight, bias, residual, eps):

@@ -10,8 +10,8 @@ rounds three times).  Mixed dtypes (bf16 q with fp32 cos under autocast) are pro
 the wider one, which is what HF returns then; the op itself stays out of autocast.
 Not in place: torch.library's register_autograd takes only ops that mutate nothing, and q,
 k are views of the projections' outputs that autograd may still need; so the op returns
-fresh q, k (torch.empty_like: the
-inputs' strides when they are dense); no other temporary is made.  cos and sin get no gradient (HF's come from a buffer).
+fresh q, k (torch.empty_like: the inputs' strides when they are dense) and makes no other
+temporary.  cos and sin get no gradient (HF's come from a buffer).
 Floor: memory-bound; reads q, k, cos, sin and writes q, k once each way at ~35 GB/s.
 
 Backends: "ref" (plain PyTorch), "cpu" (csrc/rope.h), "triton" (pyengine.kernels.rope).
@@ -141,9 +141,11 @@ def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
         raise TypeError(f"rope: dtypes {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype} promote "
                         f"to {dtype}; allowed: {DTYPES}")
     if len({t.device for t in (q, k, cos, sin)}) != 1:
-        raise ValueError(f"rope: q, k, cos, sin must be on one device")
+        raise ValueError(f"rope: q, k, cos, sin must be on one device, got {q.device}, "
+                         f"{k.device}, {cos.device}, {sin.device}")
     q, k, cos, sin = (t.to(dtype) for t in (q, k, cos, sin))
     chosen = resolve(OP, backend, q.device)
     if chosen == "ref":
         return reference_rope(q, k, cos, sin)
-    return _rope(_unit_stride(q), _unit_stride(k), cos.contiguous(), sin.contiguous(), False, chosen)
+    return _rope(_unit_stride(q), _unit_stride(k), cos.contiguous(), sin.contiguous(), False,
+                 chosen)
