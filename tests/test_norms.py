@@ -226,3 +226,25 @@ def test_frozen_weight_skips_its_gradient_and_keeps_dx(layer):
     dx2, _, _ = norm_backward(layer, dy, None, x + res, w, *norm_forward(
         layer, x, w, b if layer else None, res, 1e-5, "cpu")[2:], "cpu", want_dw=False)
     assert torch.equal(dx2, dx)
+
+
+@needs_ext
+def test_torch_compile_fullgraph_with_grad():
+    """The ops trace as single graph nodes (fake + autograd registrations) under compile."""
+    from pyengine.ops import rope
+    x, res, w, b, _ = inputs(2 * 5, 16, torch.float32, seed=10)
+    cos, sin = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+
+    def block(x, res, w, b):
+        y, s = rms_norm(x, w, 1e-5, res, backend="cpu")
+        q = y.view(2, 5, 2, 8).transpose(1, 2)
+        q, k = rope(q, q * 2, cos, sin, backend="cpu")
+        z = (q + k).transpose(1, 2).reshape(10, 16)
+        return layer_norm(z, w, b, 1e-5, s, backend="cpu")[0]
+    leaves = [t.clone().requires_grad_() for t in (x, res, w, b)]
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    compiled(*leaves).square().sum().backward()
+    eager = [t.clone().requires_grad_() for t in (x, res, w, b)]
+    block(*eager).square().sum().backward()
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad)
