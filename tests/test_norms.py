@@ -248,3 +248,27 @@ def test_torch_compile_fullgraph_with_grad():
     block(*eager).square().sum().backward()
     for a, e in zip(leaves, eager):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+@needs_ext
+def test_modules_with_a_weight_of_another_dtype_behave_like_the_replaced_module():
+    """A norm kept in fp32 inside a bf16 model: HF's RMSNorm returns fp32 (weight * bf16
+    normalised row), nn.LayerNorm returns bf16; the modules reproduce both exactly."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from pyengine.nn import LayerNorm, RMSNorm
+    x, res, w, b, _ = inputs(6, 40, torch.float32, seed=11)
+    hf = LlamaRMSNorm(40, eps=1e-5)
+    torch_ln = torch.nn.LayerNorm(40, eps=1e-5)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        torch_ln.weight.copy_(w)
+        torch_ln.bias.copy_(b)
+    xb, rb = x.bfloat16(), res.bfloat16()
+    want = hf(xb + rb)
+    got, s = RMSNorm.from_module(hf)(xb, rb)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert s.dtype == torch.bfloat16 and torch.equal(s, xb + rb)
+    want = torch_ln(xb)
+    got = LayerNorm.from_module(torch_ln)(xb)
+    assert got.dtype == want.dtype == torch.bfloat16 and torch.equal(got, want)

@@ -2,14 +2,21 @@
 
 Parameter names are those of the Hugging Face / torch modules they replace (`weight`,
 `bias`), so state-dict keys do not change; `from_module` shares the original Parameters
-(an optimizer or PEFT holding them keeps working).
+(an optimizer or PEFT holding them keeps working).  A weight whose dtype differs from the
+input's (e.g. norms kept in fp32 in a bf16 model) runs the reference math, which is the
+replaced module's own mixed-dtype behaviour, bit for bit.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pyengine.ops.norms import layer_norm, rms_norm
+from pyengine.ops.norms import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
+
+
+def _mixed(weight, x, residual) -> bool:
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return weight.dtype != dtype
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +37,8 @@ class RMSNorm(nn.Module):
         return new
 
     def forward(self, x, residual=None):
+        if _mixed(self.weight, x, residual):
+            return reference_rms_norm(x, self.weight, self.variance_epsilon, residual)
         return rms_norm(x, self.weight, self.variance_epsilon, residual, backend=self.backend)
 
     def extra_repr(self):
@@ -58,6 +67,8 @@ class LayerNorm(nn.Module):
         return new
 
     def forward(self, x, residual=None):
+        if _mixed(self.weight, x, residual):
+            return reference_layer_norm(x, self.weight, self.bias, self.eps, residual)
         return layer_norm(x, self.weight, self.bias, self.eps, residual, backend=self.backend)
 
     def extra_repr(self):
