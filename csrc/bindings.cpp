@@ -3,11 +3,16 @@
 // dtypes and contiguity before calling (pyengine/_ext.py).  The GIL is released while
 // kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
 
 #include "cpu_features.h"
 #include "cross_entropy.h"
 #include "lora.h"
 #include "lowrank_rows.h"
+#include "norms.h"
+#include "rope.h"
 #include "swiglu.h"
 #include "quant.h"
 
@@ -167,4 +172,54 @@ PYBIND11_MODULE(_C, m) {
                                    num_threads);
       },
       "The int8 activation buffer quant_matmul builds (64-byte aligned act; for tests).");
+  m.def(
+      "norm_forward",
+      [](bool layer, int dtype, int64_t rows, int64_t cols, float eps, uintptr_t x,
+         uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t s,
+         uintptr_t mean, uintptr_t rstd, int num_threads) {
+        NormArgs a{};
+        a.dtype = dtype; a.rows = rows; a.cols = cols; a.eps = eps;
+        a.x = ptr<const void>(x); a.residual = ptr<const void>(residual);
+        a.weight = ptr<const void>(weight); a.bias = ptr<const void>(bias);
+        a.y = ptr<void>(y); a.s = ptr<void>(s); a.mean = ptr<float>(mean);
+        a.rstd = ptr<float>(rstd);
+        py::gil_scoped_release nogil;
+        if (layer) layer_norm_forward(a, num_threads);
+        else rms_norm_forward(a, num_threads);
+      },
+      "RMSNorm / LayerNorm (layer=True) forward with optional residual (see csrc/norms.h).");
+  m.def(
+      "norm_backward",
+      [](bool layer, int dtype, int64_t rows, int64_t cols, uintptr_t weight, uintptr_t s,
+         uintptr_t mean, uintptr_t rstd, uintptr_t dy, uintptr_t ds, uintptr_t dx,
+         uintptr_t dweight, uintptr_t dbias, int num_threads) {
+        NormArgs a{};
+        a.dtype = dtype; a.rows = rows; a.cols = cols;
+        a.weight = ptr<const void>(weight); a.s = ptr<void>(s); a.mean = ptr<float>(mean);
+        a.rstd = ptr<float>(rstd); a.dy = ptr<const void>(dy); a.ds = ptr<const void>(ds);
+        a.dx = ptr<void>(dx); a.dweight = ptr<float>(dweight); a.dbias = ptr<float>(dbias);
+        py::gil_scoped_release nogil;
+        if (layer) layer_norm_backward(a, num_threads);
+        else rms_norm_backward(a, num_threads);
+      },
+      "RMSNorm / LayerNorm (layer=True) backward; dweight, dbias accumulated (see csrc/norms.h).");
+  m.def(
+      "rope",
+      [](bool backward, int dtype, int64_t batch, int64_t seq, int64_t dim, int64_t cos_sb,
+         uintptr_t cos, uintptr_t sin, uintptr_t q, uintptr_t q_out, int64_t hq,
+         std::array<int64_t, 6> q_strides, uintptr_t k, uintptr_t k_out, int64_t hk,
+         std::array<int64_t, 6> k_strides, int num_threads) {
+        // strides: batch, head, position of the input, then of the output
+        const auto& qs = q_strides;
+        const auto& ks = k_strides;
+        RopeArgs a{dtype, batch, seq, dim, cos_sb, ptr<const void>(cos), ptr<const void>(sin),
+                   {ptr<const void>(q), ptr<void>(q_out), hq, qs[0], qs[1], qs[2], qs[3], qs[4],
+                    qs[5]},
+                   {ptr<const void>(k), ptr<void>(k_out), hk, ks[0], ks[1], ks[2], ks[3], ks[4],
+                    ks[5]}};
+        py::gil_scoped_release nogil;
+        if (backward) rope_backward(a, num_threads);
+        else rope_forward(a, num_threads);
+      },
+      "RoPE on q and k in one pass, forward or backward (see csrc/rope.h).");
 }

@@ -4,9 +4,13 @@ from pyengine.ops.cross_entropy import (fused_linear_cross_entropy,
                                         reference_linear_cross_entropy)
 from pyengine.ops.lora import lora_linear, reference_lora_linear
 from pyengine.ops.lora_mlp import lora_mlp, reference_lora_mlp
+from pyengine.ops.norms import layer_norm, reference_layer_norm, reference_rms_norm, rms_norm
 from pyengine.ops.quant import quant_matmul, reference_quant_matmul
+from pyengine.ops.rope import reference_rope, rope
 from pyengine.ops.swiglu import reference_swiglu, swiglu
 
 __all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy",
            "lora_linear", "reference_lora_linear", "lora_mlp", "reference_lora_mlp",
-           "quant_matmul", "reference_quant_matmul", "reference_swiglu", "swiglu"]
+           "layer_norm", "reference_layer_norm", "rms_norm", "reference_rms_norm",
+           "quant_matmul", "reference_quant_matmul", "reference_rope", "rope",
+           "reference_swiglu", "swiglu"]
