@@ -408,6 +408,25 @@ def test_clipping_off_at_zero_and_to_the_given_norm(llama, text_data, tmp_path, 
         torch.testing.assert_close(g, r * factor, rtol=1e-6, atol=0)
 
 
+def test_the_trained_model_runs_the_fused_kernels(llama, bert, text_data, cls_data, tmp_path):
+    """prepare_model patches the instance it trains: every norm is pyengine's, the decoder
+    attention / layer forwards are patch.py's (a run on HF's own modules would be slower,
+    not wrong, so nothing else would notice)."""
+    from pyengine import patch
+    from pyengine.nn.norms import LayerNorm, RMSNorm
+    run_ = T.Run(build_config(causal(llama, text_data, tmp_path / "a", dtype="bf16")))
+    layers = run_.model.get_decoder().layers
+    assert all(isinstance(m, RMSNorm) for m in (layers[0].input_layernorm,
+                                                 layers[-1].post_attention_layernorm,
+                                                 run_.model.get_decoder().norm))
+    assert all(layer.forward.__func__ is patch._decoder_forward for layer in layers)
+    assert all(layer.self_attn.forward.__func__ is patch._attention_forward for layer in layers)
+    run_ = T.Run(build_config(dict(model=bert, data=cls_data[0], task="seq-cls",
+                                   output=str(tmp_path / "b"), progress=False)))
+    norms = [m for m in run_.model.modules() if "LayerNorm" in type(m).__name__]
+    assert norms and all(type(m) is LayerNorm for m in norms)
+
+
 def test_weight_decay_skips_biases_and_norms(bert, cls_data, tmp_path):
     """Only matrices decay: every 1-D trainable parameter (the head's bias, LayerNorm
     weights under full fine-tuning) sits in a group with weight_decay 0."""

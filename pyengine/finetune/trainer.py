@@ -41,6 +41,7 @@ import yaml
 from pyengine import data as D
 from pyengine import models as M
 from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
+from pyengine.patch import patch_model
 
 log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -143,6 +144,10 @@ class Run:
                 # autocast hands fp32 to some of them (e.g. after LayerNorm)
                 for m in [*lora_modules(model).values(), *fused_mlps(model)]:
                     m.register_forward_pre_hook(_input_to_bf16)
+        try:  # fused norms / RoPE / SwiGLU on this instance (pyengine/patch.py)
+            patch_model(model)
+        except ValueError as e:  # a family the kernels do not cover: HF's own modules run
+            log.warning("%s", e)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
