@@ -417,6 +417,112 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
 }
 #endif  // __AVX512F__
 
+// ------------------------------------------------------------------ dequantize
+// fp32 bit patterns of pyengine.quant.NF4_CODEBOOK (torch.tensor(..., dtype=float32)).
+constexpr uint32_t kNf4Bits[16] = {
+    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
+    0xbdba7871, 0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
+    0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
+
+inline float nf4_code(int i) {
+  float f;
+  std::memcpy(&f, &kNf4Bits[i], 4);
+  return f;
+}
+
+// Block l of an interleaved group of nblk blocks (grp: the group's first quant byte) ->
+// out[B] fp32: word c of the block sits at (c * nblk + l) * 4.
+template <int FMT>
+void dequant_block(const uint8_t* grp, int nblk, int l, float d, float* out) {
+#ifdef __AVX512F__
+  const __m512 vd = _mm512_set1_ps(d);
+  if (FMT == kQ4_0) {
+    const __m128i idx = _mm_add_epi32(_mm_mullo_epi32(_mm_setr_epi32(0, 1, 2, 3),
+                                                      _mm_set1_epi32(nblk)), _mm_set1_epi32(l));
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_i32gather_epi32(reinterpret_cast<const int*>(grp), idx, 4));
+    const __m512i lo = _mm512_and_si512(q, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(q, 4);
+    const __m512i eight = _mm512_set1_epi32(8);
+    _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), vd));
+    _mm512_storeu_ps(out + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), vd));
+  } else {
+    const __m256i idx = _mm256_add_epi32(
+        _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(nblk)),
+        _mm256_set1_epi32(l));
+    const __m256i q = _mm256_i32gather_epi32(reinterpret_cast<const int*>(grp), idx, 4);
+    for (int h = 0; h < 2; ++h) {
+      const __m128i b = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+      if (FMT == kQ8_0) {
+        _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), vd));
+      } else {
+        const __m512 code = _mm512_castsi512_ps(
+            _mm512_loadu_si512(reinterpret_cast<const void*>(kNf4Bits)));
+        const __m512i u = _mm512_cvtepu8_epi32(b);
+        const __m512i lo = _mm512_and_si512(u, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(u, 4);
+        _mm512_storeu_ps(out + 16 * h, _mm512_mul_ps(_mm512_permutexvar_ps(lo, code), vd));
+        _mm512_storeu_ps(out + 32 + 16 * h, _mm512_mul_ps(_mm512_permutexvar_ps(hi, code), vd));
+      }
+    }
+  }
+#else
+  constexpr Layout L = kLayouts[FMT];
+  uint8_t q[32];
+  for (int c = 0; c < L.steps(); ++c) std::memcpy(q + 4 * c, grp + (c * nblk + l) * 4, 4);
+  const int half = L.block / 2;
+  for (int j = 0; j < L.qbytes; ++j) {
+    if (FMT == kQ8_0) {
+      out[j] = float(int8_t(q[j])) * d;
+    } else if (FMT == kQ4_0) {
+      out[j] = float(int(q[j] & 15) - 8) * d;
+      out[j + half] = float(int(q[j] >> 4) - 8) * d;
+    } else {
+      out[j] = nf4_code(q[j] & 15) * d;
+      out[j + half] = nf4_code(q[j] >> 4) * d;
+    }
+  }
+#endif
+}
+
+// n fp32 values -> bf16, round to nearest even (NaN stays NaN), as f32_to_bf16 does.
+inline void store_bf16(const float* src, uint16_t* dst, int n) {
+  int i = 0;
+#ifdef __AVX512F__
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(src + i);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                              _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
+}
+
+template <int FMT>
+void dequantize_rows_fmt(const QuantWeights& w, int64_t r0, int64_t r1, void* out, int out_dtype) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t nb = w.k / L.block;
+  alignas(64) float tmp[64];
+  for (int64_t n = r0; n < r1; ++n) {
+    const uint8_t* qrow = w.qs + n * nb * L.qbytes;
+    const uint16_t* srow = w.scales + n * nb;
+    const int64_t o = (n - r0) * w.k;
+    for (int64_t b = 0; b < nb; ++b) {
+      const GroupGeom geo = group_geom(nb, b / 16);
+      const uint8_t* grp = qrow + geo.first_block * L.qbytes;
+      const float d = f16_to_f32(srow[b]);
+      if (out_dtype == kF32) {
+        dequant_block<FMT>(grp, geo.nblk, int(b % 16), d, static_cast<float*>(out) + o + b * L.block);
+      } else {
+        dequant_block<FMT>(grp, geo.nblk, int(b % 16), d, tmp);
+        store_bf16(tmp, static_cast<uint16_t*>(out) + o + b * L.block, L.block);
+      }
+    }
+  }
+}
+
 template <int FMT>
 void matmul_rows_fmt(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                      int64_t r1, const float* bias, void* y, int y_dtype) {
@@ -452,6 +558,14 @@ void matmul_rows(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r
     case kQ8_0: matmul_rows_fmt<kQ8_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
     case kQ4_0: matmul_rows_fmt<kQ4_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
     default: matmul_rows_fmt<kNF4>(w, act, m, r0, r1, bias, y, y_dtype); break;
+  }
+}
+
+void dequantize_rows(const QuantWeights& w, int64_t r0, int64_t r1, void* out, int out_dtype) {
+  switch (w.fmt) {
+    case kQ8_0: dequantize_rows_fmt<kQ8_0>(w, r0, r1, out, out_dtype); break;
+    case kQ4_0: dequantize_rows_fmt<kQ4_0>(w, r0, r1, out, out_dtype); break;
+    default: dequantize_rows_fmt<kNF4>(w, r0, r1, out, out_dtype); break;
   }
 }
 
