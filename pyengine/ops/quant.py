@@ -34,9 +34,10 @@ register_op(OP, ("ref", "cpu", "triton"))
 FMT_CODES = {"q8_0": 0, "q4_0": 1, "nf4": 2}
 X_DTYPES = (torch.float32, torch.bfloat16)
 DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 weight rows dequantized at a time in backward (torch)
-# bf16 x with at least this many rows: dequantize + torch GEMM beats the int8 kernel
-# (measured at 2048 x 2048, see benchmarks/RESULTS_qlora.md)
-GEMM_MIN_ROWS = 32
+# bf16 x with at least this many rows: dequantize + torch's bf16 GEMM beats the int8
+# kernel (2048 x 2048, 2 threads: the int8 kernel wins at 64 rows, the GEMM at 96 and up;
+# see benchmarks/RESULTS_qlora.md).  fp32 x stays on the int8 kernel: an fp32 GEMM is slower.
+GEMM_MIN_ROWS = 96
 
 
 def reference_quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None = None):
