@@ -399,6 +399,21 @@ def test_cpu_gemm_path_is_plain_torch_on_the_dequantized_weight(fmt, dtype):
 
 
 @needs_ext
+def test_cpu_training_step_dequantizes_once_each_way(monkeypatch):
+    """A bf16 training-sized fwd+bwd dequantizes the whole weight exactly twice (forward,
+    backward): not per chunk, not per row block, not again per call inside a step."""
+    from pyengine.ops.quant import GEMM_MIN_ROWS
+    calls = []
+    real = _ext._C.quant_dequantize
+    monkeypatch.setattr(_ext._C, "quant_dequantize",
+                        lambda *a: (calls.append(a[5:7]), real(*a))[1])
+    qw = quantize(rand_weight(150, 256, seed=15), "nf4")
+    x = torch.randn(GEMM_MIN_ROWS + 3, 256).bfloat16().requires_grad_()
+    quant_matmul(x, qw, backend="cpu").sum().backward()
+    assert calls == [(0, 150), (0, 150)]
+
+
+@needs_ext
 def test_cpu_same_bits_on_repeat_and_any_thread_count():
     """Each output row is one thread's dot products: no reduction across threads."""
     qw = quantize(rand_weight(150, 256, seed=12), "q4_0")
