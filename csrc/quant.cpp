@@ -20,7 +20,8 @@ struct Kernels {
 
 Kernels kernels() {
   switch (active_isa()) {
-    case Isa::kAvx512: return {avx512::quantize_act_rows, avx512::matmul_rows, avx512::dequantize_rows};
+    case Isa::kAvx512:
+      return {avx512::quantize_act_rows, avx512::matmul_rows, avx512::dequantize_rows};
     case Isa::kAvx2: return {avx2::quantize_act_rows, avx2::matmul_rows, avx2::dequantize_rows};
     default: return {scalar::quantize_act_rows, scalar::matmul_rows, scalar::dequantize_rows};
   }

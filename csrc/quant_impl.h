@@ -481,9 +481,12 @@ void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, O
       OutT* o = out + (geo.first_block + l) * L.block;
       const int* base = reinterpret_cast<const int*>(grp);
       if (FMT == kQ4_0) {
-        const __m512i q = _mm512_cvtepu8_epi32(_mm_i32gather_epi32(base, _mm256_castsi256_si128(idx), 4));
-        store16(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(q, nib), eight)), d));
-        store16(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight)), d));
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_i32gather_epi32(base, _mm256_castsi256_si128(idx), 4));
+        const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(q, nib), eight);
+        const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
+        store16(o, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
+        store16(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
         continue;
       }
       const __m256i q = _mm256_i32gather_epi32(base, idx, 4);
@@ -493,8 +496,10 @@ void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, O
           store16(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d));
         } else {
           const __m512i u = _mm512_cvtepu8_epi32(b);
-          store16(o + 16 * h, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(u, nib), code), d));
-          store16(o + 32 + 16 * h, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), code), d));
+          const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(u, nib), code);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), code);
+          store16(o + 16 * h, _mm512_mul_ps(lo, d));
+          store16(o + 32 + 16 * h, _mm512_mul_ps(hi, d));
         }
       }
     }
