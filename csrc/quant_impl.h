@@ -460,17 +460,26 @@ inline void store16(uint16_t* out, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// Nibble formats: a block's 16 possible values value(i) * d (value = NF4 code, or i - 8
+// for q4_0), rounded once to the output dtype, then looked up per weight (the same
+// product and rounding as the spec, so the same bits).
+inline void store_lut(float* o, __m512 tab, __m512i idx) {
+  _mm512_storeu_ps(o, _mm512_permutexvar_ps(idx, tab));
+}
+
 // One row: per group, the 16 fp16 scales converted at once; per block, one gather of its
-// interleaved words (from L1), then 16 weights at a time: int -> fp32 (or a code-table
-// permute for nf4), times d, stored in the output dtype.
+// interleaved words (from L1); q8_0: int8 -> fp32, times d; nibble formats: the table above.
 template <int FMT, typename OutT>
 void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, OutT* out) {
   constexpr Layout L = kLayouts[FMT];
-  const __m512 code = _mm512_castsi512_ps(_mm512_loadu_si512(kNf4Bits));
-  const __m512i nib = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  constexpr bool bf16 = std::is_same_v<OutT, uint16_t>;
+  const __m512 values = FMT == kNF4
+      ? _mm512_castsi512_ps(_mm512_loadu_si512(kNf4Bits))
+      : _mm512_cvtepi32_ps(_mm512_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
+  const __m512i nib32 = _mm512_set1_epi32(15), nib16 = _mm512_set1_epi16(15);
   for (int64_t g = 0; g < n_groups(L, nb * L.block); ++g) {
     const GroupGeom geo = group_geom(nb, g);
-    const uint8_t* grp = qrow + geo.first_block * L.qbytes;
+    const int* grp = reinterpret_cast<const int*>(qrow + geo.first_block * L.qbytes);
     const __m512 dg = _mm512_cvtph_ps(
         _mm256_maskz_loadu_epi16(__mmask16((1u << geo.nblk) - 1), srow + geo.first_block));
     const __m256i steps = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -479,27 +488,39 @@ void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, O
       const __m512 d = _mm512_permutexvar_ps(_mm512_set1_epi32(l), dg);
       const __m256i idx = _mm256_add_epi32(steps, _mm256_set1_epi32(l));
       OutT* o = out + (geo.first_block + l) * L.block;
-      const int* base = reinterpret_cast<const int*>(grp);
-      if (FMT == kQ4_0) {
-        const __m512i q = _mm512_cvtepu8_epi32(
-            _mm_i32gather_epi32(base, _mm256_castsi256_si128(idx), 4));
-        const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(q, nib), eight);
-        const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(q, 4), eight);
-        store16(o, _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d));
-        store16(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d));
+      if (FMT == kQ8_0) {
+        const __m256i q = _mm256_i32gather_epi32(grp, idx, 4);
+        store16(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm256_castsi256_si128(q))), d));
+        store16(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                          _mm256_extracti128_si256(q, 1))), d));
         continue;
       }
-      const __m256i q = _mm256_i32gather_epi32(base, idx, 4);
-      for (int h = 0; h < 2; ++h) {
-        const __m128i b = h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
-        if (FMT == kQ8_0) {
-          store16(o + 16 * h, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d));
+      const __m512 tab = _mm512_mul_ps(values, d);
+      // the block's quant bytes: 16 (q4_0) or 32 (nf4); byte j = element j | element j + B/2
+      const __m256i q = FMT == kQ4_0
+          ? _mm256_castsi128_si256(_mm_i32gather_epi32(grp, _mm256_castsi256_si128(idx), 4))
+          : _mm256_i32gather_epi32(grp, idx, 4);
+      if constexpr (bf16) {
+        const __m512i tab16 = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(tab));
+        if (FMT == kQ4_0) {
+          const __m256i u = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+          const __m256i t = _mm512_castsi512_si256(tab16), n = _mm256_set1_epi16(15);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                              _mm256_permutexvar_epi16(_mm256_and_si256(u, n), t));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16),
+                              _mm256_permutexvar_epi16(_mm256_srli_epi16(u, 4), t));
         } else {
-          const __m512i u = _mm512_cvtepu8_epi32(b);
-          const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(u, nib), code);
-          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(u, 4), code);
-          store16(o + 16 * h, _mm512_mul_ps(lo, d));
-          store16(o + 32 + 16 * h, _mm512_mul_ps(hi, d));
+          const __m512i u = _mm512_cvtepu8_epi16(q);
+          _mm512_storeu_si512(o, _mm512_permutexvar_epi16(_mm512_and_si512(u, nib16), tab16));
+          _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), tab16));
+        }
+      } else {
+        for (int h = 0; h < L.qbytes / 16; ++h) {
+          const __m512i u = _mm512_cvtepu8_epi32(
+              h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q));
+          store_lut(o + 16 * h, tab, _mm512_and_si512(u, nib32));
+          store_lut(o + L.block / 2 + 16 * h, tab, _mm512_srli_epi32(u, 4));
         }
       }
     }
