@@ -162,6 +162,15 @@ PYBIND11_MODULE(_C, m) {
                      num_threads);
       },
       "y[m, n] = x[m, k] @ dequant(qs, scales).T + bias (see csrc/quant.h).");
+  m.def(
+      "quant_dequantize",
+      [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, int64_t row_begin,
+         int64_t row_end, uintptr_t out, int out_dtype, int num_threads) {
+        QuantWeights w{fmt, ptr<const uint8_t>(qs), ptr<const uint16_t>(scales), n, k};
+        py::gil_scoped_release nogil;
+        quant_dequantize(w, row_begin, row_end, ptr<void>(out), out_dtype, num_threads);
+      },
+      "out[rows, k] (fp32 / bf16) = dequant(qs, scales) rows [row_begin, row_end) (csrc/quant.h).");
   m.def("quant_act_row_bytes", &quant_act_row_bytes,
         "Bytes of one token's quantized activations in the quant_matmul buffer layout.");
   m.def(

@@ -15,13 +15,15 @@ namespace {
 struct Kernels {
   decltype(&scalar::quantize_act_rows) quantize;
   decltype(&scalar::matmul_rows) matmul;
+  decltype(&scalar::dequantize_rows) dequantize;
 };
 
 Kernels kernels() {
   switch (active_isa()) {
-    case Isa::kAvx512: return {avx512::quantize_act_rows, avx512::matmul_rows};
-    case Isa::kAvx2: return {avx2::quantize_act_rows, avx2::matmul_rows};
-    default: return {scalar::quantize_act_rows, scalar::matmul_rows};
+    case Isa::kAvx512:
+      return {avx512::quantize_act_rows, avx512::matmul_rows, avx512::dequantize_rows};
+    case Isa::kAvx2: return {avx2::quantize_act_rows, avx2::matmul_rows, avx2::dequantize_rows};
+    default: return {scalar::quantize_act_rows, scalar::matmul_rows, scalar::dequantize_rows};
   }
 }
 
@@ -58,6 +60,16 @@ void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
   parallel_for(n_tasks, n_tasks, 1, [&](int64_t, int64_t) {
     for (int64_t r0; (r0 = next.fetch_add(chunk)) < w.n;)
       matmul(w, act.get(), m, r0, std::min(w.n, r0 + chunk), bias, y, x_dtype);
+  });
+}
+
+void quant_dequantize(const QuantWeights& w, int64_t row_begin, int64_t row_end, void* out,
+                      int out_dtype, int num_threads) {
+  auto dequantize = kernels().dequantize;
+  const int64_t row_bytes = w.k * (out_dtype == kF32 ? 4 : 2);
+  parallel_for(row_end - row_begin, num_threads, 16, [&](int64_t b, int64_t e) {
+    dequantize(w, row_begin + b, row_begin + e, static_cast<uint8_t*>(out) + b * row_bytes,
+               out_dtype);
   });
 }
 

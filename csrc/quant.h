@@ -17,6 +17,12 @@
 //
 // Floor: GEMV (M = 1) reads N*K*bits/8 + 2*N*K/B weight bytes once; GEMM does 2*M*N*K
 // int8 ops.  Threads split the N rows.
+//
+// quant_dequantize writes rows of dequant(W) as fp32 or bf16 (round to nearest even),
+// bit-identical to pyengine.quant.dequantize_rows (then .to(bfloat16)): w = q * d in fp32
+// (q8_0: q int8; q4_0: q - 8; nf4: the fp32 NF4 code value).  It feeds torch's GEMM where
+// that beats the integer kernel (training-sized batches, and grad_x = dy @ W).  Floor:
+// memory-bound, reads bits/8 + 2/B bytes and writes 4 (fp32) or 2 (bf16) bytes a weight.
 #pragma once
 #include <cstdint>
 
@@ -42,11 +48,17 @@ void quant_quantize_activations(int fmt, const void* x, int x_dtype, int64_t m, 
 void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
                   const float* bias, void* y, int num_threads);
 
+// out [row_end - row_begin, k] (out_dtype fp32 / bf16) = dequant(w) rows [row_begin, row_end).
+void quant_dequantize(const QuantWeights& w, int64_t row_begin, int64_t row_end, void* out,
+                      int out_dtype, int num_threads);
+
 #define PYENGINE_QUANT_DECLS                                                                \
   void quantize_act_rows(int fmt, const void* x, int x_dtype, int64_t k, int64_t row_begin, \
                          int64_t row_end, uint8_t* act);                                    \
   void matmul_rows(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t row_begin, \
-                   int64_t row_end, const float* bias, void* y, int y_dtype);
+                   int64_t row_end, const float* bias, void* y, int y_dtype);            \
+  void dequantize_rows(const QuantWeights& w, int64_t row_begin, int64_t row_end, void* out,  \
+                       int out_dtype);
 namespace scalar { PYENGINE_QUANT_DECLS }
 namespace avx2 { PYENGINE_QUANT_DECLS }
 namespace avx512 { PYENGINE_QUANT_DECLS }

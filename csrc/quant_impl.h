@@ -417,6 +417,143 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
 }
 #endif  // __AVX512F__
 
+// ------------------------------------------------------------------ dequantize
+// fp32 bit patterns of pyengine.quant.NF4_CODEBOOK (torch.tensor(..., dtype=float32)).
+constexpr uint32_t kNf4Bits[16] = {
+    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
+    0xbdba7871, 0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
+    0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
+
+inline float nf4_code(int i) {
+  float f;
+  std::memcpy(&f, &kNf4Bits[i], 4);
+  return f;
+}
+
+// Block l of an interleaved group of nblk blocks (grp: the group's first quant byte) ->
+// out[B] fp32: word c of the block sits at (c * nblk + l) * 4.  The spec (and scalar/avx2).
+template <int FMT>
+void dequant_block(const uint8_t* grp, int nblk, int l, float d, float* out) {
+  constexpr Layout L = kLayouts[FMT];
+  uint8_t q[32];
+  for (int c = 0; c < L.steps(); ++c) std::memcpy(q + 4 * c, grp + (c * nblk + l) * 4, 4);
+  const int half = L.block / 2;
+  for (int j = 0; j < L.qbytes; ++j) {
+    if (FMT == kQ8_0) {
+      out[j] = float(int8_t(q[j])) * d;
+    } else if (FMT == kQ4_0) {
+      out[j] = float(int(q[j] & 15) - 8) * d;
+      out[j + half] = float(int(q[j] >> 4) - 8) * d;
+    } else {
+      out[j] = nf4_code(q[j] & 15) * d;
+      out[j + half] = nf4_code(q[j] >> 4) * d;
+    }
+  }
+}
+
+#ifdef __AVX512F__
+// 16 fp32 -> out (fp32, or bf16 rounded to nearest even: vcvtneps2bf16 equals f32_to_bf16
+// here, NaN included; it flushes fp32 denormals, which q * d never is: |q * d| >= 0.079 *
+// 2^-24 or 0).
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(uint16_t* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Nibble formats: a block's 16 possible values value(i) * d (value = NF4 code, or i - 8
+// for q4_0), rounded once to the output dtype, then looked up per weight (the same
+// product and rounding as the spec, so the same bits).
+inline void store_lut(float* o, __m512 tab, __m512i idx) {
+  _mm512_storeu_ps(o, _mm512_permutexvar_ps(idx, tab));
+}
+
+// One row: per group, the 16 fp16 scales converted at once; per block, one gather of its
+// interleaved words (from L1); q8_0: int8 -> fp32, times d; nibble formats: the table above.
+template <int FMT, typename OutT>
+void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, OutT* out) {
+  constexpr Layout L = kLayouts[FMT];
+  constexpr bool bf16 = std::is_same_v<OutT, uint16_t>;
+  const __m512 values = FMT == kNF4
+      ? _mm512_castsi512_ps(_mm512_loadu_si512(kNf4Bits))
+      : _mm512_cvtepi32_ps(_mm512_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
+  const __m512i nib32 = _mm512_set1_epi32(15), nib16 = _mm512_set1_epi16(15);
+  for (int64_t g = 0; g < n_groups(L, nb * L.block); ++g) {
+    const GroupGeom geo = group_geom(nb, g);
+    const int* grp = reinterpret_cast<const int*>(qrow + geo.first_block * L.qbytes);
+    const __m512 dg = _mm512_cvtph_ps(
+        _mm256_maskz_loadu_epi16(__mmask16((1u << geo.nblk) - 1), srow + geo.first_block));
+    const __m256i steps = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                             _mm256_set1_epi32(geo.nblk));
+    for (int l = 0; l < geo.nblk; ++l) {
+      const __m512 d = _mm512_permutexvar_ps(_mm512_set1_epi32(l), dg);
+      const __m256i idx = _mm256_add_epi32(steps, _mm256_set1_epi32(l));
+      OutT* o = out + (geo.first_block + l) * L.block;
+      if (FMT == kQ8_0) {
+        const __m256i q = _mm256_i32gather_epi32(grp, idx, 4);
+        store16(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm256_castsi256_si128(q))), d));
+        store16(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                          _mm256_extracti128_si256(q, 1))), d));
+        continue;
+      }
+      const __m512 tab = _mm512_mul_ps(values, d);
+      // the block's quant bytes: 16 (q4_0) or 32 (nf4); byte j = element j | element j + B/2
+      const __m256i q = FMT == kQ4_0
+          ? _mm256_castsi128_si256(_mm_i32gather_epi32(grp, _mm256_castsi256_si128(idx), 4))
+          : _mm256_i32gather_epi32(grp, idx, 4);
+      if constexpr (bf16) {
+        const __m512i tab16 = _mm512_zextsi256_si512((__m256i)_mm512_cvtneps_pbh(tab));
+        if (FMT == kQ4_0) {
+          const __m256i u = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+          const __m256i t = _mm512_castsi512_si256(tab16), n = _mm256_set1_epi16(15);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o),
+                              _mm256_permutexvar_epi16(_mm256_and_si256(u, n), t));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16),
+                              _mm256_permutexvar_epi16(_mm256_srli_epi16(u, 4), t));
+        } else {
+          const __m512i u = _mm512_cvtepu8_epi16(q);
+          _mm512_storeu_si512(o, _mm512_permutexvar_epi16(_mm512_and_si512(u, nib16), tab16));
+          _mm512_storeu_si512(o + 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(u, 4), tab16));
+        }
+      } else {
+        for (int h = 0; h < L.qbytes / 16; ++h) {
+          const __m512i u = _mm512_cvtepu8_epi32(
+              h ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q));
+          store_lut(o + 16 * h, tab, _mm512_and_si512(u, nib32));
+          store_lut(o + L.block / 2 + 16 * h, tab, _mm512_srli_epi32(u, 4));
+        }
+      }
+    }
+  }
+}
+#endif
+
+template <int FMT>
+void dequantize_rows_fmt(const QuantWeights& w, int64_t r0, int64_t r1, void* out, int out_dtype) {
+  constexpr Layout L = kLayouts[FMT];
+  const int64_t nb = w.k / L.block;
+  for (int64_t n = r0; n < r1; ++n) {
+    const uint8_t* qrow = w.qs + n * nb * L.qbytes;
+    const uint16_t* srow = w.scales + n * nb;
+    const int64_t o = (n - r0) * w.k;
+#ifdef __AVX512F__
+    if (out_dtype == kF32) dequant_row_avx512<FMT>(qrow, srow, nb, static_cast<float*>(out) + o);
+    else dequant_row_avx512<FMT>(qrow, srow, nb, static_cast<uint16_t*>(out) + o);
+#else
+    float tmp[64];
+    for (int64_t b = 0; b < nb; ++b) {
+      const GroupGeom geo = group_geom(nb, b / 16);
+      float* dst = out_dtype == kF32 ? static_cast<float*>(out) + o + b * L.block : tmp;
+      dequant_block<FMT>(qrow + geo.first_block * L.qbytes, geo.nblk, int(b % 16),
+                         f16_to_f32(srow[b]), dst);
+      if (out_dtype != kF32)
+        for (int j = 0; j < L.block; ++j)
+          static_cast<uint16_t*>(out)[o + b * L.block + j] = f32_to_bf16(tmp[j]);
+    }
+#endif
+  }
+}
+
 template <int FMT>
 void matmul_rows_fmt(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                      int64_t r1, const float* bias, void* y, int y_dtype) {
@@ -452,6 +589,14 @@ void matmul_rows(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r
     case kQ8_0: matmul_rows_fmt<kQ8_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
     case kQ4_0: matmul_rows_fmt<kQ4_0>(w, act, m, r0, r1, bias, y, y_dtype); break;
     default: matmul_rows_fmt<kNF4>(w, act, m, r0, r1, bias, y, y_dtype); break;
+  }
+}
+
+void dequantize_rows(const QuantWeights& w, int64_t r0, int64_t r1, void* out, int out_dtype) {
+  switch (w.fmt) {
+    case kQ8_0: dequantize_rows_fmt<kQ8_0>(w, r0, r1, out, out_dtype); break;
+    case kQ4_0: dequantize_rows_fmt<kQ4_0>(w, r0, r1, out, out_dtype); break;
+    default: dequantize_rows_fmt<kNF4>(w, r0, r1, out, out_dtype); break;
   }
 }
 

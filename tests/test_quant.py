@@ -331,11 +331,11 @@ def test_backward_x_and_bias(backend):
     torch.testing.assert_close(bias.grad, dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["ref", pytest.param("cpu", marks=needs_ext)])
+@pytest.mark.parametrize("backend", ["ref"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", FMTS)
 def test_backward_across_dequant_chunks(fmt, dtype, backend, monkeypatch):
-    """grad_x = dy @ dequant(W) is summed over row chunks of W: 37 rows in chunks of 8
+    """ref: grad_x = dy @ dequant(W) is summed over row chunks of W: 37 rows in chunks of 8
     (4 full and a ragged 5), every element against fp64 (fp32 accumulation, one rounding)."""
     from pyengine.ops import quant as quant_ops
     k = 128
@@ -350,6 +350,67 @@ def test_backward_across_dequant_chunks(fmt, dtype, backend, monkeypatch):
     tol = 1e-6 * (dy.double().abs() @ w.abs()) + rounding * want.abs()
     assert x.grad.dtype == dtype
     assert bool(((x.grad.double() - want).abs() <= tol).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cpu_dequantize_bits_equal_torch_every_isa(fmt, dtype, isa_cap, threads):
+    """The C++ dequantize (the GEMM path's weight) is dequantize().to(dtype) bit for bit, on
+    every ISA and thread count: 21 blocks a row (a full 16-block group + a partial one; 42
+    for the 32-blocks), a row range that does not start at 0, zero and huge blocks."""
+    from pyengine.ops.quant import dequantize_cpu
+    k = 64 * 21
+    w = rand_weight(70, k, seed=13)
+    w[4] = 0.0
+    w[5, :64] *= 1e4
+    qw = quantize(w, fmt)
+    want = qw.dequantize(dtype)[3:]
+    for isa in ("scalar", "avx2", "avx512"):
+        isa_cap(isa)
+        got = dequantize_cpu(qw.qs[3:], qw.scales[3:], fmt, k, dtype)
+        assert got.dtype == dtype and torch.equal(got, want), isa
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cpu_gemm_path_is_plain_torch_on_the_dequantized_weight(fmt, dtype):
+    """bf16 x with >= GEMM_MIN_ROWS rows: y is F.linear on dequantize(bf16), bit for bit;
+    fewer rows (and fp32 x) stay on the int8 kernel.  grad_x is dy @ dequantize(dy's dtype)
+    bit for bit (one GEMM in dy's dtype, as plain torch computes it)."""
+    from pyengine.ops.quant import GEMM_MIN_ROWS
+    qw = quantize(rand_weight(37, 192, seed=14), fmt)
+    bias = torch.randn(37).to(dtype)
+    w = qw.dequantize(dtype)
+    for m in (GEMM_MIN_ROWS - 1, GEMM_MIN_ROWS):
+        x = torch.randn(m, 192).to(dtype).requires_grad_()
+        dy = torch.randn(m, 37).to(dtype)
+        y = quant_matmul(x, qw, bias=bias, backend="cpu")
+        y.backward(dy)
+        assert torch.equal(x.grad, dy @ w)
+        if dtype == torch.bfloat16 and m >= GEMM_MIN_ROWS:
+            assert torch.equal(y, F.linear(x, w, bias))
+        else:  # the int8 kernel: its emulation, to fp32 rounding (then y's own rounding)
+            want = emulate_cpu(x.detach(), qw, bias.float())
+            mag = x.detach().abs().double() @ w.abs().double().T
+            rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+            assert torch.all((y.double() - want).abs() <= 2e-6 * mag + rounding * want.abs())
+
+
+@needs_ext
+def test_cpu_training_step_dequantizes_once_each_way(monkeypatch):
+    """A bf16 training-sized fwd+bwd dequantizes the whole weight exactly twice (forward,
+    backward): not per chunk, not per row block, not again per call inside a step."""
+    from pyengine.ops.quant import GEMM_MIN_ROWS
+    calls = []
+    real = _ext._C.quant_dequantize
+    monkeypatch.setattr(_ext._C, "quant_dequantize",
+                        lambda *a: (calls.append(a[5:7]), real(*a))[1])
+    qw = quantize(rand_weight(150, 256, seed=15), "nf4")
+    x = torch.randn(GEMM_MIN_ROWS + 3, 256).bfloat16().requires_grad_()
+    quant_matmul(x, qw, backend="cpu").sum().backward()
+    assert calls == [(0, 150), (0, 150)]
 
 
 @needs_ext
@@ -378,6 +439,10 @@ def test_opcheck(backend):
     x = torch.randn(3, 64, requires_grad=True)
     torch.library.opcheck(_qmm, (x, qw.qs, qw.scales, "q4_0", torch.randn(9), backend))
     torch.library.opcheck(_qmm, (x, qw.qs, qw.scales, "q4_0", None, backend))
+    if backend == "cpu":  # the backward's dequantize
+        from pyengine.ops.quant import _dequant_cpu
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.library.opcheck(_dequant_cpu, (qw.qs, qw.scales, "q4_0", 64, dtype))
 
 
 # ------------------------------------------------------------------ modules

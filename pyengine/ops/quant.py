@@ -3,14 +3,19 @@
 x [..., K] fp32 or bf16; W [N, K] in q8_0 / q4_0 / nf4 (pyengine.quant); bias [N]; y
 [..., N] in x's dtype.  Backends:
   ref    dequantize to fp32 + F.linear (the spec; exact weights, fp32 math).
-  cpu    C++ (csrc/quant.h): x is quantized per block to int8 (the llama.cpp approach),
-         integer dot products (AVX-512 VNNI), fp32 scale math.  Error vs ref: the int8
-         rounding of x (~0.4% of each block's absmax) and, for nf4, int8 code values.
+  cpu    decode-sized inputs (fewer than GEMM_MIN_ROWS rows) and fp32 x: C++ (csrc/quant.h),
+         x quantized per block to int8 (the llama.cpp approach), integer dot products
+         (AVX-512 VNNI), fp32 scale math; error vs ref: the int8 rounding of x (~0.4% of
+         each block's absmax) and, for nf4, int8 code values.  bf16 x with more rows
+         (training, prefill): W dequantized in C++ to bf16 (bit-identical to
+         dequantize().to(bfloat16)) + torch's bf16 GEMM (AMX), i.e. exactly plain torch on
+         the dequantized weight.  The dequantized weight is a transient [N, K] buffer.
   triton dequantize-in-kernel + tl.dot (pyengine.kernels.quant_matmul).
-Backward (for QLoRA: W frozen): grad_x = dy @ dequant(W), W dequantized in row chunks.
-Threads take 64-row chunks of W.  Floor: GEMV reads the weight bytes once (N*K*bits/8 +
-scales) at the copy bandwidth;
-GEMM does 2*M*N*K int8 ops.
+Backward (for QLoRA: W frozen): grad_x = dy @ dequant(W).  cpu: W dequantized once in C++
+to dy's dtype, one torch GEMM; ref / triton: W dequantized in torch in row chunks, fp32
+accumulation.  Floors: the int8 GEMV reads the weight bytes once (N*K*bits/8 + scales);
+the dequantize reads those and writes 2 (bf16) or 4 (fp32) bytes a weight, then the GEMM
+does 2*M*N*K flops at the bf16/fp32 GEMM rate.
 """
 from __future__ import annotations
 
@@ -28,7 +33,11 @@ OP = "quant_matmul"
 register_op(OP, ("ref", "cpu", "triton"))
 FMT_CODES = {"q8_0": 0, "q4_0": 1, "nf4": 2}
 X_DTYPES = (torch.float32, torch.bfloat16)
-DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 weight rows dequantized at a time in backward
+DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 weight rows dequantized at a time in backward (torch)
+# bf16 x with at least this many rows: dequantize + torch's bf16 GEMM beats the int8
+# kernel (2048 x 2048, 2 threads: the int8 kernel wins at 64 rows, the GEMM at 96 and up;
+# see benchmarks/RESULTS_qlora.md).  fp32 x stays on the int8 kernel: an fp32 GEMM is slower.
+GEMM_MIN_ROWS = 96
 
 
 def reference_quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | None = None):
@@ -38,7 +47,20 @@ def reference_quant_matmul(x: Tensor, qweight: QuantizedWeight, bias: Tensor | N
 
 
 # --------------------------------------------------------------------------- backends
+def dequantize_cpu(qs: Tensor, scales: Tensor, fmt: str, k: int, dtype: torch.dtype) -> Tensor:
+    """dequant(W) [N, k] in dtype (fp32 / bf16) by the C++ kernel: the bits of
+    dequantize_rows(...).to(dtype), threaded over rows."""
+    n = qs.shape[0]
+    w = torch.empty(n, k, dtype=dtype)
+    _ext._C.quant_dequantize(FMT_CODES[fmt], qs.data_ptr(), scales.data_ptr(), n, k, 0, n,
+                             w.data_ptr(), _ext.dtype_code(w), _ext.num_threads())
+    return w
+
+
 def _cpu(x2, qs, scales, fmt, bias):
+    if x2.dtype == torch.bfloat16 and x2.shape[0] >= GEMM_MIN_ROWS:
+        w = dequantize_cpu(qs, scales, fmt, x2.shape[1], x2.dtype)
+        return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     n = qs.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
     bias32 = None if bias is None else bias.float().contiguous()
@@ -74,6 +96,17 @@ def _(x, qs, scales, fmt, bias, backend):
     return x.new_empty(x.shape[0], qs.shape[0])
 
 
+@torch.library.custom_op("pyengine::quant_dequantize", mutates_args=())
+def _dequant_cpu(qs: Tensor, scales: Tensor, fmt: str, k: int, dtype: torch.dtype) -> Tensor:
+    """dequant(W) [N, k] in dtype by the C++ kernel (the cpu backward's weight)."""
+    return dequantize_cpu(qs, scales, fmt, k, dtype)
+
+
+@_dequant_cpu.register_fake
+def _(qs, scales, fmt, k, dtype):
+    return qs.new_empty(qs.shape[0], k, dtype=dtype)
+
+
 @torch.library.custom_op("pyengine::quant_matmul_grad_x", mutates_args=())
 def _qmm_grad_x(dy: Tensor, qs: Tensor, scales: Tensor, fmt: str, k: int) -> Tensor:
     """dy [M, N] @ dequant(W) [N, K] -> [M, K] (fp32 accumulate), W dequantized in row chunks."""
@@ -93,15 +126,19 @@ def _(dy, qs, scales, fmt, k):
 
 
 def _setup_context(ctx, inputs, output):
-    x, qs, scales, fmt, bias, _backend = inputs
-    ctx.fmt, ctx.k, ctx.has_bias = fmt, x.shape[1], bias is not None
+    x, qs, scales, fmt, bias, backend = inputs
+    ctx.fmt, ctx.k, ctx.has_bias, ctx.backend = fmt, x.shape[1], bias is not None, backend
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(qs, scales)
 
 
 def _qmm_grad(ctx, dy):
     qs, scales = ctx.saved_tensors
-    gx = _qmm_grad_x(dy.contiguous(), qs, scales, ctx.fmt, ctx.k) if ctx.needs_input_grad[0] else None
+    gx = None
+    if ctx.needs_input_grad[0] and ctx.backend == "cpu":  # one dequantize, one GEMM in dy's dtype
+        gx = dy @ _dequant_cpu(qs, scales, ctx.fmt, ctx.k, dy.dtype)
+    elif ctx.needs_input_grad[0]:
+        gx = _qmm_grad_x(dy.contiguous(), qs, scales, ctx.fmt, ctx.k)
     gb = None
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
