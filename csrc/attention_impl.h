@@ -17,41 +17,108 @@ namespace {
 constexpr int64_t BQ = kAttnBQ, BK = kAttnBK;
 constexpr float kNegInf = -INFINITY;
 
-// C[4, W] += A[4, K] B[K, W]; A(m, k) = A[m * sam + k * sak], B rows ldb apart.
-template <int W>
+// SIMD width of this build (GCC vector extensions: zmm / ymm / xmm registers).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+// C[4, NV * kLanes] += A[4, K] B[K, NV * kLanes]; A(m, k) = A[m * sam + k * sak], B rows
+// ldb apart.  The 4 x NV accumulators stay in registers.
+template <int NV>
 static inline void kern4(int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
                          int64_t ldb, float* C, int64_t ldc) {
-  float c0[W], c1[W], c2[W], c3[W];
-#pragma omp simd
-  for (int n = 0; n < W; ++n) {
-    c0[n] = C[n]; c1[n] = C[ldc + n]; c2[n] = C[2 * ldc + n]; c3[n] = C[3 * ldc + n];
-  }
+  vfloat c[4][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) c[r][v] = *reinterpret_cast<const vfloat*>(C + r * ldc + v * kLanes);
   for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    const float a0 = A[k * sak], a1 = A[sam + k * sak], a2 = A[2 * sam + k * sak],
-                a3 = A[3 * sam + k * sak];
-#pragma omp simd
-    for (int n = 0; n < W; ++n) {
-      c0[n] += a0 * b[n]; c1[n] += a1 * b[n]; c2[n] += a2 * b[n]; c3[n] += a3 * b[n];
+    vfloat b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const vfloat*>(B + k * ldb + v * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const float a = A[r * sam + k * sak];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
-#pragma omp simd
-  for (int n = 0; n < W; ++n) {
-    C[n] = c0[n]; C[ldc + n] = c1[n]; C[2 * ldc + n] = c2[n]; C[3 * ldc + n] = c3[n];
-  }
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<vfloat*>(C + r * ldc + v * kLanes) = c[r][v];
 }
 
-// C[M, N] += A[M, K] B[K, N]; M % 4 == 0, N % 16 == 0.
+// C[M, N] += A[M, K] B[K, N]; M % 4 == 0, N % 16 == 0.  Register tile 4 x 4 vectors.
 static void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                      const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int64_t W = 4 * kLanes;
   for (int64_t m = 0; m < M; m += 4) {
     const float* a = A + m * sam;
     float* c = C + m * ldc;
     int64_t n = 0;
-    for (; n + 64 <= N; n += 64) kern4<64>(K, a, sam, sak, B + n, ldb, c + n, ldc);
-    for (; n + 32 <= N; n += 32) kern4<32>(K, a, sam, sak, B + n, ldb, c + n, ldc);
-    for (; n < N; n += 16) kern4<16>(K, a, sam, sak, B + n, ldb, c + n, ldc);
+    for (; n + W <= N; n += W) kern4<4>(K, a, sam, sak, B + n, ldb, c + n, ldc);
+    for (; n < N; n += 16) kern4<16 / kLanes>(K, a, sam, sak, B + n, ldb, c + n, ldc);
   }
+}
+
+constexpr int kRowVecs = int(BK) / kLanes;  // vectors per tile row
+
+static inline float hmax(vfloat x) {
+  float m = x[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+static inline float hsum(vfloat x) {
+  float t = 0.f;
+  for (int i = 0; i < kLanes; ++i) t += x[i];
+  return t;
+}
+
+// exp_approx (common.h) on a vector: same reduction and polynomial, so same values.
+static inline vfloat vexp(vfloat x) {
+  typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  vfloat r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vfloat p = 1.9875691500e-4f + vfloat{};
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
+  return p * __builtin_bit_cast(vfloat, e);
+}
+
+// s[0, BK) = exp(s - m) (0 where s = -inf); returns the row sum.
+static inline float exp_row(float* s, float m) {
+  vfloat sum{};
+#pragma GCC unroll 16
+  for (int v = 0; v < kRowVecs; ++v) {
+    vfloat& x = *reinterpret_cast<vfloat*>(s + v * kLanes);
+    x = x == kNegInf ? vfloat{} : vexp(x - m);
+    sum += x;
+  }
+  return hsum(sum);
+}
+
+static inline float max_row(const float* s) {
+  vfloat m = *reinterpret_cast<const vfloat*>(s);
+#pragma GCC unroll 16
+  for (int v = 1; v < kRowVecs; ++v) {
+    const vfloat x = *reinterpret_cast<const vfloat*>(s + v * kLanes);
+    m = x > m ? x : m;
+  }
+  return hmax(m);
 }
 
 template <typename D>
@@ -83,21 +150,27 @@ void pack(const AttnPackJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// Which (row, key) pairs of a tile are masked: keys past S, above the diagonal, padded.
+// Which (row, key) pairs of a tile are masked: keys past S or padded (a per-key bias of 0
+// or -inf, built once per tile) and, when causal, keys above the diagonal.
 struct TileMask {
-  const AttnArgs& a;
-  int64_t b, i0, j0;
-  bool any() const {
-    return j0 + BK > a.S || (a.causal && j0 + BK - 1 > i0) || a.key_mask != nullptr;
-  }
-  // row r of the tile: s[c] = -inf where masked
-  void apply(float* s, int64_t r) const {
-    const int64_t i = i0 + r;
+  bool any = false, causal = false;
+  int64_t i0 = 0, j0 = 0;
+  alignas(64) float bias[BK];
+  TileMask(const AttnArgs& a, int64_t b, int64_t i0_, int64_t j0_) : i0(i0_), j0(j0_) {
+    causal = a.causal && j0 + BK - 1 > i0;
+    any = causal || j0 + BK > a.S || a.key_mask != nullptr;
+    if (!any) return;
     const uint8_t* km = a.key_mask ? a.key_mask + b * a.S : nullptr;
     for (int64_t c = 0; c < BK; ++c) {
       const int64_t j = j0 + c;
-      if (j >= a.S || (a.causal && j > i) || (km && !km[j])) s[c] = kNegInf;
+      bias[c] = (j >= a.S || (km && !km[j])) ? kNegInf : 0.f;
     }
+  }
+  // row r of the tile: s[c] = -inf where masked
+  void apply(float* s, int64_t r) const {
+    const int64_t last = causal ? i0 + r - j0 : BK;  // keys c > last are above the diagonal
+#pragma omp simd
+    for (int64_t c = 0; c < BK; ++c) s[c] = c > last ? kNegInf : s[c] + bias[c];
   }
 };
 
@@ -141,27 +214,17 @@ void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end)
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       std::fill(s, s + BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + kb * BK) * Dp, BK, s, BK);
-      const TileMask mask{a, q.b, i0, kb * BK};
-      const bool masked = mask.any();
+      const TileMask mask(a, q.b, i0, kb * BK);
       for (int64_t r = 0; r < BQ; ++r) {
         float* sr = s + r * BK;
-        if (masked) mask.apply(sr, r);
-        float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-        for (int64_t c = 0; c < BK; ++c) mx = std::max(mx, sr[c]);
-        const float m_new = std::max(m[r], mx);
+        if (mask.any) mask.apply(sr, r);
+        const float m_new = std::max(m[r], max_row(sr));
         if (m_new == kNegInf) {  // nothing to attend to yet
           std::fill(sr, sr + BK, 0.f);
           continue;
         }
         const float alpha = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < BK; ++c) {
-          const float e = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] - m_new);
-          sr[c] = e;
-          sum += e;
-        }
+        const float sum = exp_row(sr, m_new);
         l[r] = l[r] * alpha + sum;
         m[r] = m_new;
         float* orow = o + r * Dp;
@@ -187,7 +250,6 @@ void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end)
 // P (into s) and dS (into dp) of one tile from the recomputed scores s and dp = dO V^T.
 static inline void probs_and_dscores(const AttnArgs& a, const TileMask& mask, const float* lse,
                                      const float* delta, int64_t rows, float* s, float* dp) {
-  const bool masked = mask.any();
   for (int64_t r = 0; r < BQ; ++r) {
     float* sr = s + r * BK;
     float* dr = dp + r * BK;
@@ -196,14 +258,11 @@ static inline void probs_and_dscores(const AttnArgs& a, const TileMask& mask, co
       std::fill(dr, dr + BK, 0.f);
       continue;
     }
-    if (masked) mask.apply(sr, r);
-    const float L = lse[r], dl = delta[r];
+    if (mask.any) mask.apply(sr, r);
+    exp_row(sr, lse[r]);
+    const float dl = delta[r];
 #pragma omp simd
-    for (int64_t c = 0; c < BK; ++c) {
-      const float pv = sr[c] == kNegInf ? 0.f : exp_approx(sr[c] - L);
-      sr[c] = pv;
-      dr[c] = pv * (dr[c] - dl);
-    }
+    for (int64_t c = 0; c < BK; ++c) dr[c] = sr[c] * (dr[c] - dl);
   }
 }
 
@@ -230,7 +289,7 @@ void dkdv(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
         std::fill(s, s + 2 * BQ * BK, 0.f);
         gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
         gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-        probs_and_dscores(a, TileMask{a, b, i0, j0}, a.lse + qh * a.S + i0,
+        probs_and_dscores(a, TileMask(a, b, i0, j0), a.lse + qh * a.S + i0,
                           p.delta + qh * Sp + i0, rows, s, dp);
         gemm_acc(BK, Dp, BQ, s, 1, BK, dO, Dp, dv, Dp);
         gemm_acc(BK, Dp, BQ, dp, 1, BK, Q, Dp, dk, Dp);
@@ -263,7 +322,7 @@ void dq(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
       std::fill(s, s + 2 * BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
       gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-      probs_and_dscores(a, TileMask{a, q.b, i0, j0}, a.lse + qh * a.S + i0,
+      probs_and_dscores(a, TileMask(a, q.b, i0, j0), a.lse + qh * a.S + i0,
                         p.delta + qh * Sp + i0, rows, s, dp);
       gemm_acc(BQ, Dp, BK, dp, BK, 1, p.k + (kvbase + j0) * Dp, Dp, acc, Dp);
     }
