@@ -44,22 +44,27 @@ def _allowed(S: int, causal: bool, key_padding_mask: Tensor | None, device) -> T
     return allowed
 
 
+def _reference_probs(q, k, causal, key_padding_mask, scale):
+    """(P [B, Hq, S, S], lse [B, Hq, S]) in q's math dtype; rows with no key: P = 0, lse = -inf."""
+    ct = torch.promote_types(q.dtype, torch.float32)
+    g = q.shape[1] // k.shape[1]
+    s = scale * q.to(ct) @ k.to(ct).repeat_interleave(g, dim=1).transpose(-1, -2)
+    s = s.masked_fill(~_allowed(q.shape[2], causal, key_padding_mask, q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0)), lse
+
+
+def _scale(q, scale):
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 def reference_attention_lse(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                             key_padding_mask: Tensor | None = None,
                             scale: float | None = None) -> tuple[Tensor, Tensor]:
     """(out in q's dtype, lse fp32 [B, Hq, S]): the spec, fp32 math (fp64 stays fp64)."""
-    ct = torch.promote_types(q.dtype, torch.float32)
-    B, Hq, S, D = q.shape
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    g = Hq // k.shape[1]
-    kf = k.to(ct).repeat_interleave(g, dim=1)
-    vf = v.to(ct).repeat_interleave(g, dim=1)
-    s = scale * q.to(ct) @ kf.transpose(-1, -2)
-    s = s.masked_fill(~_allowed(S, causal, key_padding_mask, q.device), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0))
-    out = (p @ vf).to(q.dtype)
-    return out, lse.to(torch.float32) if ct == torch.float32 else lse
+    p, lse = _reference_probs(q, k, causal, key_padding_mask, _scale(q, scale))
+    out = p @ v.to(p.dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return out.to(q.dtype), lse.to(torch.promote_types(q.dtype, torch.float32))
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
@@ -67,6 +72,22 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
                         scale: float | None = None) -> Tensor:
     """softmax(scale q k^T + mask) v in fp32 math, result in q's dtype (differentiable)."""
     return reference_attention_lse(q, k, v, causal, key_padding_mask, scale)[0]
+
+
+def reference_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                                 key_padding_mask: Tensor | None, causal: bool, scale: float):
+    """(dq, dk, dv) by the formulas in the module docstring, fp32 math, in the inputs' dtype."""
+    B, Hq, S, D = q.shape
+    g = Hq // k.shape[1]
+    p, _ = _reference_probs(q, k, causal, key_padding_mask, scale)
+    ct = p.dtype
+    kf, vf = (t.to(ct).repeat_interleave(g, dim=1) for t in (k, v))
+    do = dout.to(ct)
+    ds = p * (do @ vf.transpose(-1, -2) - (do * (p @ vf)).sum(-1, keepdim=True))
+    dq = scale * ds @ kf
+    dk = (scale * ds.transpose(-1, -2) @ q.to(ct)).unflatten(1, (-1, g)).sum(2)
+    dv = (p.transpose(-1, -2) @ do).unflatten(1, (-1, g)).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -98,10 +119,7 @@ def _ref_forward(q, k, v, mask, causal, scale):
 
 
 def _ref_backward(dout, q, k, v, mask, out, lse, causal, scale):
-    with torch.enable_grad():
-        qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
-        o = reference_attention(qr, kr, vr, causal, mask, scale)
-        return torch.autograd.grad(o, (qr, kr, vr), dout)
+    return reference_attention_backward(dout, q, k, v, mask, causal, scale)
 
 
 FORWARD = {"ref": _ref_forward, "cpu": _cpu_forward}
@@ -190,7 +208,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     """softmax(scale q k^T + mask) v [B, Hq, S, D] in q's dtype; see the module docstring."""
     q, k, v = _cast_to_q(q, k, v)
     _check(q, k, v, key_padding_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = float(_scale(q, scale))
     chosen = resolve(OP, backend, q.device)
     if chosen == "ref":
         return reference_attention(q, k, v, causal, key_padding_mask, scale)
