@@ -143,15 +143,16 @@ def test_bitwise_same_on_any_thread_count(causal, threads):
 
 @needs_ext
 def test_op_gradcheck_opcheck_and_compile():
-    q, k, v, _ = qkv(2, 4, 2, 9, 8, torch.float64, seed=6)
-    mask = pad_mask(2, 9, left=True)
+    q, k, v, _ = qkv(2, 4, 2, 5, 4, torch.float64, seed=6)  # tiny: gradcheck is O(numel^2)
+    mask = pad_mask(2, 5, left=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     assert torch.autograd.gradcheck(
         lambda a, b, c: attention(a, b, c, key_padding_mask=mask, backend="cpu"), (q, k, v))
+    q, k, v, _ = qkv(2, 4, 2, 9, 8, torch.float64, seed=6)
+    mask = pad_mask(2, 9, left=True)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    for m in (mask, None):
-        torch.library.opcheck(torch.ops.pyengine.attention.default,
-                              (qf, kf, vf, m, True, 0.3, "cpu"))
+    torch.library.opcheck(torch.ops.pyengine.attention.default,
+                          (qf, kf, vf, mask, True, 0.3, "cpu"))
     out, lse = torch.ops.pyengine.attention(qf.detach(), kf.detach(), vf.detach(), mask, True,
                                             0.3, "cpu")
     torch.library.opcheck(torch.ops.pyengine.attention_backward.default,
