@@ -14,7 +14,7 @@ GQA group and query blocks, dq over key blocks) run in a fixed order: same bits 
 thread count.
 Floor (FLOPs): forward 4 B Hq S^2 D (half when causal), backward 2.5x that.
 
-Backends: "ref" (plain PyTorch), "cpu" (csrc/attention.h).
+Backends: "ref" (plain PyTorch), "cpu" (csrc/attention.h), "triton" (pyengine.kernels.attention).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pyengine import _ext
 from pyengine.backends import register_op, resolve
 
 OP = "attention"
-register_op(OP, ("ref", "cpu"))
+register_op(OP, ("ref", "cpu", "triton"))
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPES = KERNEL_DTYPES + (torch.float64,)
 
@@ -122,8 +122,18 @@ def _ref_backward(dout, q, k, v, mask, out, lse, causal, scale):
     return reference_attention_backward(dout, q, k, v, mask, causal, scale)
 
 
-FORWARD = {"ref": _ref_forward, "cpu": _cpu_forward}
-BACKWARD = {"ref": _ref_backward, "cpu": _cpu_backward}
+def _triton_forward(q, k, v, mask, causal, scale):
+    from pyengine.kernels.attention import attention_forward
+    return attention_forward(q, k, v, mask, causal, scale)
+
+
+def _triton_backward(dout, q, k, v, mask, out, lse, causal, scale):
+    from pyengine.kernels.attention import attention_backward
+    return attention_backward(dout, q, k, v, mask, out, lse, causal, scale)
+
+
+FORWARD = {"ref": _ref_forward, "cpu": _cpu_forward, "triton": _triton_forward}
+BACKWARD = {"ref": _ref_backward, "cpu": _cpu_backward, "triton": _triton_backward}
 
 
 def _pick(backend, q):
