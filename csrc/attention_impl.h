@@ -36,7 +36,8 @@ static inline void kern4(int64_t K, const float* A, int64_t sam, int64_t sak, co
 #pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) c[r][v] = *reinterpret_cast<const vfloat*>(C + r * ldc + v * kLanes);
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = *reinterpret_cast<const vfloat*>(C + r * ldc + v * kLanes);
   for (int64_t k = 0; k < K; ++k) {
     vfloat b[NV];
 #pragma GCC unroll 8

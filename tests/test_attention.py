@@ -55,7 +55,8 @@ def sdpa(causal, mask, dtype=None):
     """torch's SDPA with the same masking (the 'plain torch in this dtype' peer)."""
     def fn(q, k, v):
         S = q.shape[2]
-        allowed = torch.ones(S, S, dtype=torch.bool).tril() if causal else torch.ones(S, S, dtype=torch.bool)
+        allowed = torch.ones(S, S, dtype=torch.bool)
+        allowed = allowed.tril() if causal else allowed
         allowed = allowed[None, None] & (mask[:, None, None, :] if mask is not None else True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
     return fn
@@ -275,7 +276,8 @@ def test_hf_model_matches_sdpa(arch, dtype):
         return
     for i, (o, p, e) in enumerate(zip(ours_g, plain_g, exact_g)):
         if e is not None:
-            torch.testing.assert_close(o.double(), e, rtol=0.05 if dtype == torch.bfloat16 else 1e-4,
+            rtol = 0.05 if dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(o.double(), e, rtol=rtol,
                                        atol=(p.double() - e).abs().max().item() * 4 + 1e-6,
                                        msg=lambda m: f"grad {i}: {m}")
 
