@@ -7,6 +7,7 @@
 
 #include <array>
 
+#include "attention.h"
 #include "cpu_features.h"
 #include "cross_entropy.h"
 #include "lora.h"
@@ -82,6 +83,33 @@ PYBIND11_MODULE(_C, m) {
       },
       "g1 = alpha1 * u1.T @ (x1 * mask1) and g2 = alpha2 * u2.T @ x2 in one parallel "
       "region (x2 = 0: only g1) (see csrc/lora.h).");
+
+  m.def(
+      "attention_forward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_mask, uintptr_t o, uintptr_t lse,
+         int dtype, int64_t B, int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale,
+         bool causal, int num_threads) {
+        AttnArgs a{dtype, B, Hq, Hkv, S, D, scale, causal, ptr<const uint8_t>(key_mask),
+                   ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(o),
+                   ptr<float>(lse), nullptr, nullptr, nullptr, nullptr};
+        py::gil_scoped_release nogil;
+        attention_forward(a, num_threads);
+      },
+      "o and the row logsumexp of softmax(scale q k^T + mask) v (see csrc/attention.h).");
+  m.def(
+      "attention_backward",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t key_mask, uintptr_t o, uintptr_t lse,
+         uintptr_t dout, uintptr_t dq, uintptr_t dk, uintptr_t dv, int dtype, int64_t B,
+         int64_t Hq, int64_t Hkv, int64_t S, int64_t D, float scale, bool causal,
+         int num_threads) {
+        AttnArgs a{dtype, B, Hq, Hkv, S, D, scale, causal, ptr<const uint8_t>(key_mask),
+                   ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(o),
+                   ptr<float>(lse), ptr<const void>(dout), ptr<void>(dq), ptr<void>(dk),
+                   ptr<void>(dv)};
+        py::gil_scoped_release nogil;
+        attention_backward(a, num_threads);
+      },
+      "dq, dk, dv of attention, probabilities recomputed from lse (see csrc/attention.h).");
 
   m.def(
       "swiglu_forward",

@@ -1,5 +1,6 @@
 """Public ops.  Each is a torch.library custom op (pyengine::<op>) with fake and autograd
 registrations; `backend=` picks ref / cpu / triton (see pyengine.backends)."""
+from pyengine.ops.attention import attention, reference_attention
 from pyengine.ops.cross_entropy import (fused_linear_cross_entropy,
                                         reference_linear_cross_entropy)
 from pyengine.ops.lora import lora_linear, reference_lora_linear
@@ -9,7 +10,7 @@ from pyengine.ops.quant import quant_matmul, reference_quant_matmul
 from pyengine.ops.rope import reference_rope, rope
 from pyengine.ops.swiglu import reference_swiglu, swiglu
 
-__all__ = ["fused_linear_cross_entropy", "reference_linear_cross_entropy",
+__all__ = ["attention", "reference_attention", "fused_linear_cross_entropy", "reference_linear_cross_entropy",
            "lora_linear", "reference_lora_linear", "lora_mlp", "reference_lora_mlp",
            "layer_norm", "reference_layer_norm", "rms_norm", "reference_rms_norm",
            "quant_matmul", "reference_quant_matmul", "reference_rope", "rope",

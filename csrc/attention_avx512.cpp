@@ -1,0 +1,3 @@
+// avx512 build of the attention tile loops (flags set in CMakeLists.txt).
+#define PYENGINE_ISA_NS avx512
+#include "attention_impl.h"
