@@ -41,6 +41,7 @@ import yaml
 from pyengine import data as D
 from pyengine import models as M
 from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
+from pyengine.nn.attention import use_pyengine_attention
 from pyengine.patch import patch_model
 
 log = logging.getLogger("pyengine.finetune")
@@ -144,10 +145,13 @@ class Run:
                 # autocast hands fp32 to some of them (e.g. after LayerNorm)
                 for m in [*lora_modules(model).values(), *fused_mlps(model)]:
                     m.register_forward_pre_hook(_input_to_bf16)
-        try:  # fused norms / RoPE / SwiGLU on this instance (pyengine/patch.py)
-            patch_model(model)
-        except ValueError as e:  # a family the kernels do not cover: HF's own modules run
-            log.warning("%s", e)
+        # fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
+        # family they do not cover runs HF's own modules
+        for use_kernels in (patch_model, use_pyengine_attention):
+            try:
+                use_kernels(model)
+            except ValueError as e:
+                log.warning("%s", e)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
