@@ -38,12 +38,14 @@ def fp64_math(x, w, a, b, bias, scale, keep=None, p=0.0):
     return y, u, xd
 
 
-def run(backend, x, w, a, b, bias, scale, p=0.0, seed=None):
+def run(backend, x, w, a, b, bias, scale, p=0.0, seed=None, autocast=False):
+    """y, gy and the grads of sum(y * gy); autocast: the forward inside bf16 autocast."""
     x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
     bias = None if bias is None else bias.clone().requires_grad_()
     if seed is not None:
         torch.manual_seed(seed)
-    y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
     (y.float() * gy.float()).sum().backward()
     return y, gy, x.grad, a.grad, b.grad, None if bias is None else bias.grad
@@ -235,6 +237,49 @@ def test_errors():
         lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
     with pytest.raises(TypeError, match="weight dtype"):
         lora_linear(x, w.bfloat16(), a, b, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype, p):
+    """Inside torch.autocast bf16 an fp32 x and the base (fp32 or bf16) run as F.linear's
+    inputs would, in bf16; the fp32 adapters stay fp32: the same bits as the bf16-base +
+    fp32-adapter call outside autocast, y in bf16, fp32 gradients.  This used to raise
+    "weight dtype torch.float32 != x dtype torch.bfloat16"."""
+    x, w, a, b, bias = make(9, 24, 17, 4)
+    w, bias = w.to(base_dtype), bias.to(base_dtype)
+    got = run(backend, x, w, a, b, bias, 0.5, p, seed=1, autocast=True)
+    want = run(backend, x.bfloat16(), w.bfloat16(), a, b, bias.bfloat16(), 0.5, p, seed=1)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    assert got[3].dtype == got[4].dtype == torch.float32
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_.to(g.dtype), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the old error message's call
+        mixed = lora_linear(x.bfloat16(), w.float(), a, b, 0.5, backend=backend)
+    torch.testing.assert_close(mixed, lora_linear(x.bfloat16(), w.bfloat16(), a, b, 0.5,
+                                                  backend=backend), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
+def test_autocast_is_declared_on_the_ops(backend):
+    """torch.ops.pyengine.lora_linear itself (no Python wrapper) follows the autocast rule,
+    and its backward op run inside autocast keeps its fp32 math (same bits as outside;
+    the triton backend's torch outer products would otherwise run in bf16)."""
+    x, w, a, b, bias = make(6, 16, 10, 2)
+    mask = dropout_mask(x, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, u = torch.ops.pyengine.lora_linear(x, w, a, b, bias, mask, 0.5, 1.25, backend)
+    want_y, want_u = _lora_fwd(x.bfloat16(), w.bfloat16(), a, b, bias.bfloat16(), mask, 0.5,
+                               1.25, backend)
+    assert y.dtype == torch.bfloat16 and u.dtype == torch.float32
+    torch.testing.assert_close((y, u), (want_y, want_u), atol=0, rtol=0)
+    args = (torch.randn_like(want_y), x.bfloat16(), u, w.bfloat16(), a, b, mask, 0.5, 1.25,
+            backend, True, True, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.ops.pyengine.lora_linear_backward(*args)
+    torch.testing.assert_close(grads, torch.ops.pyengine.lora_linear_backward(*args), atol=0,
+                               rtol=0)
 
 
 # --------------------------------------------------------------------------- C++ ISA variants

@@ -400,3 +400,32 @@ def test_loramlp_under_torch_compile():
     torch.testing.assert_close(yc, ye)
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(mod.up_proj.lora_A.weight.grad, grad_eager)
+
+
+@pytest.mark.parametrize("backend", ["ref"] + (["cpu"] if _ext._C is not None else []))
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_mlp_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype):
+    """Inside torch.autocast bf16: x and the three base weights run in bf16 (as F.linear's
+    inputs), the fp32 adapters stay fp32 with fp32 gradients: the same bits as the
+    bf16-base + fp32-adapter call outside autocast; y in bf16; the op itself (torch.ops)
+    follows the same rule.  An fp32 x used to raise "w_gate dtype ... != x dtype"."""
+    x, ws = mlp_tensors(13, 16, 24, (4, 2, 3), torch.float32, torch.float32)
+    ws = [w.to(base_dtype) if i in (0, 3, 6) else w for i, w in enumerate(ws)]
+    dy = torch.randn(13, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def in_autocast(*args, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lora_mlp(*args, **kw)
+
+    got = run_with_grads(in_autocast, x, ws, dy, 2.0, backend=backend)
+    want = run_with_grads(lora_mlp, x.bfloat16(), [w.bfloat16() if i in (0, 3, 6) else w
+                                                   for i, w in enumerate(ws)], dy, 2.0,
+                          backend=backend)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[2:])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), atol=0, rtol=0)
+    if backend == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.ops.pyengine.lora_mlp(x, *ws, 2.0, "cpu", True)[0]
+        torch.testing.assert_close(y, want[0], atol=0, rtol=0)

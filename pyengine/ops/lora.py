@@ -19,6 +19,11 @@ Backward: dx = dy @ W                            torch GEMM (W frozen: no dW GEM
 mask is the dropout keep-mask (bool [N, in], only when dropout_p > 0; keep = 1/(1-p));
 backward saves x, u (and the mask), never a dropped-out copy of x.
 
+Autocast: inside torch.autocast the frozen base (x, W, bias) is cast as F.linear's inputs
+are (to the autocast dtype), the adapters are not: they stay fp32 master weights, run the
+low-rank math in fp32 and get fp32 gradients; y comes back in the autocast dtype, as
+F.linear's would (`register_base_autocast`, also used by pyengine.ops.lora_mlp).
+
 Backends: "ref" (plain PyTorch autograd, upcast to fp32: the spec), "cpu" (the skinny
 products with their scale-and-add in C++, csrc/lora.h, where they measured faster than
 torch; the rest torch), "triton" (skinny products in pyengine.kernels.lora).
@@ -52,6 +57,48 @@ def dropout_mask(x: Tensor, p: float) -> Tensor:
 
 def _fp32_or_wider(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------- autocast
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype torch.autocast gives F.linear on `device` here, or None outside autocast."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def _autocast_eligible(t, dtype) -> bool:
+    # autocast casts floating tensors other than fp64 (torch's cached_cast rule)
+    return (dtype is not None and isinstance(t, Tensor) and t.is_floating_point()
+            and t.dtype != torch.float64)
+
+
+def autocast_cast(t, dtype):
+    """t as autocast hands it to F.linear when the autocast dtype is `dtype` (None: t)."""
+    return t.to(dtype) if _autocast_eligible(t, dtype) else t
+
+
+def autocast_result_dtype(t: Tensor, dtype) -> torch.dtype:
+    """t's dtype after `autocast_cast(t, dtype)`."""
+    return dtype if _autocast_eligible(t, dtype) else t.dtype
+
+
+_AUTOCAST_LIB = torch.library.Library("pyengine", "IMPL")
+
+
+def register_base_autocast(op_name: str, base_args: tuple[int, ...] = ()) -> None:
+    """Declare the autocast rule of pyengine::<op_name> (cpu and cuda): the arguments at
+    `base_args` (activations, frozen base weights, bias) are cast like F.linear's inputs,
+    the rest (fp32 adapters, masks) pass unchanged, and the op runs with autocast off.
+    No base_args (the backward ops): autocast off, the saved dtypes kept."""
+    for kind in ("cpu", "cuda"):
+        def kernel(*args, kind=kind):
+            dtype = torch.get_autocast_dtype(kind)
+            args = [autocast_cast(a, dtype) if i in base_args else a for i, a in enumerate(args)]
+            with torch.autocast(kind, enabled=False):
+                return getattr(torch.ops.pyengine, op_name)(*args)
+        _AUTOCAST_LIB.impl(op_name, kernel, "Autocast" + kind.upper())
 
 
 # --------------------------------------------------------------------------- reference
@@ -235,12 +282,17 @@ def _lora_grad(ctx, grad_y, _grad_u):
 
 
 _lora_fwd.register_autograd(_lora_grad, setup_context=_setup_context)
+register_base_autocast("lora_linear", base_args=(0, 1, 4))  # x, weight, bias
+register_base_autocast("lora_linear_backward")
 
 
 # --------------------------------------------------------------------------- public API
 def _validate(x, weight, lora_a, lora_b, bias, dropout_p):
+    """Shapes, devices and dtypes; the base's dtypes as they are after autocast's cast."""
     name = "lora_linear"
     quantized = isinstance(weight, QuantizedWeight)
+    ac = autocast_dtype(x.device)
+    x_dtype = autocast_result_dtype(x, ac)
     if not quantized and weight.dim() != 2:
         raise ValueError(f"{name}: weight must be [out, in], got shape {tuple(weight.shape)}")
     out_f, in_f = weight.shape
@@ -253,17 +305,18 @@ def _validate(x, weight, lora_a, lora_b, bias, dropout_p):
     if tuple(lora_b.shape) != (out_f, r):
         raise ValueError(f"{name}: lora_b must be [{out_f}, {r}] (out, r), got "
                          f"{tuple(lora_b.shape)}")
-    if x.dtype not in DTYPES or lora_a.dtype not in DTYPES:
-        raise TypeError(f"{name}: x {x.dtype} / lora_a {lora_a.dtype}: supported dtypes are "
+    if x_dtype not in DTYPES or lora_a.dtype not in DTYPES:
+        raise TypeError(f"{name}: x {x_dtype} / lora_a {lora_a.dtype}: supported dtypes are "
                         "float32 and bfloat16 (float64 for checks)")
-    if not quantized and weight.dtype != x.dtype:
+    if not quantized and autocast_result_dtype(weight, ac) != x_dtype:
         raise TypeError(f"{name}: weight dtype {weight.dtype} != x dtype {x.dtype}")
     if lora_b.dtype != lora_a.dtype:
         raise TypeError(f"{name}: lora_b dtype {lora_b.dtype} != lora_a dtype {lora_a.dtype}")
     if quantized and weight.device != x.device:
         raise ValueError(f"{name}: weight is on {weight.device}, x on {x.device}")
-    if bias is not None and (tuple(bias.shape) != (out_f,) or bias.dtype != x.dtype):
-        raise ValueError(f"{name}: bias must be [{out_f}] of {x.dtype}, got "
+    if bias is not None and (tuple(bias.shape) != (out_f,)
+                             or autocast_result_dtype(bias, ac) != x_dtype):
+        raise ValueError(f"{name}: bias must be [{out_f}] of {x_dtype}, got "
                          f"{tuple(bias.shape)} {bias.dtype}")
     for k, t in {"weight": None if quantized else weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias}.items():
         if t is not None and t.device != x.device:
@@ -281,18 +334,25 @@ def lora_linear(x: Tensor, weight: Tensor | QuantizedWeight, lora_a: Tensor, lor
     """x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T with W frozen; see module doc.
     Dropout (probability dropout_p, applied to the adapter input only) draws its mask from
     torch's global generator (`dropout_mask`); pass dropout_p=0 in eval mode.
-    weight may be a QuantizedWeight (QLoRA): the base term is then quant_matmul."""
+    weight may be a QuantizedWeight (QLoRA): the base term is then quant_matmul.
+    Inside torch.autocast the base runs in the autocast dtype, the adapters in fp32."""
     _validate(x, weight, lora_a, lora_b, bias, dropout_p)
     chosen = resolve(OP, backend, x.device)
     quantized = isinstance(weight, QuantizedWeight)
+    ac = autocast_dtype(x.device)
+    if chosen == "ref" or quantized:  # base outside the op: autocast's casts done here
+        x, bias = autocast_cast(x, ac), autocast_cast(bias, ac)
     if chosen == "ref":
-        return reference_lora_linear(x, weight.dequantize() if quantized else weight, lora_a,
-                                     lora_b, scale, bias=bias, dropout_p=dropout_p)
+        with torch.autocast(x.device.type, enabled=False):
+            return reference_lora_linear(
+                x, autocast_cast(weight.dequantize() if quantized else weight, ac), lora_a,
+                lora_b, scale, bias=bias, dropout_p=dropout_p)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     mask = dropout_mask(x2, dropout_p) if dropout_p > 0.0 else None
     y, _ = _lora_fwd(x2, None if quantized else weight.contiguous(), lora_a.contiguous(),
                      lora_b.contiguous(), None if quantized or bias is None else bias.contiguous(),
                      mask, float(scale), 1.0 / (1.0 - dropout_p), chosen)
     if quantized:
-        y = y + quant_matmul(x2, weight, bias=bias, backend=chosen)
+        with torch.autocast(x.device.type, enabled=False):
+            y = y + quant_matmul(x2, weight, bias=bias, backend=chosen)
     return y.reshape(*x.shape[:-1], weight.shape[0])

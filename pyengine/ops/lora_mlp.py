@@ -28,6 +28,9 @@ one for y (forward), one for dy and one for x/dx (backward) (csrc/lowrank_rows.h
 low-rank math in fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch
 GEMMs and low-rank products + the Triton SwiGLU.
 
+Autocast (as pyengine.ops.lora_linear): x and the base weights are cast like F.linear's
+inputs, the adapters stay fp32 (fp32 low-rank math and gradients); y in the autocast dtype.
+
 QLoRA: any base weight given as a pyengine.quant.QuantizedWeight takes the unfused path,
 three lora_linear calls (quantized bases through quant_matmul) and silu(gate) * up in torch
 autograd; the fused op's memory savings do not apply there.
@@ -40,7 +43,8 @@ from torch import Tensor
 
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
-from pyengine.ops.lora import lora_linear
+from pyengine.ops.lora import (autocast_cast, autocast_dtype, autocast_result_dtype, lora_linear,
+                               register_base_autocast)
 from pyengine.quant import QuantizedWeight
 from pyengine.ops.swiglu import DTYPES, KERNEL_DTYPES, swiglu_backward, swiglu_forward
 
@@ -268,11 +272,16 @@ def _lora_mlp_grad(ctx, dy, *_unused):
 
 
 _lora_mlp.register_autograd(_lora_mlp_grad, setup_context=_setup_context)
+register_base_autocast("lora_mlp", base_args=(0, 1, 4, 7))  # x, w_gate, w_up, w_down
+register_base_autocast("lora_mlp_backward")
 
 
 # --------------------------------------------------------------------------- public API
 def _validate(x, tensors, scale):
+    """Shapes, devices and dtypes; x's and the base's as they are after autocast's cast."""
     name = "lora_mlp"
+    ac = autocast_dtype(x.device)
+    x_dtype = autocast_result_dtype(x, ac)
     w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down = tensors
     if x.dim() < 1:
         raise ValueError(f"{name}: x must be [..., H], got a scalar")
@@ -288,19 +297,19 @@ def _validate(x, tensors, scale):
                              f"w_down {tuple(w_down.shape)})")
         if t.device != x.device:
             raise ValueError(f"{name}: {k} is on {t.device}, x on {x.device}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: x dtype {x.dtype} not supported {DTYPES}")
+    if x_dtype not in DTYPES:
+        raise TypeError(f"{name}: x dtype {x_dtype} not supported {DTYPES}")
     for k in ("w_gate", "w_up", "w_down"):
         t = tensors[NAMES.index(k)]
-        if t.dtype != x.dtype:
+        if autocast_result_dtype(t, ac) != x_dtype:
             raise TypeError(f"{name}: {k} dtype {t.dtype} != x dtype {x.dtype}")
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: {k} requires grad, but base weights are frozen here "
                              "(no gradient is computed for them); detach it or set "
                              "requires_grad_(False)")
     lr = a_gate.dtype
-    if lr not in (x.dtype, torch.float32):
-        raise TypeError(f"{name}: adapter dtype {lr} must be x's dtype ({x.dtype}) or float32")
+    if lr not in (x_dtype, torch.float32):
+        raise TypeError(f"{name}: adapter dtype {lr} must be x's dtype ({x_dtype}) or float32")
     for k in ("a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down"):
         t = tensors[NAMES.index(k)]
         if t.dtype != lr:
@@ -322,7 +331,11 @@ def lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Te
     _validate(x, tensors, scale)
     chosen = resolve(OP, backend, x.device)
     if chosen == "ref":
-        return reference_lora_mlp(x, *tensors, scale)
+        ac = autocast_dtype(x.device)
+        base = {0, 3, 6}  # w_gate, w_up, w_down in `tensors`
+        with torch.autocast(x.device.type, enabled=False):
+            return reference_lora_mlp(autocast_cast(x, ac), *(
+                autocast_cast(t, ac) if i in base else t for i, t in enumerate(tensors)), scale)
     keep = not recompute_projections
     y, *_ = _lora_mlp(x.reshape(-1, x.shape[-1]).contiguous(),
                       *(t.contiguous() for t in tensors), float(scale), chosen, keep)
