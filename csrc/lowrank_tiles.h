@@ -1,5 +1,5 @@
-// Inner loops shared by the kernels that fuse skinny low-rank products into row passes
-// (swiglu_impl.h, lowrank_rows_impl.h; lora_impl.h uses the element access).  Included by *_impl.h inside each ISA build:
+// The micro-kernels of the low-rank engine (lowrank_rows_impl.h) and of the LoRA-fused
+// SwiGLU (swiglu_impl.h).  Included by *_impl.h inside each ISA build:
 // PYENGINE_ISA_NS must be defined, and every function is static inline in that namespace.
 // Element access per DType (load to fp32, store rounded) and the tile loops: all tile
 // operands fp32; `mat` rows are contiguous with leading dimension ld; loops are `omp simd`
@@ -55,18 +55,6 @@ static inline void dot_rows_n(float* out, const float* v, const float* mat, int6
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) sum += v[j] * m[j];
     out[k] += sum;
-  }
-}
-
-template <int64_t kLen>
-static inline void outer_add_n(float* acc, const float* coef, const float* v, int64_t rank,
-                               int64_t ld, int64_t len) {
-  const int64_t n = kLen ? kLen : len;
-  for (int64_t k = 0; k < rank; ++k) {
-    const float c = coef[k];
-    float* m = acc + k * ld;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) m[j] += c * v[j];
   }
 }
 
@@ -165,13 +153,6 @@ static inline void outer_add_block(float* acc, const float* coef, int64_t stride
                                    int64_t len) {
   if (len == kTile) outer_add_block_n<kTile>(acc, coef, stride, v, rows, rank, ld, len);
   else outer_add_block_n<0>(acc, coef, stride, v, rows, rank, ld, len);
-}
-
-// acc[k * ld + j] += coef[k] * v[j]   (rank-1 updates of an accumulator tile)
-static inline void outer_add(float* acc, const float* coef, const float* v, int64_t rank,
-                             int64_t ld, int64_t len) {
-  if (len == kTile) outer_add_n<kTile>(acc, coef, v, rank, ld, len);
-  else outer_add_n<0>(acc, coef, v, rank, ld, len);
 }
 
 }  // namespace PYENGINE_ISA_NS

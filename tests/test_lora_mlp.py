@@ -8,7 +8,8 @@ from torch import nn
 from pyengine import _ext
 from pyengine.nn import LoRAMLP
 from pyengine.ops import lora_mlp, reference_lora_mlp, reference_swiglu, swiglu
-from pyengine.ops.lora_mlp import _cpu_low_rank_pass, _cpu_middle_backward
+from pyengine.ops.lora import low_rank_pass
+from pyengine.ops.lora_mlp import _cpu_middle_backward
 from pyengine.ops.swiglu import reference_swiglu_backward, swiglu_backward, swiglu_forward
 from tests.conftest import num_threads, repeat_equal
 
@@ -204,24 +205,26 @@ def test_lora_mlp_deterministic_on_several_threads(dtype, adapter_dtype, threads
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_mlp_cpu_passes_equal_on_any_thread_count(dtype):
-    """The C++ row passes (csrc/lowrank_rows.h, csrc/swiglu.h) cut rows into blocks that
-    do not depend on the thread count: 1, 2 and 3 threads give the same bits."""
+    """The C++ row passes (csrc/lowrank_rows.h with every part and both masks, and
+    csrc/swiglu.h) cut rows into blocks that do not depend on the thread count: 1, 2 and 3
+    threads give the same bits."""
     gen = torch.Generator().manual_seed(4)
-    n, k, inter, r = 301, 70, 150, 6
+    n, k, m, inter, r = 301, 70, 45, 150, 6
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen)
-    src, dst0 = rnd(n, k).to(dtype), rnd(n, k).to(dtype)
-    proj_w, grad_coef, add_coef, add_w = rnd(r, k), rnd(n, r), rnd(n, r), rnd(k, r)
+    src, dst0 = rnd(n, k).to(dtype), rnd(n, m).to(dtype)
+    src_mask, dst_mask = rnd(n, k) > 0, rnd(n, m) > 0
+    proj_w, grad_coef, add_coef, add_w = rnd(r, k), rnd(n, r), rnd(n, r), rnd(r, m)
     g, u, dh0 = (rnd(n, inter).to(dtype) for _ in range(3))
     xa, p_down = rnd(n, 2 * r), rnd(n, r)
     a_down, b_gate, b_up = rnd(r, inter), rnd(inter, r), rnd(inter, r)
 
     def once():
         dst, dh = dst0.clone(), dh0.clone()
-        proj, grad = _cpu_low_rank_pass(torch.float32, src=src, proj_w=proj_w, scale=0.7,
-                                        grad_coef=grad_coef, dst=dst, add_coef=add_coef,
-                                        add_w=add_w)
+        proj, grad = low_rank_pass("cpu", src, src_mask=src_mask, proj_w=proj_w, scale=0.7,
+                                   grad_coef=grad_coef, grad_scale=1.1, dst=dst,
+                                   add_coef=add_coef, add_w=add_w, alpha=0.9, dst_mask=dst_mask)
         middle = _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, 0.7, "cpu")
         return [proj, grad, dst, *middle]
     results = []
