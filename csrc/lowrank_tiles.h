@@ -81,6 +81,17 @@ inline void store16(typename D::T* p, __m512 v) {
 #endif
 
 // ---------------------------------------------------------------- proj
+// pointers to rows n0 .. n0 + rb - 1 of src and mask; the block's tail repeats the last row
+template <typename T, int kR>
+inline void block_rows(const T* src, int64_t ld, const uint8_t* mask, int64_t n0, int64_t rb,
+                       const T* (&x)[kR], const uint8_t* (&mk)[kR]) {
+  for (int i = 0; i < kR; ++i) {
+    const int64_t r = n0 + std::min<int64_t>(i, rb - 1);
+    x[i] = src + r * ld;
+    mk[i] = mask ? mask + r * ld : nullptr;
+  }
+}
+
 template <typename D>
 void proj(const typename D::T* src, int64_t ld, const uint8_t* mask, int64_t n, int64_t K,
           const float* w, int64_t ldw, int64_t R, float scale, float* out, int64_t ld_out) {
@@ -90,11 +101,7 @@ void proj(const typename D::T* src, int64_t ld, const uint8_t* mask, int64_t n, 
     const int64_t rb = std::min<int64_t>(kR, n - n0);
     const typename D::T* x[kR];
     const uint8_t* mk[kR];
-    for (int i = 0; i < kR; ++i) {
-      const int64_t r = n0 + std::min<int64_t>(i, rb - 1);
-      x[i] = src + r * ld;
-      mk[i] = mask ? mask + r * ld : nullptr;
-    }
+    block_rows(src, ld, mask, n0, rb, x, mk);
     for (int64_t k0 = 0; k0 < R; k0 += kQ) {
       const float* wq[kQ];
       for (int q = 0; q < kQ; ++q) wq[q] = w + std::min<int64_t>(k0 + q, R - 1) * ldw;
@@ -121,11 +128,7 @@ void proj(const typename D::T* src, int64_t ld, const uint8_t* mask, int64_t n, 
     const int64_t rb = std::min<int64_t>(kBlk, n - n0);
     const typename D::T* x[kBlk];
     const uint8_t* mk[kBlk];
-    for (int i = 0; i < kBlk; ++i) {
-      const int64_t r = n0 + std::min<int64_t>(i, rb - 1);
-      x[i] = src + r * ld;
-      mk[i] = mask ? mask + r * ld : nullptr;
-    }
+    block_rows(src, ld, mask, n0, rb, x, mk);
     for (int64_t k = 0; k < R; k += 2) {
       const float* w0 = w + k * ldw;
       const float* w1 = k + 1 < R ? w0 + ldw : w0;  // odd R: last rank computed twice
