@@ -10,7 +10,6 @@
 #include "attention.h"
 #include "cpu_features.h"
 #include "cross_entropy.h"
-#include "lora.h"
 #include "lowrank_rows.h"
 #include "norms.h"
 #include "rope.h"
@@ -54,35 +53,6 @@ PYBIND11_MODULE(_C, m) {
         accumulate_f32(ptr<float>(acc), ptr<const void>(src), src_dtype, n, num_threads);
       },
       "acc[i] += src[i] (src fp32/bf16/fp16) into an fp32 accumulator.");
-
-  m.def(
-      "lora_down_up_add",
-      [](uintptr_t x, int x_dtype, int64_t n, int64_t k, uintptr_t w_down, int64_t r,
-         uintptr_t x_mask, float keep, uintptr_t u, uintptr_t out, int out_dtype, int64_t m_cols,
-         uintptr_t w_up, float alpha, uintptr_t out_mask, int num_threads) {
-        LoraDownArgs d{ptr<const void>(x), x_dtype, n, k, ptr<const float>(w_down), r,
-                       ptr<const uint8_t>(x_mask), keep, ptr<float>(u)};
-        LoraUpAddArgs up{ptr<void>(out), out_dtype, n, m_cols, ptr<const float>(u),
-                         ptr<const float>(w_up), r, alpha, ptr<const uint8_t>(out_mask)};
-        py::gil_scoped_release nogil;
-        lora_down_up_add(d, up, num_threads);
-      },
-      "u = keep * (x * x_mask) @ w_down.T, then out += alpha * (u @ w_up) * out_mask; "
-      "one parallel pass over the rows (see csrc/lora.h).");
-  m.def(
-      "lora_outer2",
-      [](uintptr_t x1, int dtype1, int64_t k1, uintptr_t u1, uintptr_t mask1, float alpha1,
-         uintptr_t g1, uintptr_t x2, int dtype2, int64_t k2, uintptr_t u2, float alpha2,
-         uintptr_t g2, int64_t n, int64_t r, int num_threads) {
-        LoraOuterArgs a{ptr<const void>(x1), dtype1, n, k1, ptr<const float>(u1), r,
-                        ptr<const uint8_t>(mask1), alpha1, ptr<float>(g1)};
-        LoraOuterArgs b{ptr<const void>(x2), dtype2, x2 ? n : 0, k2, ptr<const float>(u2), r,
-                        nullptr, alpha2, ptr<float>(g2)};
-        py::gil_scoped_release nogil;
-        lora_outer2(a, b, num_threads);
-      },
-      "g1 = alpha1 * u1.T @ (x1 * mask1) and g2 = alpha2 * u2.T @ x2 in one parallel "
-      "region (x2 = 0: only g1) (see csrc/lora.h).");
 
   m.def(
       "attention_forward",
@@ -167,18 +137,21 @@ PYBIND11_MODULE(_C, m) {
       "LoRA-fused SwiGLU backward of lora_mlp (see csrc/swiglu.h).");
   m.def(
       "lowrank_rows",
-      [](int dtype, int64_t n_rows, int64_t cols, uintptr_t src, int64_t proj_rank,
-         uintptr_t proj_w, uintptr_t proj_out, float scale, int64_t grad_rank,
-         uintptr_t grad_coef, uintptr_t grad_out, int64_t add_rank, uintptr_t add_coef,
-         uintptr_t add_w, uintptr_t dst, int num_threads) {
-        LowRankRowsArgs a{dtype, n_rows, cols, ptr<const void>(src), proj_rank,
-                          ptr<const float>(proj_w), ptr<float>(proj_out), scale, grad_rank,
-                          ptr<const float>(grad_coef), ptr<float>(grad_out), add_rank,
-                          ptr<const float>(add_coef), ptr<const float>(add_w), ptr<void>(dst)};
+      [](int dtype, int64_t n_rows, int64_t cols, uintptr_t src, uintptr_t src_mask,
+         int64_t proj_rank, uintptr_t proj_w, uintptr_t proj_out, float scale,
+         int64_t grad_rank, uintptr_t grad_coef, uintptr_t grad_out, int64_t add_rank,
+         uintptr_t add_coef, uintptr_t add_w, float alpha, uintptr_t dst, int64_t dst_cols,
+         uintptr_t dst_mask, int num_threads) {
+        LowRankRowsArgs a{dtype, n_rows, cols, ptr<const void>(src), ptr<const uint8_t>(src_mask),
+                          proj_rank, ptr<const float>(proj_w), ptr<float>(proj_out), scale,
+                          grad_rank, ptr<const float>(grad_coef), ptr<float>(grad_out), add_rank,
+                          ptr<const float>(add_coef), ptr<const float>(add_w), alpha,
+                          ptr<void>(dst), dst_cols, ptr<const uint8_t>(dst_mask)};
         py::gil_scoped_release nogil;
         lowrank_rows(a, num_threads);
       },
-      "Fused skinny low-rank products over rows: proj / grad / add (see csrc/lowrank_rows.h).");
+      "The low-rank engine: proj / grad / add fused into one pass over the rows "
+      "(see csrc/lowrank_rows.h).");
 
   m.def(
       "quant_matmul",

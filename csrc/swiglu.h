@@ -12,7 +12,9 @@
 //
 // LoRA variants (the middle of pyengine.ops.lora_mlp, rows of [N, I] matrices): the
 // skinny low-rank products around the activation are fused into the same pass, so no
-// [N, I] temporary or dtype conversion is made for them.  All low-rank operands are fp32.
+// [N, I] temporary or dtype conversion is made for them.  All low-rank operands are fp32;
+// the products run on the low-rank engine's micro-kernels (lowrank_tiles.h) over fp32
+// chunks of a row block held in a stack scratch.
 //   forward:  g += xa_g @ Bg.T,  u += xa_u @ Bu.T   (in place: g, u become the
 //             pre-activations kept for backward),  h = silu(g) * u,  ha = scale * h @ Ad.T
 //   backward: dh += p_down @ Ad  (p_down = scale * dy @ Bd), then dg, du as above with

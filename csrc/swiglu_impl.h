@@ -2,7 +2,6 @@
 // PYENGINE_ISA_NS (scalar / avx2 / avx512) and gets its own compiler flags; the loops are
 // `omp simd` (-fopenmp-simd: vectorisation only, no OpenMP runtime).
 #include <algorithm>
-#include <vector>
 
 #include "common.h"
 #include "lowrank_tiles.h"
@@ -52,8 +51,11 @@ void backward_dispatch(const SwigluArgs& a, int64_t begin, int64_t end) {
   else backward<D, false>(a, begin, end);
 }
 
-constexpr int64_t kChunk = kTile;  // columns per register/L1 tile
-constexpr int64_t kRowBlock = 8;   // rows sharing one L1 tile of the backward accumulators
+// LoRA variants: rows in blocks of kRowBlock, columns in chunks of kChunk; a chunk's fp32
+// values (pre-activations, gradients, h) live in a stack scratch (L1/L2) and feed the
+// low-rank engine's micro-kernels (lowrank_tiles.h), so no [N, I] fp32 temporary is made.
+constexpr int64_t kRowBlock = 8;
+constexpr int64_t kChunk = 256;
 
 template <typename D>
 void lora_forward(const LoraSwigluArgs& a, int64_t begin, int64_t end) {
@@ -62,30 +64,42 @@ void lora_forward(const LoraSwigluArgs& a, int64_t begin, int64_t end) {
   T* g = static_cast<T*>(a.g);
   T* u = static_cast<T*>(a.u);
   T* h = static_cast<T*>(a.h);
-  float gv[kChunk], uv[kChunk], hv[kChunk];
-  std::vector<float> ha(a.rd);
-  for (int64_t n = begin; n < end; ++n) {
-    const float* xa = a.xa + n * rgu;
-    std::fill(ha.begin(), ha.end(), 0.f);
-    for (int64_t j0 = 0; j0 < I; j0 += kChunk) {
-      const int64_t len = std::min(kChunk, I - j0), off = n * I + j0;
+  alignas(64) float gv[kRowBlock * kChunk], uv[kRowBlock * kChunk], hv[kRowBlock * kChunk];
+  for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
+    const int64_t n = std::min(end - n0, kRowBlock);
+    const float* xa = a.xa + n0 * rgu;
+    std::fill(a.ha + n0 * a.rd, a.ha + (n0 + n) * a.rd, 0.f);
+    for (int64_t c0 = 0; c0 < I; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, I - c0);
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t off = (n0 + b) * I + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        gv[j] = D::load(g, off + j);
-        uv[j] = D::load(u, off + j);
+        for (int64_t j = 0; j < len; ++j) {
+          gv[b * kChunk + j] = D::load(g, off + j);
+          uv[b * kChunk + j] = D::load(u, off + j);
+        }
       }
-      add_rows(gv, xa, a.bg_t + j0, a.rg, I, len);
-      add_rows(uv, xa + a.rg, a.bu_t + j0, a.ru, I, len);
+      lowrank::add<F32>(gv, kChunk, nullptr, n, len, xa, rgu, a.rg, a.bg_t + c0, I, 1.f);
+      lowrank::add<F32>(uv, kChunk, nullptr, n, len, xa + a.rg, rgu, a.ru, a.bu_t + c0, I, 1.f);
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t off = (n0 + b) * I + c0;
+        float* gb = gv + b * kChunk;
+        float* ub = uv + b * kChunk;
+        float* hb = hv + b * kChunk;
+        // two loops: fused with the stores, gcc's avx512 code raised denormal-operand /
+        // underflow assists (10x slower; seen with MXCSR flags, gone with FTZ/DAZ)
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        hv[j] = gv[j] * sigmoid(gv[j]) * uv[j];
-        D::store(g, off + j, gv[j]);
-        D::store(u, off + j, uv[j]);
-        D::store(h, off + j, hv[j]);
+        for (int64_t j = 0; j < len; ++j) hb[j] = gb[j] * sigmoid(gb[j]) * ub[j];
+#pragma omp simd
+        for (int64_t j = 0; j < len; ++j) {
+          D::store(g, off + j, gb[j]);
+          D::store(u, off + j, ub[j]);
+          D::store(h, off + j, hb[j]);
+        }
       }
-      dot_rows(ha.data(), hv, a.a_down + j0, a.rd, I, len);
+      lowrank::proj<F32>(hv, kChunk, nullptr, n, len, a.a_down + c0, I, a.rd, a.scale,
+                         a.ha + n0 * a.rd, a.rd);
     }
-    for (int64_t k = 0; k < a.rd; ++k) a.ha[n * a.rd + k] = a.scale * ha[k];
   }
 }
 
@@ -100,45 +114,45 @@ void lora_backward(const LoraSwigluArgs& a, int64_t begin, int64_t end, float* a
   float* acc_a_down = acc;
   float* acc_bg = acc + rd * I;
   float* acc_bu = acc_bg + rg * I;
-  // per row of the block: dh, dg, du, h of the current column tile (fp32)
-  float dhv[kRowBlock][kChunk], dgv[kRowBlock][kChunk], duv[kRowBlock][kChunk],
-      hv[kRowBlock][kChunk];
-  std::vector<float> p(kRowBlock * rgu);
+  // a chunk of the block's rows: dh then dg (in place), du, h (fp32)
+  alignas(64) float dgv[kRowBlock * kChunk], duv[kRowBlock * kChunk], hv[kRowBlock * kChunk];
   for (int64_t n0 = begin; n0 < end; n0 += kRowBlock) {
-    const int64_t n1 = std::min(end, n0 + kRowBlock), rows = n1 - n0;
+    const int64_t n = std::min(end - n0, kRowBlock);
     const float* pd = a.p_down + n0 * rd;
     const float* xa = a.xa + n0 * rgu;
-    std::fill(p.begin(), p.end(), 0.f);
-    for (int64_t j0 = 0; j0 < I; j0 += kChunk) {
-      const int64_t len = std::min(kChunk, I - j0);
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t off = (n0 + b) * I + j0;
+    float* p_gu = a.p_gu + n0 * rgu;
+    std::fill(p_gu, p_gu + n * rgu, 0.f);
+    for (int64_t c0 = 0; c0 < I; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, I - c0);
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t off = (n0 + b) * I + c0;
 #pragma omp simd
-        for (int64_t j = 0; j < len; ++j) dhv[b][j] = D::load(dh, off + j);
+        for (int64_t j = 0; j < len; ++j) dgv[b * kChunk + j] = D::load(dh, off + j);
       }
-      add_rows_block(dhv[0], pd, rd, a.a_down + j0, rows, rd, I, len);
-      for (int64_t b = 0; b < rows; ++b) {
-        const int64_t off = (n0 + b) * I + j0;
+      lowrank::add<F32>(dgv, kChunk, nullptr, n, len, pd, rd, rd, a.a_down + c0, I, 1.f);
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t off = (n0 + b) * I + c0;
+        float* gb = dgv + b * kChunk;
+        float* ub = duv + b * kChunk;
+        float* hb = hv + b * kChunk;
 #pragma omp simd
         for (int64_t j = 0; j < len; ++j) {
-          const float gj = D::load(g, off + j), uj = D::load(u, off + j);
+          const float gj = D::load(g, off + j), uj = D::load(u, off + j), dhj = gb[j];
           const float sg = sigmoid(gj), silu = gj * sg;
-          dgv[b][j] = dhv[b][j] * uj * sg * (1.0f + gj * (1.0f - sg));
-          duv[b][j] = dhv[b][j] * silu;
-          hv[b][j] = silu * uj;
-          D::store(dh, off + j, dgv[b][j]);
-          D::store(du, off + j, duv[b][j]);
+          gb[j] = dhj * uj * sg * (1.0f + gj * (1.0f - sg));
+          ub[j] = dhj * silu;
+          hb[j] = silu * uj;
+          D::store(dh, off + j, gb[j]);
+          D::store(du, off + j, ub[j]);
         }
       }
-      dot_rows_block(p.data(), rgu, dgv[0], a.bg_t + j0, rows, rg, I, len);
-      dot_rows_block(p.data() + rg, rgu, duv[0], a.bu_t + j0, rows, ru, I, len);
-      // weight-gradient tiles: each accumulator row updated once per block of rows
-      outer_add_block(acc_a_down + j0, pd, rd, hv[0], rows, rd, I, len);
-      outer_add_block(acc_bg + j0, xa, rgu, dgv[0], rows, rg, I, len);
-      outer_add_block(acc_bu + j0, xa + rg, rgu, duv[0], rows, ru, I, len);
+      lowrank::proj<F32>(dgv, kChunk, nullptr, n, len, a.bg_t + c0, I, rg, a.scale, p_gu, rgu);
+      lowrank::proj<F32>(duv, kChunk, nullptr, n, len, a.bu_t + c0, I, ru, a.scale, p_gu + rg,
+                         rgu);
+      lowrank::grad<F32>(hv, kChunk, nullptr, n, len, pd, rd, rd, acc_a_down + c0, I);
+      lowrank::grad<F32>(dgv, kChunk, nullptr, n, len, xa, rgu, rg, acc_bg + c0, I);
+      lowrank::grad<F32>(duv, kChunk, nullptr, n, len, xa + rg, rgu, ru, acc_bu + c0, I);
     }
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = 0; k < rgu; ++k) a.p_gu[n * rgu + k] = a.scale * p[(n - n0) * rgu + k];
   }
 }
 

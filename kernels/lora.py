@@ -1,13 +1,14 @@
-"""Triton twin of csrc/lora.h: the LoRA skinny products of pyengine.ops.lora_linear.
+"""Triton twin of the low-rank engine (csrc/lowrank_rows.h) for pyengine.ops.lora's
+low_rank_pass, used by lora_linear and lora_mlp on the "triton" backend:
 
-    down:   u[N, r]   = keep * (x[N, K] * mask) @ w[r, K].T
-    up_add: out[N, M] += alpha * (u[N, r] @ w[r, M]) * mask      (in place, one pass)
+    proj (down):  u[N, r]   = keep * (x[N, K] * mask) @ w[r, K].T
+    add (up_add): out[N, M] += alpha * (u[N, r] @ w[r, M]) * mask      (in place, one pass)
 
-x / out fp32 or bf16, w / u in the compute dtype (fp32, or bf16 when the adapters are),
-fp32 accumulation; mask optional bool [N, K] / [N, M] (dropout keep-mask).  The rank is
-padded to a power of two >= 16 inside the tile (tl.dot's minimum), masked on load.
-Floor: memory-bound; down reads x once, up_add reads and writes out once.
-Tested on CPU with TRITON_INTERPRET=1; GPU speed has not been measured.
+(grad, a reduction over N, stays a torch GEMM there.)  x / out fp32, bf16 or fp16, w / u
+in the adapters' dtype, fp32 accumulation; mask optional bool [N, K] / [N, M] (dropout
+keep-mask).  The rank is padded to a power of two >= 16 inside the tile (tl.dot's
+minimum), masked on load.  Floor: memory-bound; down reads x once, up_add reads and
+writes out once.  Tested on CPU with TRITON_INTERPRET=1; GPU speed has not been measured.
 """
 from __future__ import annotations
 

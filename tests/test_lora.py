@@ -38,12 +38,14 @@ def fp64_math(x, w, a, b, bias, scale, keep=None, p=0.0):
     return y, u, xd
 
 
-def run(backend, x, w, a, b, bias, scale, p=0.0, seed=None):
+def run(backend, x, w, a, b, bias, scale, p=0.0, seed=None, autocast=False):
+    """y, gy and the grads of sum(y * gy); autocast: the forward inside bf16 autocast."""
     x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
     bias = None if bias is None else bias.clone().requires_grad_()
     if seed is not None:
         torch.manual_seed(seed)
-    y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = lora_linear(x, w, a, b, scale, bias=bias, dropout_p=p, backend=backend)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(y.dtype)
     (y.float() * gy.float()).sum().backward()
     return y, gy, x.grad, a.grad, b.grad, None if bias is None else bias.grad
@@ -237,18 +239,64 @@ def test_errors():
         lora_linear(x, w.bfloat16(), a, b, 1.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype, p):
+    """Inside torch.autocast bf16 an fp32 x and the base (fp32 or bf16) run as F.linear's
+    inputs would, in bf16; the fp32 adapters stay fp32: the same bits as the bf16-base +
+    fp32-adapter call outside autocast, y in bf16, fp32 gradients.  This used to raise
+    "weight dtype torch.float32 != x dtype torch.bfloat16"."""
+    x, w, a, b, bias = make(9, 24, 17, 4)
+    w, bias = w.to(base_dtype), bias.to(base_dtype)
+    got = run(backend, x, w, a, b, bias, 0.5, p, seed=1, autocast=True)
+    want = run(backend, x.bfloat16(), w.bfloat16(), a, b, bias.bfloat16(), 0.5, p, seed=1)
+    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    assert got[3].dtype == got[4].dtype == torch.float32
+    for g, w_ in zip(got, want):
+        torch.testing.assert_close(g, w_.to(g.dtype), atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the old error message's call
+        mixed = lora_linear(x.bfloat16(), w.float(), a, b, 0.5, backend=backend)
+    torch.testing.assert_close(mixed, lora_linear(x.bfloat16(), w.bfloat16(), a, b, 0.5,
+                                                  backend=backend), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
+def test_autocast_is_declared_on_the_ops(backend):
+    """torch.ops.pyengine.lora_linear itself (no Python wrapper) follows the autocast rule,
+    and its backward op run inside autocast keeps its fp32 math (same bits as outside;
+    the triton backend's torch outer products would otherwise run in bf16)."""
+    x, w, a, b, bias = make(6, 16, 10, 2)
+    mask = dropout_mask(x, 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, u = torch.ops.pyengine.lora_linear(x, w, a, b, bias, mask, 0.5, 1.25, backend)
+    want_y, want_u = _lora_fwd(x.bfloat16(), w.bfloat16(), a, b, bias.bfloat16(), mask, 0.5,
+                               1.25, backend)
+    assert y.dtype == torch.bfloat16 and u.dtype == torch.float32
+    torch.testing.assert_close((y, u), (want_y, want_u), atol=0, rtol=0)
+    args = (torch.randn_like(want_y), x.bfloat16(), u, w.bfloat16(), a, b, mask, 0.5, 1.25,
+            backend, True, True, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = torch.ops.pyengine.lora_linear_backward(*args)
+    torch.testing.assert_close(grads, torch.ops.pyengine.lora_linear_backward(*args), atol=0,
+                               rtol=0)
+
+
 # --------------------------------------------------------------------------- C++ ISA variants
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("r", [1, 5, 16, 64])
 def test_isa_variants_match_scalar(dtype, r, threads):
+    """The low-rank engine (csrc/lowrank_rows.h) per ISA, every part at once: proj and grad
+    over a masked src, then dst += alpha * (proj @ w) * mask chained onto this pass's proj
+    (lora_linear's forward), src and dst of different widths; each against fp64 and each
+    variant against the scalar build."""
     C = _ext._C
-    n, k, m = 71, 157, 70  # ragged: row blocks of 4 and column blocks of 64 both have tails
+    n, k, m = 71, 157, 70  # ragged: row blocks of 8 and column tiles of 64 both have tails
     g = torch.Generator().manual_seed(r)
     x = torch.randn(n, k, generator=g).to(dtype)
-    w_down = torch.randn(r, k, generator=g)
-    w_up = torch.randn(r, m, generator=g)
-    u_in = torch.randn(n, r, generator=g)
+    proj_w, add_w = torch.randn(r, k, generator=g), torch.randn(r, m, generator=g)
+    coef = torch.randn(n, r, generator=g)
     out0 = torch.randn(n, m, generator=g).to(dtype)
     mask_k = torch.rand(n, k, generator=g) > 0.3
     mask_m = torch.rand(n, m, generator=g) > 0.3
@@ -258,28 +306,22 @@ def test_isa_variants_match_scalar(dtype, r, threads):
             if isa == "avx512" and C.best_isa() != "avx512":
                 continue
             C.set_isa_cap(isa)
-            u = torch.empty(n, r)
-            out = out0.clone()  # u = 1.5 * (x * mask) @ w_down.T, then out += 0.7 * u @ w_up
-            C.lora_down_up_add(x.data_ptr(), _ext.dtype_code(x), n, k, w_down.data_ptr(), r,
-                               mask_k.data_ptr(), 1.5, u.data_ptr(), out.data_ptr(),
-                               _ext.dtype_code(out), m, w_up.data_ptr(), 0.7,
-                               mask_m.data_ptr(), threads)
-            gw, gw2 = torch.empty(r, k), torch.empty(r, m)
-            C.lora_outer2(x.data_ptr(), _ext.dtype_code(x), k, u_in.data_ptr(),
-                          mask_k.data_ptr(), 0.3, gw.data_ptr(), out0.data_ptr(),
-                          _ext.dtype_code(out0), m, u_in.data_ptr(), 0.9, gw2.data_ptr(), n, r,
-                          threads)
-            results[isa] = (u, out, gw, gw2)
+            proj, grad, out = torch.empty(n, r), torch.zeros(r, k), out0.clone()
+            C.lowrank_rows(_ext.dtype_code(x), n, k, x.data_ptr(), mask_k.data_ptr(), r,
+                           proj_w.data_ptr(), proj.data_ptr(), 1.5, r, coef.data_ptr(),
+                           grad.data_ptr(), r, 0, add_w.data_ptr(), 0.7, out.data_ptr(), m,
+                           mask_m.data_ptr(), threads)
+            results[isa] = (proj, grad, out)
     finally:
         C.set_isa_cap("avx512")
     xm = x.double() * mask_k
-    u64 = 1.5 * xm @ w_down.double().T
-    want = (u64, out0.double() + 0.7 * (u64 @ w_up.double()) * mask_m,
-            0.3 * u_in.double().T @ xm, 0.9 * u_in.double().T @ out0.double())
-    out_tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    tols = (1e-5, out_tol, 1e-5, 1e-5)
+    proj64 = 1.5 * xm @ proj_w.double().T
+    want = (proj64, coef.double().T @ xm,
+            out0.double() + 0.7 * (proj64 @ add_w.double()) * mask_m)
+    out_tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}.get(dtype, 1e-5)
+    tols = (1e-5, 1e-5, out_tol)
     for isa, got in results.items():
-        for name, g_, w_, tol in zip(("down", "up_add", "outer", "outer2"), got, want, tols):
+        for name, g_, w_, tol in zip(("proj", "grad", "add"), got, want, tols):
             err = (g_.double() - w_).abs().max().item() / w_.abs().max().item()
             assert err < tol, f"{isa} {name}: rel err {err:.3g}"
         if isa != "scalar":

@@ -8,7 +8,8 @@ from torch import nn
 from pyengine import _ext
 from pyengine.nn import LoRAMLP
 from pyengine.ops import lora_mlp, reference_lora_mlp, reference_swiglu, swiglu
-from pyengine.ops.lora_mlp import _cpu_low_rank_pass, _cpu_middle_backward
+from pyengine.ops.lora import low_rank_pass
+from pyengine.ops.lora_mlp import _cpu_middle_backward
 from pyengine.ops.swiglu import reference_swiglu_backward, swiglu_backward, swiglu_forward
 from tests.conftest import num_threads, repeat_equal
 
@@ -204,24 +205,26 @@ def test_lora_mlp_deterministic_on_several_threads(dtype, adapter_dtype, threads
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_mlp_cpu_passes_equal_on_any_thread_count(dtype):
-    """The C++ row passes (csrc/lowrank_rows.h, csrc/swiglu.h) cut rows into blocks that
-    do not depend on the thread count: 1, 2 and 3 threads give the same bits."""
+    """The C++ row passes (csrc/lowrank_rows.h with every part and both masks, and
+    csrc/swiglu.h) cut rows into blocks that do not depend on the thread count: 1, 2 and 3
+    threads give the same bits."""
     gen = torch.Generator().manual_seed(4)
-    n, k, inter, r = 301, 70, 150, 6
+    n, k, m, inter, r = 301, 70, 45, 150, 6
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen)
-    src, dst0 = rnd(n, k).to(dtype), rnd(n, k).to(dtype)
-    proj_w, grad_coef, add_coef, add_w = rnd(r, k), rnd(n, r), rnd(n, r), rnd(k, r)
+    src, dst0 = rnd(n, k).to(dtype), rnd(n, m).to(dtype)
+    src_mask, dst_mask = rnd(n, k) > 0, rnd(n, m) > 0
+    proj_w, grad_coef, add_coef, add_w = rnd(r, k), rnd(n, r), rnd(n, r), rnd(r, m)
     g, u, dh0 = (rnd(n, inter).to(dtype) for _ in range(3))
     xa, p_down = rnd(n, 2 * r), rnd(n, r)
     a_down, b_gate, b_up = rnd(r, inter), rnd(inter, r), rnd(inter, r)
 
     def once():
         dst, dh = dst0.clone(), dh0.clone()
-        proj, grad = _cpu_low_rank_pass(torch.float32, src=src, proj_w=proj_w, scale=0.7,
-                                        grad_coef=grad_coef, dst=dst, add_coef=add_coef,
-                                        add_w=add_w)
+        proj, grad = low_rank_pass("cpu", src, src_mask=src_mask, proj_w=proj_w, scale=0.7,
+                                   grad_coef=grad_coef, grad_scale=1.1, dst=dst,
+                                   add_coef=add_coef, add_w=add_w, alpha=0.9, dst_mask=dst_mask)
         middle = _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, 0.7, "cpu")
         return [proj, grad, dst, *middle]
     results = []
@@ -400,3 +403,32 @@ def test_loramlp_under_torch_compile():
     torch.testing.assert_close(yc, ye)
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(mod.up_proj.lora_A.weight.grad, grad_eager)
+
+
+@pytest.mark.parametrize("backend", ["ref"] + (["cpu"] if _ext._C is not None else []))
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_lora_mlp_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype):
+    """Inside torch.autocast bf16: x and the three base weights run in bf16 (as F.linear's
+    inputs), the fp32 adapters stay fp32 with fp32 gradients: the same bits as the
+    bf16-base + fp32-adapter call outside autocast; y in bf16; the op itself (torch.ops)
+    follows the same rule.  An fp32 x used to raise "w_gate dtype ... != x dtype"."""
+    x, ws = mlp_tensors(13, 16, 24, (4, 2, 3), torch.float32, torch.float32)
+    ws = [w.to(base_dtype) if i in (0, 3, 6) else w for i, w in enumerate(ws)]
+    dy = torch.randn(13, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def in_autocast(*args, **kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return lora_mlp(*args, **kw)
+
+    got = run_with_grads(in_autocast, x, ws, dy, 2.0, backend=backend)
+    want = run_with_grads(lora_mlp, x.bfloat16(), [w.bfloat16() if i in (0, 3, 6) else w
+                                                   for i, w in enumerate(ws)], dy, 2.0,
+                          backend=backend)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert all(g.dtype == torch.float32 for g in got[2:])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), atol=0, rtol=0)
+    if backend == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.ops.pyengine.lora_mlp(x, *ws, 2.0, "cpu", True)[0]
+        torch.testing.assert_close(y, want[0], atol=0, rtol=0)

@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from pyengine.lora import AdapterError, apply_lora, load_adapter, lora_modules, merge_lora, save_adapter  # noqa: E402
+from pyengine.lora import (AdapterError, apply_lora, fused_mlps, load_adapter, lora_modules,  # noqa: E402
+                           merge_lora, save_adapter)
 from pyengine.nn import LoRALinear  # noqa: E402
 
 ATOL = 1e-4
@@ -176,3 +177,62 @@ def test_target_modules_list_and_regex(base_dir):
     model = apply_lora(load(base_dir), r=2, alpha=4, target_modules=r".*\.0\..*")
     assert lora_modules(model) and all(".0." in n for n in lora_modules(model))
     assert isinstance(lora_modules(model)[next(iter(lora_modules(model)))].merged(), nn.Linear)
+
+
+def _freeze_base_to(model, dtype):
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
+
+
+def _step(model, autocast):
+    """Last hidden state (fp32), LoRA gradients by PEFT-file key and the hidden state's dtype of a forward +
+    backward run inside torch.autocast bf16 (or plain), in eval mode (no dropout)."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        res = model(input_ids=ids(), output_hidden_states=True)
+    out = res.hidden_states[-1]  # more values than the logits: a steadier error measure
+    (out.float().square().mean() + res.logits.float().square().mean()).backward()
+    grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+             for n, p in model.named_parameters() if ".lora_" in n}
+    return out.float(), grads, out.dtype
+
+
+def _rel_err(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_bf16_matches_peft_under_the_same_autocast(base_dir, tmp_path, base_dtype):
+    """apply_lora modules inside torch.autocast bf16 (fp32 model, or a bf16 frozen base with
+    fp32 adapters as the trainer makes it): no forward pre-hooks needed, LoRA outputs in
+    bf16 like F.linear's, fp32 adapter gradients; logits and gradients as close to the fp32
+    computation (same bf16-rounded base) as PEFT's under the same autocast, within 2x."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                             task_type=base_dir[2])
+    theirs_model = peft.get_peft_model(load(base_dir), config)
+    randomize_adapters(theirs_model, seed=2)
+    theirs_model.save_pretrained(str(tmp_path))
+    exact_model = peft.PeftModel.from_pretrained(load(base_dir), str(tmp_path), is_trainable=True)
+    with torch.no_grad():  # the reference: fp32 math on the bf16-rounded base
+        for p in exact_model.parameters():
+            if not p.requires_grad:
+                p.copy_(p.to(base_dtype).float())
+    model = _freeze_base_to(load_adapter(load(base_dir), tmp_path), base_dtype)
+    _freeze_base_to(theirs_model, base_dtype)
+    lora_out_dtypes = set()
+    for m in [*lora_modules(model).values(), *fused_mlps(model)]:
+        m.register_forward_hook(lambda mod, args, out: lora_out_dtypes.add(out.dtype))
+
+    ours, our_grads, our_dtype = _step(model, autocast=True)
+    theirs, their_grads, their_dtype = _step(theirs_model, autocast=True)
+    exact, exact_grads, _ = _step(exact_model, autocast=False)
+    assert lora_out_dtypes == {torch.bfloat16} and our_dtype == their_dtype
+    assert set(our_grads) == set(exact_grads)
+    assert all(g.dtype == torch.float32 for g in our_grads.values())
+    assert _rel_err(ours, exact) <= 2 * _rel_err(theirs, exact)
+    flat = {name: torch.cat([g[k].flatten() for k in sorted(exact_grads)])
+            for name, g in (("ours", our_grads), ("theirs", their_grads), ("exact", exact_grads))}
+    assert _rel_err(flat["ours"], flat["exact"]) <= 2 * _rel_err(flat["theirs"], flat["exact"])

@@ -127,7 +127,7 @@ class Run:
     def prepare_model(self):
         cfg, model = self.cfg, self.model
         if cfg.method == "lora":
-            from pyengine.lora import apply_lora, fused_mlps, lora_modules
+            from pyengine.lora import apply_lora
             for p in model.parameters():
                 p.requires_grad_(False)
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -141,10 +141,6 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-                # lora_linear takes x in its (bf16) base's dtype and is not an autocast op;
-                # autocast hands fp32 to some of them (e.g. after LayerNorm)
-                for m in [*lora_modules(model).values(), *fused_mlps(model)]:
-                    m.register_forward_pre_hook(_input_to_bf16)
         # fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
         # family they do not cover runs HF's own modules
         for use_kernels in (patch_model, use_pyengine_attention):
@@ -411,10 +407,6 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
-def _input_to_bf16(module, args):
-    return (args[0].to(torch.bfloat16), *args[1:])
-
-
 def _quant_format(cfg) -> str | None:
     return None if cfg.quant == "none" else cfg.quant
 

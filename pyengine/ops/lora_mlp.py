@@ -24,9 +24,13 @@ is O(N*(H+I)*r) or elementwise (memory-bound, a few passes over N*I).
 Backends: "ref" (plain PyTorch autograd: the spec); "cpu": torch does the six base GEMMs
 and C++ does every low-rank product, fused into row passes that are made anyway: over
 [N, I] one pass each way with the SwiGLU (csrc/swiglu.h), over [N, H] one pass for x and
-one for y (forward), one for dy and one for x/dx (backward) (csrc/lowrank_rows.h); all
-low-rank math in fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch
-GEMMs and low-rank products + the Triton SwiGLU.
+one for y (forward), one for dy and one for x/dx (backward) (pyengine.ops.lora's
+low_rank_pass, the engine lora_linear uses too: csrc/lowrank_rows.h); all low-rank math in
+fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch GEMMs, the Triton
+SwiGLU, low_rank_pass's Triton kernels (pyengine.kernels.lora) for the [N, H] side.
+
+Autocast (as pyengine.ops.lora_linear): x and the base weights are cast like F.linear's
+inputs, the adapters stay fp32 (fp32 low-rank math and gradients); y in the autocast dtype.
 
 QLoRA: any base weight given as a pyengine.quant.QuantizedWeight takes the unfused path,
 three lora_linear calls (quantized bases through quant_matmul) and silu(gate) * up in torch
@@ -40,7 +44,8 @@ from torch import Tensor
 
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
-from pyengine.ops.lora import lora_linear
+from pyengine.ops.lora import (_f32, add_low_rank, autocast_cast, autocast_dtype, autocast_result_dtype,
+                               lora_linear, low_rank_pass, register_base_autocast)
 from pyengine.quant import QuantizedWeight
 from pyengine.ops.swiglu import DTYPES, KERNEL_DTYPES, swiglu_backward, swiglu_forward
 
@@ -69,20 +74,11 @@ def reference_lora_mlp(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_do
 # "cpu" runs it as one fused C++ pass each way (csrc/swiglu.h); other backends (and fp64)
 # compose torch skinny GEMMs with the backend's SwiGLU kernel.
 
-def _add_low_rank(out, inp, b):
-    """out += inp @ b.T (inp [N, r] already scaled), in place in our own buffer; the
-    product is formed in the adapter dtype and added with one rounding to out's dtype."""
-    if inp.dtype == out.dtype:
-        out.addmm_(inp, b.t())
-    else:
-        out.add_(inp @ b.t())
-
-
 def _torch_middle_forward(g, u, xa, b_gate, b_up, a_down, scale, backend):
     """g, u (base products, updated in place) -> (g, u, h, scale * h @ Ad.T)."""
     rg = b_gate.shape[1]
-    _add_low_rank(g, xa[:, :rg], b_gate)
-    _add_low_rank(u, xa[:, rg:], b_up)
+    add_low_rank(g, xa[:, :rg], b_gate.t())
+    add_low_rank(u, xa[:, rg:], b_up.t())
     h = swiglu_forward(g, u, backend)
     ha = h.to(a_down.dtype) @ a_down.t()
     return g, u, h, ha.mul_(scale)
@@ -93,17 +89,13 @@ def _torch_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, ba
     dAd, dBg, dBu)."""
     lr = a_down.dtype
     rg = b_gate.shape[1]
-    _add_low_rank(dh, p_down, a_down.t())
+    add_low_rank(dh, p_down, a_down)
     dg, du, h = swiglu_backward(dh, g, u, backend, want_h=True)
     d_a_down = p_down.t() @ h.to(lr)
     dg_lr, du_lr = dg.to(lr), du.to(lr)
     d_b_gate, d_b_up = dg_lr.t() @ xa[:, :rg], du_lr.t() @ xa[:, rg:]
     p_gu = torch.cat([dg_lr @ b_gate, du_lr @ b_up], dim=1)
     return dg, du, p_gu.mul_(scale), d_a_down, d_b_gate, d_b_up
-
-
-def _f32(t):
-    return t.to(torch.float32).contiguous()
 
 
 def _cpu_middle_forward(g, u, xa, b_gate, b_up, a_down, scale, backend):
@@ -138,47 +130,16 @@ def _cpu_middle_backward(dh, g, u, xa, p_down, a_down, b_gate, b_up, scale, back
             d_bu_t.t().to(lr).contiguous())
 
 
-def _torch_low_rank_pass(lr, src=None, proj_w=None, scale=1.0, grad_coef=None, dst=None,
-                         add_coef=None, add_w=None):
-    """(scale * src @ proj_w.T, grad_coef.T @ src), each None when not asked for; and
-    dst += add_coef @ add_w in place.  Products in the adapter dtype lr."""
-    src_lr = None if src is None else src.to(lr)
-    proj = None if proj_w is None else (src_lr @ proj_w.t()).mul_(scale)
-    grad = None if grad_coef is None else grad_coef.t() @ src_lr
-    if dst is not None:
-        _add_low_rank(dst, add_coef, add_w.t())
-    return proj, grad
-
-
-def _cpu_low_rank_pass(lr, src=None, proj_w=None, scale=1.0, grad_coef=None, dst=None,
-                       add_coef=None, add_w=None):
-    """Same contract, one fused C++ pass over the rows (csrc/lowrank_rows.h)."""
-    rows = src if src is not None else dst
-    n, k = rows.shape
-    keep = [None if t is None else _f32(t) for t in (proj_w, grad_coef, add_coef, add_w)]
-    proj_w, grad_coef, add_coef, add_w = keep
-    proj = None if proj_w is None else rows.new_empty(n, proj_w.shape[0], dtype=torch.float32)
-    grad = None if grad_coef is None else rows.new_zeros(grad_coef.shape[1], k,
-                                                          dtype=torch.float32)
-    _ext._C.lowrank_rows(_ext.dtype_code(rows), n, k, _ext.ptr(src),
-                         0 if proj is None else proj.shape[1], _ext.ptr(proj_w), _ext.ptr(proj),
-                         float(scale), 0 if grad is None else grad.shape[0],
-                         _ext.ptr(grad_coef), _ext.ptr(grad),
-                         0 if add_coef is None else add_coef.shape[1], _ext.ptr(add_coef),
-                         _ext.ptr(add_w), _ext.ptr(dst), _ext.num_threads())
-    return (None if proj is None else proj.to(lr)), (None if grad is None else grad.to(lr))
-
-
-def _kernels(backend, dtype):
-    """(low-rank row pass, forward middle, backward middle) for a backend and dtype."""
+def _middles(backend, dtype):
+    """(forward middle, backward middle) for a backend and dtype."""
     if backend == "cpu" and dtype in KERNEL_DTYPES:
-        return _cpu_low_rank_pass, _cpu_middle_forward, _cpu_middle_backward
-    return _torch_low_rank_pass, _torch_middle_forward, _torch_middle_backward
+        return _cpu_middle_forward, _cpu_middle_backward
+    return _torch_middle_forward, _torch_middle_backward
 
 
 def _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend):
     """(g, u, h, ha): the gate/up base GEMMs, then the forward middle."""
-    _, forward, _ = _kernels(backend, x.dtype)
+    forward, _ = _middles(backend, x.dtype)
     return forward(x @ w_gate.t(), x @ w_up.t(), xa, b_gate, b_up, a_down, scale, backend)
 
 
@@ -190,11 +151,10 @@ def _lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: T
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, g, u, scale * x @ [Ag; Au].T, scale * h @ Ad.T); g and u are empty unless
     keep_gate_up.  x [N, H] contiguous."""
-    low_rank_pass, _, _ = _kernels(backend, x.dtype)
-    xa, _ = low_rank_pass(a_gate.dtype, src=x, proj_w=torch.cat([a_gate, a_up]), scale=scale)
+    xa, _ = low_rank_pass(backend, x, proj_w=torch.cat([a_gate, a_up]), scale=scale)
     g, u, h, ha = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
     y = h @ w_down.t()
-    low_rank_pass(a_gate.dtype, dst=y, add_coef=ha, add_w=b_down.t())
+    low_rank_pass(backend, dst=y, add_coef=ha, add_w=b_down.t())
     if not keep_gate_up:
         g, u = x.new_empty(0), x.new_empty(0)
     return y, g, u, xa, ha
@@ -218,20 +178,18 @@ def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dAg, dBg, dAu, dBu, dAd, dBd); dx empty unless need_dx.  g and u empty means
     recompute them from x.  xa, ha carry the scale already."""
-    lr = a_gate.dtype  # dtype of every low-rank product
     rg = a_gate.shape[0]
     if g.numel() == 0:
         g, u, _, _ = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
-    low_rank_pass, _, backward = _kernels(backend, x.dtype)
-    p_down, d_b_down_t = low_rank_pass(lr, src=dy, proj_w=b_down.t(), scale=scale,
-                                       grad_coef=ha)
+    _, backward = _middles(backend, x.dtype)
+    p_down, d_b_down_t = low_rank_pass(backend, dy, proj_w=b_down.t(), scale=scale, grad_coef=ha)
     dg, du, p_gu, d_a_down, d_b_gate, d_b_up = backward(dy @ w_down, g, u, xa, p_down, a_down,
                                                         b_gate, b_up, scale, backend)
     dx = x.new_empty(0)
     if need_dx:
         dx = dg @ w_gate
         dx.addmm_(du, w_up)
-    _, d_a = low_rank_pass(lr, src=x, grad_coef=p_gu, dst=dx if need_dx else None,
+    _, d_a = low_rank_pass(backend, x, grad_coef=p_gu, dst=dx if need_dx else None,
                            add_coef=p_gu, add_w=torch.cat([a_gate, a_up]))
     return (dx, d_a[:rg].clone(), d_b_gate, d_a[rg:].clone(), d_b_up, d_a_down,
             d_b_down_t.t().contiguous())
@@ -268,11 +226,16 @@ def _lora_mlp_grad(ctx, dy, *_unused):
 
 
 _lora_mlp.register_autograd(_lora_mlp_grad, setup_context=_setup_context)
+register_base_autocast("lora_mlp", base_args=(0, 1, 4, 7))  # x, w_gate, w_up, w_down
+register_base_autocast("lora_mlp_backward")
 
 
 # --------------------------------------------------------------------------- public API
 def _validate(x, tensors, scale):
+    """Shapes, devices and dtypes; x's and the base's as they are after autocast's cast."""
     name = "lora_mlp"
+    ac = autocast_dtype(x.device)
+    x_dtype = autocast_result_dtype(x, ac)
     w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down = tensors
     if x.dim() < 1:
         raise ValueError(f"{name}: x must be [..., H], got a scalar")
@@ -288,19 +251,19 @@ def _validate(x, tensors, scale):
                              f"w_down {tuple(w_down.shape)})")
         if t.device != x.device:
             raise ValueError(f"{name}: {k} is on {t.device}, x on {x.device}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"{name}: x dtype {x.dtype} not supported {DTYPES}")
+    if x_dtype not in DTYPES:
+        raise TypeError(f"{name}: x dtype {x_dtype} not supported {DTYPES}")
     for k in ("w_gate", "w_up", "w_down"):
         t = tensors[NAMES.index(k)]
-        if t.dtype != x.dtype:
+        if autocast_result_dtype(t, ac) != x_dtype:
             raise TypeError(f"{name}: {k} dtype {t.dtype} != x dtype {x.dtype}")
         if t.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name}: {k} requires grad, but base weights are frozen here "
                              "(no gradient is computed for them); detach it or set "
                              "requires_grad_(False)")
     lr = a_gate.dtype
-    if lr not in (x.dtype, torch.float32):
-        raise TypeError(f"{name}: adapter dtype {lr} must be x's dtype ({x.dtype}) or float32")
+    if lr not in (x_dtype, torch.float32):
+        raise TypeError(f"{name}: adapter dtype {lr} must be x's dtype ({x_dtype}) or float32")
     for k in ("a_gate", "b_gate", "a_up", "b_up", "a_down", "b_down"):
         t = tensors[NAMES.index(k)]
         if t.dtype != lr:
@@ -322,7 +285,11 @@ def lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Te
     _validate(x, tensors, scale)
     chosen = resolve(OP, backend, x.device)
     if chosen == "ref":
-        return reference_lora_mlp(x, *tensors, scale)
+        ac = autocast_dtype(x.device)
+        base = {0, 3, 6}  # w_gate, w_up, w_down in `tensors`
+        with torch.autocast(x.device.type, enabled=False):
+            return reference_lora_mlp(autocast_cast(x, ac), *(
+                autocast_cast(t, ac) if i in base else t for i, t in enumerate(tensors)), scale)
     keep = not recompute_projections
     y, *_ = _lora_mlp(x.reshape(-1, x.shape[-1]).contiguous(),
                       *(t.contiguous() for t in tensors), float(scale), chosen, keep)
