@@ -119,9 +119,13 @@ def _chunk_rows(n, vocab, itemsize):
     return max(1, min(n, budget // (vocab * itemsize)))
 
 
-def _filtered_grads(grad, h, weight, target, gh, gw, *, eps, row_scale, scale, ignore_index):
+def _filtered_grads(grad, h, weight, target, gh, gw, *, eps, row_scale, scale, ignore_index,
+                    backend):
     """gh = grad @ W and gw += grad.T @ h over the columns kept by the filter (module doc),
-    per block of FILTER_ROWS rows.  grad [rows, V] (d loss / d logits), h [rows, H]."""
+    per block of FILTER_ROWS rows.  grad [rows, V] (d loss / d logits), h [rows, H].
+    The column selection and the row accumulation run in C++ for the cpu backend, in
+    torch (any device) otherwise."""
+    cpp = backend == "cpu"
     for s in range(0, grad.shape[0], FILTER_ROWS):
         e = min(grad.shape[0], s + FILTER_ROWS)
         g, t = grad[s:e], target[s:e]
@@ -129,17 +133,17 @@ def _filtered_grads(grad, h, weight, target, gh, gw, *, eps, row_scale, scale, i
         if row_scale is not None:
             live = t != ignore_index
             thr *= float(row_scale[s:e][live].abs().min()) if bool(live.any()) else 0.0
-        cols = _keep_columns(g, t, thr, ignore_index)
+        cols = _keep_columns(g, t, thr, ignore_index, cpp)
         gk = g.index_select(1, cols)
         if gh is not None:
             torch.mm(gk, weight.index_select(0, cols), out=gh[s:e])
         if gw is not None:
-            _accumulate_rows(gw, cols, gk.t() @ h[s:e])
+            _accumulate_rows(gw, cols, gk.t() @ h[s:e], cpp)
 
 
-def _keep_columns(g, target, thr, ignore_index):
+def _keep_columns(g, target, thr, ignore_index, cpp):
     """Increasing indices of the columns with some |g_ij| > thr, plus the live targets."""
-    if _ext._C is not None and g.device.type == "cpu":
+    if cpp:
         cols = torch.empty(g.shape[1], dtype=torch.int64)
         k = _ext._C.ce_keep_columns(g.data_ptr(), _ext.dtype_code(g), g.shape[0], g.shape[1],
                                     g.stride(0), target.data_ptr(), ignore_index, thr,
@@ -150,9 +154,9 @@ def _keep_columns(g, target, thr, ignore_index):
     return keep.nonzero().squeeze(1)
 
 
-def _accumulate_rows(acc, idx, part):
+def _accumulate_rows(acc, idx, part, cpp):
     """acc[idx] += part (idx unique), acc fp32 (fp64 for gradcheck), part any float dtype."""
-    if _ext._C is not None and acc.device.type == "cpu" and acc.dtype == torch.float32:
+    if cpp and acc.dtype == torch.float32:
         part = part.contiguous()
         _ext._C.accumulate_rows_f32(acc.data_ptr(), idx.data_ptr(), part.data_ptr(),
                                     _ext.dtype_code(part), part.shape[0], part.shape[1],
@@ -192,6 +196,7 @@ def _chunked(backend, hidden, weight, target, bias, opts, *, row_scale, scale,
         if filter_eps is not None and (need_gh or need_gw):
             _filtered_grads(logits, h, weight, target[s:e], gh[s:e] if need_gh else None, gw,
                             eps=filter_eps, scale=scale, ignore_index=opts["ignore_index"],
+                            backend=backend,
                             row_scale=None if row_scale is None else row_scale[s:e])
         elif need_gh or need_gw:
             _exact_grads(logits, h, weight, gh[s:e] if need_gh else None, gw)
