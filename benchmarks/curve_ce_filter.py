@@ -5,6 +5,10 @@ identical seeds.  Prints the per-run final losses (train: mean of the last 10 st
 the bundled validation texts) and their relative difference (the issue's 1% criterion).
 
     python -m benchmarks.curve_ce_filter [--steps 200] [--eps auto]
+    # or both sides in parallel processes, then compare:
+    python -m benchmarks.curve_ce_filter --only exact --save exact.json &
+    python -m benchmarks.curve_ce_filter --only filtered --save filtered.json; wait
+    python -m benchmarks.curve_ce_filter --compare exact.json filtered.json
 """
 from __future__ import annotations
 
@@ -59,21 +63,37 @@ def curves(steps: int, eps_values: list) -> dict:
     return results
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--eps", default="auto", help="filter_eps of the filtered run")
-    args = p.parse_args()
-    eps = args.eps if args.eps == "auto" else float(args.eps)
-    res = curves(args.steps, [None, eps])
-    exact, filt = res["None"], res[str(eps)]
+def compare(exact: dict, filt: dict, steps: int):
     for what, a, b in (("train (last 10)", sum(exact["losses"][-10:]) / 10,
                         sum(filt["losses"][-10:]) / 10),
                        ("eval", exact["eval_after"]["loss"], filt["eval_after"]["loss"])):
         print(f"{what}: exact {a:.4f}  filtered {b:.4f}  relative difference "
               f"{abs(b - a) / abs(a):.2%}")
     worst = max(abs(x - y) / abs(x) for x, y in zip(exact["losses"], filt["losses"]))
-    print(f"largest per-step relative difference over {args.steps} steps: {worst:.2%}")
+    print(f"largest per-step relative difference over {steps} steps: {worst:.2%}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eps", default="auto", help="filter_eps of the filtered run")
+    p.add_argument("--only", choices=("exact", "filtered"),
+                   help="run one side and write its losses to --save (two processes in parallel)")
+    p.add_argument("--save", help="JSON file for --only's result")
+    p.add_argument("--compare", nargs=2, metavar=("EXACT_JSON", "FILTERED_JSON"),
+                   help="compare two saved runs instead of training")
+    args = p.parse_args()
+    if args.compare:
+        exact, filt = (json.loads(Path(f).read_text()) for f in args.compare)
+        return compare(exact, filt, len(exact["losses"]))
+    eps = args.eps if args.eps == "auto" else float(args.eps)
+    sides = {"exact": [None], "filtered": [eps], None: [None, eps]}[args.only]
+    res = curves(args.steps, sides)
+    if args.only:
+        r = res[str(sides[0])]
+        Path(args.save).write_text(json.dumps({k: r[k] for k in ("losses", "eval_after")}))
+    else:
+        compare(res["None"], res[str(eps)], args.steps)
 
 
 if __name__ == "__main__":

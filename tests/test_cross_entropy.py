@@ -542,3 +542,21 @@ def test_filter_module_passes_filter_eps():
     for o, x in zip(ours, want):
         assert torch.equal(o, x)
     assert "filter_eps=0.01" in repr(module)
+
+
+def test_training_loss_passes_ce_filter_eps(monkeypatch):
+    """The finetune config's ce_filter_eps reaches the op through models.training_loss."""
+    import transformers
+    from pyengine import models
+    seen = []
+    real = models.fused_linear_cross_entropy
+    monkeypatch.setattr(models, "fused_linear_cross_entropy",
+                        lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    for eps in ("auto", None):
+        models.training_loss("causal-lm", model, batch, 10, torch.float32, eps).backward()
+    assert seen == ["auto", None]
