@@ -242,7 +242,8 @@ HELP = {
     "grad_checkpointing": "recompute activations in backward to save memory",
     "ce_filter_eps": "causal-lm: LM-head gradients skip vocab entries whose softmax is below "
                      "this (auto: the compute dtype's precision / 32; a number in [0, 1)); "
-                     "faster, approximate gradients, exact loss (none: exact)",
+                     "faster, approximate gradients, exact loss; for trained models, not "
+                     "random init (none: exact)",
     "seed": "seed for init, shuffling and dropout, >= 0",
     "output": "output directory; one holding another run is refused unless --overwrite "
               "or --resume",

@@ -20,7 +20,10 @@ of W are gathered into the two GEMMs, so their cost scales with the kept fractio
 gather works per column, so no vocabulary sorting is needed for negligible entries to
 drop out.  The loss is never filtered; each dropped entry changes grad_h by at most
 eps |s_i| |W_j| and grad_W by eps |s_i| |h_i|.  eps "auto" = finfo(compute dtype).eps / 32
-(as CCE defines it: 2^-12 for bf16); eps 0 drops only exact zeros.
+(as CCE defines it: 2^-12 for bf16); eps 0 drops only exact zeros.  For a trained model's
+peaked softmax; a flat one (random init: p_j ~ 1/V < eps for V > 4096 in bf16) loses
+nearly all of the normalisation gradient (sum_j p_j W_j), so training from scratch with it
+diverges from exact (benchmarks/curve_ce_filter.py).
 
 Backends: "ref" (plain PyTorch on fp32 logits: the spec and fallback), "cpu" (row kernel
 in C++, csrc/cross_entropy.h), "triton" (row kernel in pyengine.kernels.cross_entropy).
