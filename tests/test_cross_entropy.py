@@ -560,3 +560,39 @@ def test_training_loss_passes_ce_filter_eps(monkeypatch):
     for eps in ("auto", None):
         models.training_loss("causal-lm", model, batch, 10, torch.float32, eps).backward()
     assert seen == ["auto", None]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_keep_columns_isa_variants_equal_scalar(isa, dtype, threads):
+    """The filter's C++ column selection and row accumulation give the same bits on every
+    ISA and thread count as the torch formulation: a strided [13, V] block (V = 3 strips
+    of 1024 columns + a ragged tail), entries exactly at the threshold not kept, ignored
+    rows' targets not forced."""
+    from pyengine.ops.cross_entropy import _accumulate_rows, _keep_columns
+    levels = ["scalar", "avx2", "avx512"]
+    if levels.index(_ext._C.best_isa()) < levels.index(isa):
+        pytest.skip(f"CPU lacks {isa}")
+    gen = torch.Generator().manual_seed(3)
+    vocab = 3 * 1024 + 77
+    g = (torch.randn(13, vocab + 5, generator=gen) * 1e-3).to(dtype)[:, :vocab]
+    thr = float(torch.tensor(2.5e-3).to(dtype))  # ~2.5 sigma: a few % of columns kept
+    g[:, 100] = 0
+    g[4, 100] = thr  # at the threshold: dropped (strictly above is kept)
+    g[7, 2000] = -0.5
+    target = torch.randint(0, vocab, (13,), generator=gen)
+    target[2] = -100
+    want = torch.cat([(g.float().abs() > thr).any(0).nonzero().squeeze(1),
+                      target[target != -100]]).unique()
+    assert 100 not in want.tolist() and 2000 in want.tolist()
+    part = torch.randn(want.numel(), 9, generator=gen).to(dtype)
+    acc0 = torch.randn(vocab, 9, generator=gen)
+    try:
+        _ext._C.set_isa_cap(isa)
+        cols = _keep_columns(g, target, thr, -100, cpp=True)
+        acc = acc0.clone()
+        _accumulate_rows(acc, cols, part, cpp=True)
+    finally:
+        _ext._C.set_isa_cap("avx512")
+    assert torch.equal(cols, want)
+    assert torch.equal(acc, acc0.index_add(0, want, part.float()))

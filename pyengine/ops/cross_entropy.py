@@ -423,7 +423,8 @@ def fused_linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, *
     the logits.  reduction "mean" divides by the non-ignored token count, or by
     `num_items` (tokens in the whole gradient-accumulation window) when given.
     filter_eps (None = exact, "auto", or a float): the gradients skip vocab entries whose
-    softmax contribution is below it (module doc); the loss is always exact."""
+    softmax contribution is below it (module doc); the loss is always exact.  The "ref"
+    backend (the exact spec) ignores it."""
     _validate(hidden, weight, target, bias, label_smoothing, softcap, reduction, num_items,
               filter_eps)
     if isinstance(num_items, Tensor):
