@@ -53,6 +53,25 @@ PYBIND11_MODULE(_C, m) {
         accumulate_f32(ptr<float>(acc), ptr<const void>(src), src_dtype, n, num_threads);
       },
       "acc[i] += src[i] (src fp32/bf16/fp16) into an fp32 accumulator.");
+  m.def(
+      "ce_keep_columns",
+      [](uintptr_t grad, int dtype, int64_t rows, int64_t vocab, int64_t ld, uintptr_t target,
+         int64_t ignore_index, double thr, uintptr_t cols, int num_threads) {
+        py::gil_scoped_release nogil;
+        return ce_keep_columns(ptr<const void>(grad), dtype, rows, vocab, ld,
+                               ptr<const int64_t>(target), ignore_index, thr,
+                               ptr<int64_t>(cols), num_threads);
+      },
+      "Columns of a gradient block kept by the filter (see csrc/cross_entropy.h).");
+  m.def(
+      "accumulate_rows_f32",
+      [](uintptr_t acc, uintptr_t idx, uintptr_t src, int src_dtype, int64_t k, int64_t n,
+         int num_threads) {
+        py::gil_scoped_release nogil;
+        accumulate_rows_f32(ptr<float>(acc), ptr<const int64_t>(idx), ptr<const void>(src),
+                            src_dtype, k, n, num_threads);
+      },
+      "acc[idx[r]] += src[r] row by row into an fp32 accumulator.");
 
   m.def(
       "attention_forward",

@@ -38,10 +38,26 @@ void ce_rows(const CeArgs& a, int num_threads);
 // takes a slow path here; this is one streaming pass.
 void accumulate_f32(float* acc, const void* src, int src_dtype, int64_t n, int num_threads);
 
+// Gradient filter of fused_linear_cross_entropy (filter_eps): of a gradient block
+// [rows, vocab] (row stride ld, fp32/bf16/fp16/fp64), the columns j where some row has
+// |g_ij| > thr or j is the target of a row that is not ignore_index, written in increasing
+// order to cols [vocab]; returns how many.  One read of the block; any thread count gives
+// the same columns (an OR per column).
+int64_t ce_keep_columns(const void* grad, int dtype, int64_t rows, int64_t vocab, int64_t ld,
+                        const int64_t* target, int64_t ignore_index, double thr, int64_t* cols,
+                        int num_threads);
+
+// acc[idx[r] * n + c] += src[r * n + c] for r < k, c < n: the filtered grad_W rows added
+// into the fp32 accumulator (idx unique, so rows never collide).  src fp32/bf16/fp16.
+void accumulate_rows_f32(float* acc, const int64_t* idx, const void* src, int src_dtype,
+                         int64_t k, int64_t n, int num_threads);
+
 #define PYENGINE_CE_VARIANT(isa)                                                 \
   namespace isa {                                                                \
   void ce_rows_range(const CeArgs& a, int64_t begin, int64_t end);               \
   void accumulate_range(float* acc, const void* src, int dtype, int64_t b, int64_t e); \
+  void keep_range(const void* grad, int dtype, int64_t rows, int64_t ld, double thr,     \
+                  int64_t j0, int64_t j1, uint8_t* keep);                         \
   }
 PYENGINE_CE_VARIANT(scalar)
 PYENGINE_CE_VARIANT(avx2)

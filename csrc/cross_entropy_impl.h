@@ -132,5 +132,41 @@ void accumulate_range(float* acc, const void* src, int dtype, int64_t b, int64_t
   }
 }
 
+namespace {
+template <typename T, typename LoadFn>
+void keep_cols(const T* g, int64_t rows, int64_t ld, float thr, int64_t j0, int64_t j1,
+               uint8_t* keep, LoadFn ld_fn) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* row = g + i * ld;
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) keep[j] |= std::fabs(ld_fn(row, j)) > thr;
+  }
+}
+}  // namespace
+
+void keep_range(const void* grad, int dtype, int64_t rows, int64_t ld, double thr, int64_t j0,
+                int64_t j1, uint8_t* keep) {
+  switch (dtype) {
+    case kF32:
+      keep_cols(static_cast<const float*>(grad), rows, ld, float(thr), j0, j1, keep,
+                [](const float* p, int64_t j) { return p[j]; });
+      break;
+    case kF64: {  // fp64 compared in fp64
+      const double* g = static_cast<const double*>(grad);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = j0; j < j1; ++j) keep[j] |= std::fabs(g[i * ld + j]) > thr;
+      break;
+    }
+    case kBF16:
+      keep_cols(static_cast<const uint16_t*>(grad), rows, ld, float(thr), j0, j1, keep,
+                [](const uint16_t* p, int64_t j) { return bf16_to_f32(p[j]); });
+      break;
+    default:
+      keep_cols(static_cast<const uint16_t*>(grad), rows, ld, float(thr), j0, j1, keep,
+                [](const uint16_t* p, int64_t j) { return f16_to_f32(p[j]); });
+      break;
+  }
+}
+
 }  // namespace PYENGINE_ISA_NS
 }  // namespace pyengine

@@ -134,7 +134,7 @@ def _lm_head(model, dtype):
     return head.weight.to(dtype), bias
 
 
-def causal_lm_loss(model, batch, num_items, compute_dtype, reduction="mean"):
+def causal_lm_loss(model, batch, num_items, compute_dtype, reduction="mean", filter_eps=None):
     hidden = model.get_decoder()(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"]).last_hidden_state
     target = batch["labels"][:, 1:]
@@ -144,7 +144,7 @@ def causal_lm_loss(model, batch, num_items, compute_dtype, reduction="mean"):
         return hidden.sum() * 0.0  # nothing labelled: loss 0, zero grads
     weight, bias = _lm_head(model, compute_dtype)
     return fused_linear_cross_entropy(hidden, weight, target[keep], bias=bias,
-                                      reduction=reduction,
+                                      reduction=reduction, filter_eps=filter_eps,
                                       num_items=num_items if reduction == "mean" else None)
 
 
@@ -152,10 +152,12 @@ def classification_logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def training_loss(task, model, batch, num_items, compute_dtype):
-    """Sum of the batch's losses / num_items of the whole accumulation window."""
+def training_loss(task, model, batch, num_items, compute_dtype, ce_filter_eps=None):
+    """Sum of the batch's losses / num_items of the whole accumulation window.
+    ce_filter_eps: causal-lm's LM-head gradient filter (fused_linear_cross_entropy)."""
     if task == "causal-lm":
-        return causal_lm_loss(model, batch, max(num_items, 1), compute_dtype)
+        return causal_lm_loss(model, batch, max(num_items, 1), compute_dtype,
+                              filter_eps=ce_filter_eps)
     logits = classification_logits(model, batch)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")

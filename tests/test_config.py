@@ -43,6 +43,9 @@ def test_yaml_values_are_converted(tmp_path, yaml_text, key, want):
     (["--no-packing"], "packing", False),
     (["--max-grad-norm", "0"], "max_grad_norm", 0.0),
     (["--task", "seq-cls", "--labels", "neg", "pos"], "labels", ["neg", "pos"]),
+    (["--ce-filter-eps", "auto"], "ce_filter_eps", "auto"),
+    (["--ce-filter-eps", "1e-3"], "ce_filter_eps", 1e-3),
+    (["--ce-filter-eps", "0"], "ce_filter_eps", 0.0),
 ])
 def test_flag_values_are_converted(flags, key, want):
     value = getattr(from_flags(*flags), key)
@@ -67,6 +70,9 @@ BAD = [  # key, value, what the message must say is allowed
     ("lr", True, "not a yes/no value"),
     ("seed", 2**40, "less than or equal to 4294967295"),  # overflowed the shuffle's seed
     ("output", "", "at least 1 character"),  # would mean the current directory
+    ("ce_filter_eps", 1.0, "less than 1"),
+    ("ce_filter_eps", -0.5, "greater than or equal to 0"),
+    ("ce_filter_eps", "high", "Input should be 'auto'"),
 ]
 
 
@@ -116,3 +122,11 @@ def test_every_flag_has_help_with_its_default():
     for action in make_parser()._actions:
         if action.dest != "help":
             assert action.help and "(default: " in action.help, action.dest
+
+
+def test_ce_filter_eps_defaults_to_exact_and_is_not_resumable():
+    """Filtering changes the gradients: off unless asked for, and a --resume may not turn
+    it on or off."""
+    from pyengine.finetune.config import RESUMABLE_CHANGES
+    assert build_config(BASE).ce_filter_eps is None
+    assert "ce_filter_eps" not in RESUMABLE_CHANGES

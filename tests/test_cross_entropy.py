@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 import pyengine
 from pyengine import _ext
 from pyengine.ops import fused_linear_cross_entropy, reference_linear_cross_entropy
-from tests.conftest import assert_within_torch_error, num_threads, repeat_equal, requires_ext
+from tests.conftest import (UNIT_ROUNDOFF, assert_within_torch_error, num_threads, repeat_equal,
+                            requires_ext)
 
 pytestmark = requires_ext
 OPTIONS = [
@@ -331,9 +332,10 @@ def test_opcheck():
     h, w, t, b = make_inputs(10, 8, 30, torch.float32)
     op = torch.ops.pyengine.linear_cross_entropy.default
     for reduction in ("mean", "none"):
-        args = (h.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), -100, 0.1, 1e-3,
-                0.0, reduction, 0.0, "cpu", True, True, True)
-        torch.library.opcheck(op, args)
+        for filter_eps in (None, 1e-3):
+            args = (h.requires_grad_(), w.requires_grad_(), t, b.requires_grad_(), -100, 0.1,
+                    1e-3, 0.0, reduction, 0.0, "cpu", True, True, True, filter_eps)
+            torch.library.opcheck(op, args)
 
 
 def test_torch_compile_model_runs():
@@ -385,3 +387,212 @@ def test_backends_report_and_env_selection(monkeypatch):
     monkeypatch.setenv("PYENGINE_BACKEND", "ref")
     h, w, t, _ = make_inputs(6, 8, 20, torch.float32)
     torch.testing.assert_close(fused_linear_cross_entropy(h, w, t), ref(h, w, t))
+
+
+# ------------------------------------------------------------------ gradient filtering
+def peaked_inputs(n, h, v, dtype):
+    """Every third live row's hidden points at its target's weight row (softmax p_t > 0.99,
+    so its target gradient is below any eps >= 0.01), the others are spread; every 5th row
+    ignored; no bias."""
+    hidden, weight, target, _ = make_inputs(n, h, v, torch.float32, bias=False)
+    peaked = torch.zeros(n, dtype=torch.bool)
+    peaked[::3] = True
+    peaked &= target != -100
+    hidden[peaked] += 12 * h**0.5 * weight[target[peaked]] / weight[target[peaked]].norm(dim=1,
+                                                                                   keepdim=True)
+    return hidden.to(dtype), weight.to(dtype), target, None
+
+
+def filter_spec(hidden, weight, target, eps, block, row_scale):
+    """The filter's definition in fp64: G = d(sum_i s_i loss_i)/d logits; per block of
+    `block` rows keep the columns where some row has |G_ij| > eps * (smallest live |s_i| of
+    the block), plus the block's live targets; grads from G restricted to those columns.
+    Returns (grad_hidden, grad_weight, fraction of G's entries dropped)."""
+    h, w = hidden.double(), weight.double()
+    logits = (h @ w.t()).requires_grad_()
+    loss = reference_linear_cross_entropy(logits, torch.eye(w.shape[0], dtype=torch.float64),
+                                          target, reduction="none")
+    (loss * row_scale).sum().backward()
+    g = logits.grad
+    keep = torch.zeros_like(g, dtype=torch.bool)
+    for s in range(0, g.shape[0], block):
+        rows, t = slice(s, s + block), target[s:s + block]
+        live = t != -100
+        thr = eps * row_scale[rows][live].abs().min() if live.any() else 0.0
+        cols = (g[rows].abs() > thr).any(0)
+        cols[t[live]] = True
+        keep[rows] = cols
+    gm = g * keep
+    return gm @ w, gm.t() @ h, 1 - keep.double().mean().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_filter_keeps_exactly_the_columns_it_defines(reduction, threads, monkeypatch):
+    """fp32 filtered grads equal the fp64 spec (filter_spec) within fp32 noise, per block of
+    8 rows (chunks of 16 rows, so blocks restart per chunk; a ragged last block), ignored
+    rows, and peaked rows whose target gradient is below eps but kept; and the spec
+    differs from exact grads far beyond that noise."""
+    from pyengine.ops import cross_entropy
+    monkeypatch.setattr(cross_entropy, "FILTER_ROWS", 8)
+    monkeypatch.setattr(cross_entropy, "CHUNK_FRACTION", 1)
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 16 * 203 * 4)
+    hidden, weight, target, _ = peaked_inputs(37, 16, 203, torch.float32)
+    live = (target != -100).double()
+    if reduction == "none":
+        row_scale = torch.randn(37, generator=torch.Generator().manual_seed(1)).double()
+    else:
+        row_scale = live / (live.sum() if reduction == "mean" else 1.0)
+    eps = 0.01
+    want_h, want_w, dropped = filter_spec(hidden, weight, target, eps, 8, row_scale)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w, target, reduction=reduction, filter_eps=eps,
+                                      backend="cpu")
+    loss.backward(row_scale.float() if reduction == "none" else None)
+    exact = filter_spec(hidden, weight, target, 0.0, 8, row_scale)
+    for ours, want, full in ((h.grad, want_h, exact[0]), (w.grad, want_w, exact[1])):
+        atol = 1e-6 * want.abs().max().item()  # fp32 noise of sums over rows / columns
+        torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=atol)
+        assert (full - want).abs().max() > 100 * atol
+    assert 0.05 < dropped < 0.95
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_filter_eps_zero_equals_exact(opts, monkeypatch):
+    """eps = 0 drops only exact zeros: fp32 grads equal the exact path's within fp32
+    noise (4 blocks of 32 rows + a ragged one, bias and ignored rows), the loss bit for bit."""
+    from pyengine.ops import cross_entropy
+    monkeypatch.setattr(cross_entropy, "FILTER_ROWS", 32)
+    inputs = make_inputs(130, 64, 1000, torch.float32)
+    exact = loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu", **opts)
+    zero = loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu", filter_eps=0.0,
+                          **opts)
+    assert torch.equal(zero[0], exact[0])
+    for name, z, e in zip(NAMES[1:], zero[1:], exact[1:]):
+        torch.testing.assert_close(z, e, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.bfloat16, "auto"), (torch.float32, 1e-3)],
+                         ids=str)
+def test_filter_auto_loss_exact_grads_within_the_filter_bound(dtype, eps, monkeypatch):
+    """The loss is never filtered (same bits as exact); each dropped entry moves grad_h[i]
+    by at most eps |s_i| |W_j| and grad_W[j] by eps |s_i| |h_i|, so per element
+    |filtered - exact| <= eps (|s| @ |W|) resp. eps (|s|.T @ |h|) + the dtype's noise.
+    Blocks of 4 rows and logits of spread ~3 so that whole columns of a block drop."""
+    from pyengine.ops import cross_entropy
+    from pyengine.ops.cross_entropy import resolve_filter_eps
+    monkeypatch.setattr(cross_entropy, "FILTER_ROWS", 4)
+    hidden, weight, target, _ = peaked_inputs(300, 32, 2000, torch.float32)
+    hidden, weight = hidden.to(dtype), (3 * weight).to(dtype)
+    exact = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, None,
+                           backend="cpu", reduction="sum")
+    filt = loss_and_grads(fused_linear_cross_entropy, hidden, weight, target, None,
+                          backend="cpu", reduction="sum", filter_eps=eps)
+    assert torch.equal(filt[0], exact[0])
+    e = resolve_filter_eps(eps, dtype)
+    assert e == (2.0 ** -12 if eps == "auto" else eps)
+    s = (target != -100).double() * abs(torch.randn((), generator=torch.Generator().manual_seed(0)).item())
+    bound_h = e * s[:, None] * weight.double().abs().sum(0)[None, :]
+    bound_w = e * (s[:, None] * hidden.double().abs()).sum(0)[None, :].expand(weight.shape)
+    noise = 2 * UNIT_ROUNDOFF[dtype] if dtype == torch.bfloat16 else 1e-5
+    for f, x, bound in ((filt[1], exact[1], bound_h), (filt[2], exact[2], bound_w)):
+        err = (f.double() - x.double()).abs()
+        assert bool((err <= bound + noise * (x.double().abs() + bound) + 1e-12).all())
+        assert err.max() > 0  # something was filtered
+
+
+def test_filter_deterministic_on_several_threads(threads):
+    inputs = peaked_inputs(200, 32, 1500, torch.bfloat16)
+    repeat_equal(lambda: loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu",
+                                        filter_eps="auto"), 3)
+
+
+@pytest.mark.parametrize("filter_eps", [None, "auto"])
+def test_autocast_computes_like_linear_under_autocast(filter_eps):
+    """Inside torch.autocast(cpu, bf16) with fp32 hidden and weight the op runs in bf16
+    (as F.linear would; "auto" follows: bf16's eps) and the CE in fp32: same bits as
+    calling it on bf16 copies, grads flowing back to the fp32 leaves."""
+    hidden, weight, target, bias = make_inputs(40, 16, 300, torch.float32)
+    ac = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_ac = fused_linear_cross_entropy(ac[0], ac[1], target, bias=ac[2],
+                                             filter_eps=filter_eps, backend="cpu")
+    loss_ac.backward()
+    bf = [t.bfloat16().requires_grad_() for t in (hidden, weight, bias)]
+    loss_bf = fused_linear_cross_entropy(bf[0], bf[1], target, bias=bf[2],
+                                         filter_eps=filter_eps, backend="cpu")
+    loss_bf.backward()
+    assert loss_ac.dtype == torch.float32 and torch.equal(loss_ac, loss_bf)
+    for a, b in zip(ac, bf):
+        assert a.grad.dtype == torch.float32 and torch.equal(a.grad, b.grad.float())
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, "high", True, float("nan")])
+def test_bad_filter_eps_raises(bad):
+    h, w, t, _ = make_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="filter_eps must be None, 'auto' or a float in"):
+        fused_linear_cross_entropy(h, w, t, filter_eps=bad)
+
+
+def test_filter_module_passes_filter_eps():
+    from pyengine.nn import FusedLinearCrossEntropyLoss
+    inputs = peaked_inputs(50, 16, 400, torch.float32)
+    module = FusedLinearCrossEntropyLoss(filter_eps=1e-2, backend="cpu")
+    ours = loss_and_grads(lambda h, w, t, bias: module(h, w, t, bias), *inputs)
+    want = loss_and_grads(fused_linear_cross_entropy, *inputs, backend="cpu", filter_eps=1e-2)
+    for o, x in zip(ours, want):
+        assert torch.equal(o, x)
+    assert "filter_eps=0.01" in repr(module)
+
+
+def test_training_loss_passes_ce_filter_eps(monkeypatch):
+    """The finetune config's ce_filter_eps reaches the op through models.training_loss."""
+    import transformers
+    from pyengine import models
+    seen = []
+    real = models.fused_linear_cross_entropy
+    monkeypatch.setattr(models, "fused_linear_cross_entropy",
+                        lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    for eps in ("auto", None):
+        models.training_loss("causal-lm", model, batch, 10, torch.float32, eps).backward()
+    assert seen == ["auto", None]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_keep_columns_isa_variants_equal_scalar(isa, dtype, threads):
+    """The filter's C++ column selection and row accumulation give the same bits on every
+    ISA and thread count as the torch formulation: a strided [13, V] block (V = 3 strips
+    of 1024 columns + a ragged tail), entries exactly at the threshold not kept, ignored
+    rows' targets not forced."""
+    from pyengine.ops.cross_entropy import _accumulate_rows, _keep_columns
+    levels = ["scalar", "avx2", "avx512"]
+    if levels.index(_ext._C.best_isa()) < levels.index(isa):
+        pytest.skip(f"CPU lacks {isa}")
+    gen = torch.Generator().manual_seed(3)
+    vocab = 3 * 1024 + 77
+    g = (torch.randn(13, vocab + 5, generator=gen) * 1e-3).to(dtype)[:, :vocab]
+    thr = float(torch.tensor(2.5e-3).to(dtype))  # ~2.5 sigma: a few % of columns kept
+    g[:, 100] = 0
+    g[4, 100] = thr  # at the threshold: dropped (strictly above is kept)
+    g[7, 2000] = -0.5
+    target = torch.randint(0, vocab, (13,), generator=gen)
+    target[2] = -100
+    want = torch.cat([(g.float().abs() > thr).any(0).nonzero().squeeze(1),
+                      target[target != -100]]).unique()
+    assert 100 not in want.tolist() and 2000 in want.tolist()
+    part = torch.randn(want.numel(), 9, generator=gen).to(dtype)
+    acc0 = torch.randn(vocab, 9, generator=gen)
+    try:
+        _ext._C.set_isa_cap(isa)
+        cols = _keep_columns(g, target, thr, -100, cpp=True)
+        acc = acc0.clone()
+        _accumulate_rows(acc, cols, part, cpp=True)
+    finally:
+        _ext._C.set_isa_cap("avx512")
+    assert torch.equal(cols, want)
+    assert torch.equal(acc, acc0.index_add(0, want, part.float()))

@@ -56,6 +56,7 @@ class FinetuneConfig(BaseModel):
     packing: bool = False
     dtype: Dtype = "bf16"
     grad_checkpointing: bool = False
+    ce_filter_eps: Literal["auto"] | Annotated[float, Field(ge=0, lt=1)] | None = None
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     output: Annotated[str, Field(min_length=1)] = "finetune-output"
     overwrite: bool = False
@@ -239,6 +240,10 @@ HELP = {
     "packing": "causal-lm: pack several training examples per row of max_seq_len tokens",
     "dtype": "bf16 = bf16 autocast (and bf16 frozen base under LoRA); fp32 = plain fp32",
     "grad_checkpointing": "recompute activations in backward to save memory",
+    "ce_filter_eps": "causal-lm: LM-head gradients skip vocab entries whose softmax is below "
+                     "this (auto: the compute dtype's precision / 32; a number in [0, 1)); "
+                     "faster, approximate gradients, exact loss; for trained models, not "
+                     "random init (none: exact)",
     "seed": "seed for init, shuffling and dropout, >= 0",
     "output": "output directory; one holding another run is refused unless --overwrite "
               "or --resume",

@@ -198,7 +198,8 @@ class Run:
         total = 0.0
         for batch in window:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                loss = M.training_loss(cfg.task, self.model, batch, num_items, self.compute_dtype)
+                loss = M.training_loss(cfg.task, self.model, batch, num_items, self.compute_dtype,
+                                       cfg.ce_filter_eps)
             loss.backward()
             total += float(loss.detach())
         return total, sum(int(b["attention_mask"].sum()) for b in window)
