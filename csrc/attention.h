@@ -83,4 +83,11 @@ namespace avx2 { PYENGINE_ATTN_DECL }
 namespace avx512 { PYENGINE_ATTN_DECL }
 #undef PYENGINE_ATTN_DECL
 
+// bf16 with AMX tiles (attention_amx.cpp), chosen by attention_forward / _backward when
+// amx_active(); packs its own bf16 operands.
+namespace amx {
+void attention_forward(const AttnArgs& a, int num_threads);
+void attention_backward(const AttnArgs& a, int num_threads);
+}  // namespace amx
+
 }  // namespace pyengine
