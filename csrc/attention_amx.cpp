@@ -216,62 +216,46 @@ void store_transposed(bf16* dst, const float* src, int64_t keys, int64_t D, floa
     for (int64_t d = 0; d < D; ++d) BF16::store(dst, j * D + d, mul * src[d * BK + j]);
 }
 
-void dkdv_range(const Packed& p, int64_t begin, int64_t end) {
+// Backward of one (batch, kv head) in one pass: key blocks in order, each over the GQA
+// group's query heads and query blocks (S, dP, P, dS computed once per tile), giving that
+// key block's dK, dV and adding dS K into an fp32 dQ of the group owned by this task.
+void backward_range(const Packed& p, int64_t begin, int64_t end) {
   const AttnArgs& a = p.a;
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = num_q_blocks(a), G = a.Hq / a.Hkv;
   const Tiles tiles;
-  std::vector<float> buf(2 * BQ * BK + 2 * BK * Dp);
-  std::vector<bf16> pairs(2 * BQ * BK);
+  std::vector<float> buf(2 * BQ * BK + 2 * BK * Dp), dq(G * Sp * Dp);
+  std::vector<bf16> tiles_bf16(3 * BQ * BK);
   float* s = buf.data();
   float* dp = s + BQ * BK;
   float* dkt = dp + BQ * BK;
   float* dvt = dkt + BK * Dp;
-  bf16* ps = pairs.data();
+  bf16* ps = tiles_bf16.data();
   bf16* dss = ps + BQ * BK;
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t kb = t / (a.B * a.Hkv), bkv = t % (a.B * a.Hkv), b = bkv / a.Hkv;
-    const int64_t j0 = kb * BK, keys = std::min(BK, a.S - j0), kv = bkv * Sp * Dp;
-    std::fill(dkt, dkt + 2 * BK * Dp, 0.f);
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t qh = b * a.Hq + bkv % a.Hkv * G + g;
-      for (int64_t qb = a.causal ? j0 / BQ : 0; qb < nqb; ++qb) {
-        const int64_t i0 = qb * BQ;
-        recompute(p, b, qh, kv, i0, j0, s, dp);
-        to_pairs(s, ps);
-        to_pairs(dp, dss);
-        gemm(Dp, BK, BQ, p.doutt.data() + qh * Sp * Dp + i0, Sp, ps, 2 * BK, dvt, BK, false);
-        gemm(Dp, BK, BQ, p.qt.data() + qh * Sp * Dp + i0, Sp, dss, 2 * BK, dkt, BK, false);
-      }
+  bf16* ds_rows = dss + BQ * BK;
+  for (int64_t bkv = begin; bkv < end; ++bkv) {
+    const int64_t b = bkv / a.Hkv, h0 = b * a.Hq + bkv % a.Hkv * G, kv = bkv * Sp * Dp;
+    std::fill(dq.begin(), dq.end(), 0.f);
+    for (int64_t j0 = 0; j0 < a.S; j0 += BK) {
+      std::fill(dkt, dkt + 2 * BK * Dp, 0.f);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t qb = a.causal ? j0 / BQ : 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * BQ, qh = h0 + g;
+          recompute(p, b, qh, kv, i0, j0, s, dp);
+          to_pairs(s, ps);
+          to_pairs(dp, dss);
+          to_rows(dp, ds_rows);
+          gemm(Dp, BK, BQ, p.doutt.data() + qh * Sp * Dp + i0, Sp, ps, 2 * BK, dvt, BK, false);
+          gemm(Dp, BK, BQ, p.qt.data() + qh * Sp * Dp + i0, Sp, dss, 2 * BK, dkt, BK, false);
+          gemm(BQ, Dp, BK, ds_rows, BK, p.kp.data() + kv + j0 * Dp, 2 * Dp,
+               dq.data() + (g * Sp + i0) * Dp, Dp, false);
+        }
+      const int64_t off = (bkv * a.S + j0) * a.D, keys = std::min(BK, a.S - j0);
+      store_transposed(static_cast<bf16*>(a.dk) + off, dkt, keys, a.D, a.scale);
+      store_transposed(static_cast<bf16*>(a.dv) + off, dvt, keys, a.D, 1.f);
     }
-    const int64_t off = (bkv * a.S + j0) * a.D;
-    store_transposed(static_cast<bf16*>(a.dk) + off, dkt, keys, a.D, a.scale);
-    store_transposed(static_cast<bf16*>(a.dv) + off, dvt, keys, a.D, 1.f);
-  }
-}
-
-void dq_range(const Packed& p, int64_t begin, int64_t end) {
-  const AttnArgs& a = p.a;
-  const int64_t Sp = p.Sp, Dp = p.Dp, nqb = num_q_blocks(a), nkb = Sp / BK;
-  const Tiles tiles;
-  std::vector<float> buf(2 * BQ * BK + BQ * Dp);
-  std::vector<bf16> ds_rows(BQ * BK);
-  float* s = buf.data();
-  float* dp = s + BQ * BK;
-  float* acc = dp + BQ * BK;
-  for (int64_t t = begin; t < end; ++t) {
-    const QTask q(a, nqb, t);
-    const int64_t i0 = q.qb * BQ, rows = std::min(BQ, a.S - i0), qh = q.b * a.Hq + q.h;
-    const int64_t kv = (q.b * a.Hkv + q.kvh) * Sp * Dp;
-    const int64_t kb_end = a.causal ? (i0 + rows - 1) / BK + 1 : nkb;
-    std::fill(acc, acc + BQ * Dp, 0.f);
-    for (int64_t kb = 0; kb < kb_end; ++kb) {
-      const int64_t j0 = kb * BK;
-      recompute(p, q.b, qh, kv, i0, j0, s, dp);
-      to_rows(dp, ds_rows.data());
-      gemm(BQ, Dp, BK, ds_rows.data(), BK, p.kp.data() + kv + j0 * Dp, 2 * Dp, acc, Dp, false);
-    }
-    store_rows<BF16>(static_cast<bf16*>(a.dq) + (qh * a.S + i0) * a.D, acc, rows, a.D, Dp,
-                     a.scale);
+    for (int64_t g = 0; g < G; ++g)
+      store_rows<BF16>(static_cast<bf16*>(a.dq) + (h0 + g) * a.S * a.D, dq.data() + g * Sp * Dp,
+                       a.S, a.D, Dp, a.scale);
   }
 }
 
@@ -298,10 +282,7 @@ void attention_backward(const AttnArgs& a, int num_threads) {
   p.add(p.kp, a.k, hkv, kPairs);
   p.add(p.vd, a.v, hkv, kDPairs);
   p.add_delta();
-  parallel_for(hkv * (p.Sp / BK), num_threads, 1,
-               [&](int64_t b, int64_t e) { dkdv_range(p, b, e); });
-  parallel_for(hq * num_q_blocks(a), num_threads, 1,
-               [&](int64_t b, int64_t e) { dq_range(p, b, e); });
+  parallel_for(hkv, num_threads, 1, [&](int64_t b, int64_t e) { backward_range(p, b, e); });
 }
 
 }  // namespace amx

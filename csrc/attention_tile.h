@@ -2,6 +2,8 @@
 // fp32 build (attention_impl.h) and the AMX bf16 build (attention_amx.cpp).  The including
 // TU defines PYENGINE_ISA_NS and gets its own flags.
 #pragma once
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -29,15 +31,23 @@ typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned
 constexpr int kRowVecs = int(BK) / kLanes;  // vectors per tile row
 
 static inline float hmax(vfloat x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps(__m512(x));
+#else
   float m = x[0];
   for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
   return m;
+#endif
 }
 
 static inline float hsum(vfloat x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(__m512(x));
+#else
   float t = 0.f;
   for (int i = 0; i < kLanes; ++i) t += x[i];
   return t;
+#endif
 }
 
 // exp_approx (common.h) on a vector: same reduction and polynomial, so same values.
@@ -137,13 +147,16 @@ static inline void online_softmax(const TileMask& mask, float* s, float* m, floa
       std::fill(sr, sr + BK, 0.f);
       continue;
     }
-    const float alpha = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
     const float sum = exp_row(sr, m_new);
-    l[r] = l[r] * alpha + sum;
-    m[r] = m_new;
-    float* orow = o + r * Dp;
+    if (m_new != m[r]) {  // else alpha = 1: nothing to rescale
+      const float alpha = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
+      l[r] *= alpha;
+      m[r] = m_new;
+      float* orow = o + r * Dp;
 #pragma omp simd
-    for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
+      for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
+    }
+    l[r] += sum;
   }
 }
 
