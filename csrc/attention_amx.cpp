@@ -112,18 +112,27 @@ void pack(const bf16* src, int64_t S, int64_t D, int64_t Sp, int64_t Dp, Layout 
   for (int64_t h = begin; h < end; ++h) {
     bf16* out = dst + h * Sp * Dp;
     std::fill(out, out + Sp * Dp, bf16(0));
-    for (int64_t i = 0; i < S; ++i) {
-      const bf16* row = src + (h * S + i) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        int64_t at;
-        switch (layout) {
-          case kRows: at = i * Dp + d; break;
-          case kCols: at = d * Sp + i; break;
-          case kPairs: at = (i / 2 * Dp + d) * 2 + i % 2; break;
-          default: at = i / BK * BK * Dp + (d / 2 * BK + i % BK) * 2 + d % 2; break;
+    const bf16* rows = src + h * S * D;
+    switch (layout) {
+      case kRows:
+        for (int64_t i = 0; i < S; ++i) std::copy(rows + i * D, rows + (i + 1) * D, out + i * Dp);
+        break;
+      case kCols:
+        for (int64_t i = 0; i < S; ++i)
+          for (int64_t d = 0; d < D; ++d) out[d * Sp + i] = rows[i * D + d];
+        break;
+      case kPairs:
+        for (int64_t i = 0; i < S; ++i) {
+          bf16* o = out + i / 2 * 2 * Dp + i % 2;
+          for (int64_t d = 0; d < D; ++d) o[2 * d] = rows[i * D + d];
         }
-        out[at] = row[d];
-      }
+        break;
+      case kDPairs:
+        for (int64_t i = 0; i < S; ++i) {
+          bf16* o = out + i / BK * BK * Dp + i % BK * 2;
+          for (int64_t d = 0; d < D; ++d) o[d / 2 * 2 * BK + d % 2] = rows[i * D + d];
+        }
+        break;
     }
   }
 }
@@ -169,11 +178,12 @@ void forward_range(const Packed& p, int64_t begin, int64_t end) {
   const AttnArgs& a = p.a;
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = num_q_blocks(a), nkb = Sp / BK;
   const Tiles tiles;
-  std::vector<float> s_buf(BQ * BK), o_buf(BQ * Dp);
+  std::vector<float> buf(BQ * BK + 2 * BQ * Dp);
   std::vector<bf16> pb(BQ * BK);
-  float m[BQ], l[BQ];
-  float* s = s_buf.data();
-  float* o = o_buf.data();
+  float m[BQ], l[BQ], alpha[BQ];
+  float* s = buf.data();
+  float* o = s + BQ * BK;
+  float* pv = o + BQ * Dp;
   for (int64_t t = begin; t < end; ++t) {
     const QTask q(a, nqb, t);
     const int64_t i0 = q.qb * BQ, rows = std::min(BQ, a.S - i0), qh = q.b * a.Hq + q.h;
@@ -187,9 +197,18 @@ void forward_range(const Packed& p, int64_t begin, int64_t end) {
       const int64_t j0 = kb * BK;
       gemm(BQ, BK, Dp, Q, Dp, p.kd.data() + kv + j0 * Dp, 2 * BK, s, BK, true);
       scale_tile(s, a.scale);
-      online_softmax(TileMask(a, q.b, i0, j0), s, m, l, o, Dp);
+      online_softmax(TileMask(a, q.b, i0, j0), s, m, l, alpha);
       to_rows(s, pb.data());
-      gemm(BQ, Dp, BK, pb.data(), BK, p.vp.data() + kv + j0 * Dp, 2 * Dp, o, Dp, false);
+      // P V into fresh tiles, then o = alpha o + P V (no tile load of o after its store)
+      gemm(BQ, Dp, BK, pb.data(), BK, p.vp.data() + kv + j0 * Dp, 2 * Dp, pv, Dp, true);
+      for (int64_t r = 0; r < BQ; ++r) {
+        const __m512 al = _mm512_set1_ps(alpha[r]);
+        for (int64_t d = 0; d < Dp; d += 16) {
+          float* od = o + r * Dp + d;
+          _mm512_storeu_ps(od, _mm512_fmadd_ps(_mm512_loadu_ps(od), al,
+                                               _mm512_loadu_ps(pv + r * Dp + d)));
+        }
+      }
     }
     finish_rows(o, m, l, rows, Dp, a.lse + qh * a.S + i0);
     store_rows<BF16>(static_cast<bf16*>(a.o) + (qh * a.S + i0) * a.D, o, rows, a.D, Dp, 1.f);

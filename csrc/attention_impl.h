@@ -84,7 +84,7 @@ template <typename D>
 void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = (a.S + BQ - 1) / BQ, nkb = Sp / BK;
   std::vector<float> s_buf(BQ * BK), o_buf(BQ * Dp);
-  float m[BQ], l[BQ];
+  float m[BQ], l[BQ], alpha[BQ];
   float* s = s_buf.data();
   float* o = o_buf.data();
   for (int64_t t = begin; t < end; ++t) {
@@ -99,7 +99,13 @@ void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end)
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       std::fill(s, s + BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + kb * BK) * Dp, BK, s, BK);
-      online_softmax(TileMask(a, q.b, i0, kb * BK), s, m, l, o, Dp);
+      online_softmax(TileMask(a, q.b, i0, kb * BK), s, m, l, alpha);
+      for (int64_t r = 0; r < BQ; ++r) {
+        if (alpha[r] == 1.f) continue;
+        float* orow = o + r * Dp;
+#pragma omp simd
+        for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha[r];
+      }
       gemm_acc(BQ, Dp, BK, s, BK, 1, p.v + (kvbase + kb * BK) * Dp, Dp, o, Dp);
     }
     finish_rows(o, m, l, rows, Dp, a.lse + (q.b * a.Hq + q.h) * a.S + i0);

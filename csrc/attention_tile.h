@@ -136,25 +136,24 @@ void store_rows(void* dst_v, const float* src, int64_t rows, int64_t Dd, int64_t
 }
 
 // One key block of the online softmax: each row of the score tile s is masked, its running
-// max m and sum l are updated, its row of o is rescaled, and s becomes exp(s - m).
-static inline void online_softmax(const TileMask& mask, float* s, float* m, float* l, float* o,
-                                  int64_t Dp) {
+// max m and sum l are updated, and s becomes exp(s - m); alpha[r] = exp(m_old - m_new) is
+// what the row's output accumulator must be scaled by (1 where the max did not change).
+static inline void online_softmax(const TileMask& mask, float* s, float* m, float* l,
+                                  float* alpha) {
   for (int64_t r = 0; r < BQ; ++r) {
     float* sr = s + r * BK;
     if (mask.any) mask.apply(sr, r);
     const float m_new = std::max(m[r], max_row(sr));
+    alpha[r] = 1.f;
     if (m_new == kNegInf) {  // nothing to attend to yet
       std::fill(sr, sr + BK, 0.f);
       continue;
     }
     const float sum = exp_row(sr, m_new);
-    if (m_new != m[r]) {  // else alpha = 1: nothing to rescale
-      const float alpha = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
-      l[r] *= alpha;
+    if (m_new != m[r]) {
+      alpha[r] = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
+      l[r] *= alpha[r];
       m[r] = m_new;
-      float* orow = o + r * Dp;
-#pragma omp simd
-      for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
     }
     l[r] += sum;
   }
