@@ -77,12 +77,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf1
     }
 }
 
-// s[BQ][BK] *= scale (the scores: Q is packed unscaled).
-void scale_tile(float* s, float scale) {
-  for (int64_t i = 0; i < BQ * BK; i += 16)
-    _mm512_storeu_ps(s + i, _mm512_mul_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(scale)));
-}
-
 // A BQ x BK fp32 tile rounded to bf16 rows (an A operand).
 void to_rows(const float* s, bf16* dst) {
   for (int64_t i = 0; i < BQ * BK; i += 16)
@@ -196,8 +190,7 @@ void forward_range(const Packed& p, int64_t begin, int64_t end) {
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       const int64_t j0 = kb * BK;
       gemm(BQ, BK, Dp, Q, Dp, p.kd.data() + kv + j0 * Dp, 2 * BK, s, BK, true);
-      scale_tile(s, a.scale);
-      online_softmax(TileMask(a, q.b, i0, j0), s, m, l, alpha);
+      online_softmax(TileMask(a, q.b, i0, j0), a.scale, s, m, l, alpha);
       to_rows(s, pb.data());
       // P V into fresh tiles, then o = alpha o + P V (no tile load of o after its store)
       gemm(BQ, Dp, BK, pb.data(), BK, p.vp.data() + kv + j0 * Dp, 2 * Dp, pv, Dp, true);
@@ -224,9 +217,8 @@ void recompute(const Packed& p, int64_t b, int64_t qh, int64_t kv, int64_t i0, i
        BK, true);
   gemm(BQ, BK, Dp, p.dout.data() + (qh * Sp + i0) * Dp, Dp, p.vd.data() + kv + j0 * Dp, 2 * BK,
        dp, BK, true);
-  scale_tile(s, a.scale);
-  probs_and_dscores(a, TileMask(a, b, i0, j0), a.lse + qh * a.S + i0, p.delta.data() + qh * Sp + i0,
-                    std::min(BQ, a.S - i0), s, dp);
+  probs_and_dscores(TileMask(a, b, i0, j0), a.scale, a.lse + qh * a.S + i0,
+                    p.delta.data() + qh * Sp + i0, std::min(BQ, a.S - i0), s, dp);
 }
 
 // dst[j][d] = mul * src[d][j] for keys j < keys, d < D (src: a transposed Dp x BK block).

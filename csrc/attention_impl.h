@@ -99,7 +99,7 @@ void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end)
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       std::fill(s, s + BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + kb * BK) * Dp, BK, s, BK);
-      online_softmax(TileMask(a, q.b, i0, kb * BK), s, m, l, alpha);
+      online_softmax(TileMask(a, q.b, i0, kb * BK), 1.f, s, m, l, alpha);
       for (int64_t r = 0; r < BQ; ++r) {
         if (alpha[r] == 1.f) continue;
         float* orow = o + r * Dp;
@@ -138,7 +138,7 @@ void dkdv(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
         std::fill(s, s + 2 * BQ * BK, 0.f);
         gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
         gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-        probs_and_dscores(a, TileMask(a, b, i0, j0), a.lse + qh * a.S + i0,
+        probs_and_dscores(TileMask(a, b, i0, j0), 1.f, a.lse + qh * a.S + i0,
                           p.delta + qh * Sp + i0, rows, s, dp);
         gemm_acc(BK, Dp, BQ, s, 1, BK, dO, Dp, dv, Dp);
         gemm_acc(BK, Dp, BQ, dp, 1, BK, Q, Dp, dk, Dp);
@@ -171,7 +171,7 @@ void dq(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
       std::fill(s, s + 2 * BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
       gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-      probs_and_dscores(a, TileMask(a, q.b, i0, j0), a.lse + qh * a.S + i0,
+      probs_and_dscores(TileMask(a, q.b, i0, j0), 1.f, a.lse + qh * a.S + i0,
                         p.delta + qh * Sp + i0, rows, s, dp);
       gemm_acc(BQ, Dp, BK, dp, BK, 1, p.k + (kvbase + j0) * Dp, Dp, acc, Dp);
     }

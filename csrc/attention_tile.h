@@ -68,13 +68,13 @@ static inline vfloat vexp(vfloat x) {
   return p * __builtin_bit_cast(vfloat, e);
 }
 
-// s[0, BK) = exp(s - m) (0 where s = -inf); returns the row sum.
-static inline float exp_row(float* s, float m) {
+// s[0, BK) = exp(scale s - m) (0 where s = -inf); returns the row sum.
+static inline float exp_row(float* s, float m, float scale) {
   vfloat sum{};
 #pragma GCC unroll 16
   for (int v = 0; v < kRowVecs; ++v) {
     vfloat& x = *reinterpret_cast<vfloat*>(s + v * kLanes);
-    x = x == kNegInf ? vfloat{} : vexp(x - m);
+    x = x == kNegInf ? vfloat{} : vexp(x * scale - m);
     sum += x;
   }
   return hsum(sum);
@@ -114,12 +114,13 @@ struct TileMask {
   }
 };
 
-// Per task: a query block of one (batch, head); heavy (late, causal) blocks first.
+// Per task: a query block of one (batch, head); a head's blocks are consecutive tasks (its
+// K / V stay in cache, and the GQA group's next), heavy (late, causal) blocks first.
 struct QTask {
   int64_t b, h, kvh, qb;
   QTask(const AttnArgs& a, int64_t nqb, int64_t t) {
-    const int64_t bh = t % (a.B * a.Hq);
-    qb = nqb - 1 - t / (a.B * a.Hq);
+    const int64_t bh = t / nqb;
+    qb = nqb - 1 - t % nqb;
     b = bh / a.Hq;
     h = bh % a.Hq;
     kvh = h / (a.Hq / a.Hkv);
@@ -135,21 +136,22 @@ void store_rows(void* dst_v, const float* src, int64_t rows, int64_t Dd, int64_t
     for (int64_t d = 0; d < Dd; ++d) D::store(dst, r * Dd + d, mul * src[r * Dp + d]);
 }
 
-// One key block of the online softmax: each row of the score tile s is masked, its running
-// max m and sum l are updated, and s becomes exp(s - m); alpha[r] = exp(m_old - m_new) is
-// what the row's output accumulator must be scaled by (1 where the max did not change).
-static inline void online_softmax(const TileMask& mask, float* s, float* m, float* l,
-                                  float* alpha) {
+// One key block of the online softmax: each row of the score tile s (scores / scale) is
+// masked, its running max m and sum l are updated, and s becomes exp(scale s - m);
+// alpha[r] = exp(m_old - m_new) is what the row's output accumulator must be scaled by (1
+// where the max did not change).
+static inline void online_softmax(const TileMask& mask, float scale, float* s, float* m,
+                                  float* l, float* alpha) {
   for (int64_t r = 0; r < BQ; ++r) {
     float* sr = s + r * BK;
     if (mask.any) mask.apply(sr, r);
-    const float m_new = std::max(m[r], max_row(sr));
+    const float m_new = std::max(m[r], scale * max_row(sr));  // scale > 0
     alpha[r] = 1.f;
     if (m_new == kNegInf) {  // nothing to attend to yet
       std::fill(sr, sr + BK, 0.f);
       continue;
     }
-    const float sum = exp_row(sr, m_new);
+    const float sum = exp_row(sr, m_new, scale);
     if (m_new != m[r]) {
       alpha[r] = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
       l[r] *= alpha[r];
@@ -171,8 +173,9 @@ static inline void finish_rows(float* o, const float* m, const float* l, int64_t
   }
 }
 
-// P (into s) and dS (into dp) of one tile from the recomputed scores s and dp = dO V^T.
-static inline void probs_and_dscores(const AttnArgs& a, const TileMask& mask, const float* lse,
+// P (into s) and dS (into dp) of one tile from the recomputed scores s (/ scale) and
+// dp = dO V^T.
+static inline void probs_and_dscores(const TileMask& mask, float scale, const float* lse,
                                      const float* delta, int64_t rows, float* s, float* dp) {
   for (int64_t r = 0; r < BQ; ++r) {
     float* sr = s + r * BK;
@@ -183,7 +186,7 @@ static inline void probs_and_dscores(const AttnArgs& a, const TileMask& mask, co
       continue;
     }
     if (mask.any) mask.apply(sr, r);
-    exp_row(sr, lse[r]);
+    exp_row(sr, lse[r], scale);
     const float dl = delta[r];
 #pragma omp simd
     for (int64_t c = 0; c < BK; ++c) dr[c] = sr[c] * (dr[c] - dl);
