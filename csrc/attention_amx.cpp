@@ -100,12 +100,11 @@ void to_pairs(const float* s, bf16* dst) {
     }
 }
 
-// Heads [begin, end) of src [heads, S, D] into dst [heads][Sp * Dp] in `layout`.
+// Heads [begin, end) of src [heads, S, D] into dst [heads][Sp * Dp] (zeroed) in `layout`.
 void pack(const bf16* src, int64_t S, int64_t D, int64_t Sp, int64_t Dp, Layout layout,
           bf16* dst, int64_t begin, int64_t end) {
   for (int64_t h = begin; h < end; ++h) {
     bf16* out = dst + h * Sp * Dp;
-    std::fill(out, out + Sp * Dp, bf16(0));
     const bf16* rows = src + h * S * D;
     switch (layout) {
       case kRows:
@@ -136,17 +135,26 @@ struct Packed {
   const AttnArgs& a;
   int num_threads;
   int64_t Sp, Dp;
-  std::vector<bf16> q, qt, dout, doutt, kd, kp, vd, vp;
+  struct Operand {
+    std::vector<bf16> buf;
+    const bf16* data = nullptr;
+  } q, qt, dout, doutt, kd, kp, vd, vp;
   std::vector<float> delta;  // [B Hq][Sp] rowsum(dO * O) (backward)
 
   Packed(const AttnArgs& a_, int threads)
       : a(a_), num_threads(threads), Sp((a.S + BK - 1) / BK * BK), Dp((a.D + 31) / 32 * 32) {}
 
-  void add(std::vector<bf16>& dst, const void* src, int64_t heads, Layout layout) {
-    dst.resize(size_t(heads * Sp * Dp));
+  // src [heads, S, D] as an operand in `layout`: the input itself where it needs no padding.
+  void add(Operand& dst, const void* src, int64_t heads, Layout layout) {
+    if (layout == kRows && a.S == Sp && a.D == Dp) {
+      dst.data = static_cast<const bf16*>(src);
+      return;
+    }
+    dst.buf.resize(size_t(heads * Sp * Dp));  // zeros: the padding
     parallel_for(heads, num_threads, 1, [&](int64_t b, int64_t e) {
-      pack(static_cast<const bf16*>(src), a.S, a.D, Sp, Dp, layout, dst.data(), b, e);
+      pack(static_cast<const bf16*>(src), a.S, a.D, Sp, Dp, layout, dst.buf.data(), b, e);
     });
+    dst.data = dst.buf.data();
   }
 
   void add_delta() {
@@ -181,7 +189,7 @@ void forward_range(const Packed& p, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     const QTask q(a, nqb, t);
     const int64_t i0 = q.qb * BQ, rows = std::min(BQ, a.S - i0), qh = q.b * a.Hq + q.h;
-    const bf16* Q = p.q.data() + (qh * Sp + i0) * Dp;
+    const bf16* Q = p.q.data + (qh * Sp + i0) * Dp;
     const int64_t kv = (q.b * a.Hkv + q.kvh) * Sp * Dp;
     const int64_t kb_end = a.causal ? (i0 + rows - 1) / BK + 1 : nkb;
     std::fill(o, o + BQ * Dp, 0.f);
@@ -189,11 +197,11 @@ void forward_range(const Packed& p, int64_t begin, int64_t end) {
     std::fill(l, l + BQ, 0.f);
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       const int64_t j0 = kb * BK;
-      gemm(BQ, BK, Dp, Q, Dp, p.kd.data() + kv + j0 * Dp, 2 * BK, s, BK, true);
+      gemm(BQ, BK, Dp, Q, Dp, p.kd.data + kv + j0 * Dp, 2 * BK, s, BK, true);
       online_softmax(TileMask(a, q.b, i0, j0), a.scale, s, m, l, alpha);
       to_rows(s, pb.data());
       // P V into fresh tiles, then o = alpha o + P V (no tile load of o after its store)
-      gemm(BQ, Dp, BK, pb.data(), BK, p.vp.data() + kv + j0 * Dp, 2 * Dp, pv, Dp, true);
+      gemm(BQ, Dp, BK, pb.data(), BK, p.vp.data + kv + j0 * Dp, 2 * Dp, pv, Dp, true);
       for (int64_t r = 0; r < BQ; ++r) {
         const __m512 al = _mm512_set1_ps(alpha[r]);
         for (int64_t d = 0; d < Dp; d += 16) {
@@ -213,9 +221,9 @@ void recompute(const Packed& p, int64_t b, int64_t qh, int64_t kv, int64_t i0, i
                float* s, float* dp) {
   const AttnArgs& a = p.a;
   const int64_t Sp = p.Sp, Dp = p.Dp;
-  gemm(BQ, BK, Dp, p.q.data() + (qh * Sp + i0) * Dp, Dp, p.kd.data() + kv + j0 * Dp, 2 * BK, s,
+  gemm(BQ, BK, Dp, p.q.data + (qh * Sp + i0) * Dp, Dp, p.kd.data + kv + j0 * Dp, 2 * BK, s,
        BK, true);
-  gemm(BQ, BK, Dp, p.dout.data() + (qh * Sp + i0) * Dp, Dp, p.vd.data() + kv + j0 * Dp, 2 * BK,
+  gemm(BQ, BK, Dp, p.dout.data + (qh * Sp + i0) * Dp, Dp, p.vd.data + kv + j0 * Dp, 2 * BK,
        dp, BK, true);
   probs_and_dscores(TileMask(a, b, i0, j0), a.scale, a.lse + qh * a.S + i0,
                     p.delta.data() + qh * Sp + i0, std::min(BQ, a.S - i0), s, dp);
@@ -255,9 +263,9 @@ void backward_range(const Packed& p, int64_t begin, int64_t end) {
           to_pairs(s, ps);
           to_pairs(dp, dss);
           to_rows(dp, ds_rows);
-          gemm(Dp, BK, BQ, p.doutt.data() + qh * Sp * Dp + i0, Sp, ps, 2 * BK, dvt, BK, false);
-          gemm(Dp, BK, BQ, p.qt.data() + qh * Sp * Dp + i0, Sp, dss, 2 * BK, dkt, BK, false);
-          gemm(BQ, Dp, BK, ds_rows, BK, p.kp.data() + kv + j0 * Dp, 2 * Dp,
+          gemm(Dp, BK, BQ, p.doutt.data + qh * Sp * Dp + i0, Sp, ps, 2 * BK, dvt, BK, false);
+          gemm(Dp, BK, BQ, p.qt.data + qh * Sp * Dp + i0, Sp, dss, 2 * BK, dkt, BK, false);
+          gemm(BQ, Dp, BK, ds_rows, BK, p.kp.data + kv + j0 * Dp, 2 * Dp,
                dq.data() + (g * Sp + i0) * Dp, Dp, false);
         }
       const int64_t off = (bkv * a.S + j0) * a.D, keys = std::min(BK, a.S - j0);
