@@ -7,7 +7,7 @@ medians.  Floor: causal FLOPs (forward 2 B Hq S^2 D, backward 2.5x that) at this
 machine's GEMM rate in the same dtype, measured here on a square torch.matmul.
 
     PYTHONPATH=. python benchmarks/bench_attention.py [--seqs 256 512 2048] [--repeats 5]
-        [--cpu-time]   (thread CPU time instead of wall time: only for --threads 1)
+        [--dtypes bf16 fp32] [--cpu-time]   (thread CPU time: only for --threads 1)
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from benchmarks.common import interleaved_medians
 from pyengine.ops import attention
 
 B, HQ, HKV, D = 4, 9, 3, 64
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def gemm_rate(dtype, n=1024, repeats=5) -> float:
@@ -58,6 +59,7 @@ def main():
     ap.add_argument("--seqs", type=int, nargs="+", default=[256, 512, 2048])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     ap.add_argument("--cpu-time", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -67,7 +69,7 @@ def main():
     print("| dtype | seq | fwd sdpa ms | fwd ours ms | fwd speedup | fwd+bwd sdpa ms "
           "| fwd+bwd ours ms | fwd+bwd speedup | ours fwd+bwd / floor |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (DTYPES[d] for d in args.dtypes):
         rate = gemm_rate(dtype)
         for S in args.seqs:
             fwd, both = measure(dtype, S, args.repeats, clock)

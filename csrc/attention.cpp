@@ -54,6 +54,7 @@ int64_t q_tasks(const AttnArgs& a) { return a.B * a.Hq * ((a.S + kAttnBQ - 1) / 
 
 void attention_forward(const AttnArgs& a, int num_threads) {
   if (a.S == 0 || a.B == 0) return;
+  if (a.dtype == kBF16 && amx_active()) return amx::attention_forward(a, num_threads);
   const Fns f = pick();
   Workspace w(a);
   const int64_t hq = a.B * a.Hq, hkv = a.B * a.Hkv;
@@ -69,6 +70,7 @@ void attention_forward(const AttnArgs& a, int num_threads) {
 
 void attention_backward(const AttnArgs& a, int num_threads) {
   if (a.S == 0 || a.B == 0) return;
+  if (a.dtype == kBF16 && amx_active()) return amx::attention_backward(a, num_threads);
   const Fns f = pick();
   Workspace w(a);
   const int64_t hq = a.B * a.Hq, hkv = a.B * a.Hkv;

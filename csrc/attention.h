@@ -10,7 +10,9 @@
 // key_mask [B, S] uint8 (1 = attend) or null; lse [B, Hq, S] fp32.  All math fp32: the
 // operands are packed once per call into fp32 tiles (Q pre-scaled, K^T and V^T in key
 // blocks), so the tile products are plain fp32 FMA loops.  A row whose keys are all masked
-// gets O = 0, lse = -inf and zero gradients.
+// gets O = 0, lse = -inf and zero gradients.  bf16 on a CPU with AMX (amx_active()) runs
+// the tile products on AMX tiles instead (attention_amx.cpp: P and dS rounded to bf16, one
+// backward pass per (batch, kv head)).
 // Tiling: query blocks of kBQ rows x key blocks of kBK keys, online softmax over key
 // blocks; key blocks above the diagonal are skipped when causal.  Parallel over (batch,
 // head, query block) forward and for dQ, over (batch, kv head, key block) for dK/dV, which
@@ -82,5 +84,12 @@ namespace scalar { PYENGINE_ATTN_DECL }
 namespace avx2 { PYENGINE_ATTN_DECL }
 namespace avx512 { PYENGINE_ATTN_DECL }
 #undef PYENGINE_ATTN_DECL
+
+// bf16 with AMX tiles (attention_amx.cpp), chosen by attention_forward / _backward when
+// amx_active(); packs its own bf16 operands.
+namespace amx {
+void attention_forward(const AttnArgs& a, int num_threads);
+void attention_backward(const AttnArgs& a, int num_threads);
+}  // namespace amx
 
 }  // namespace pyengine

@@ -2,30 +2,13 @@
 // PYENGINE_ISA_NS (scalar / avx2 / avx512) and gets its own flags.  Every product is
 // gemm_acc (C += A B, fp32) over padded tiles whose widths are multiples of 16, so the
 // inner loops have compile-time trip counts and vectorise; rows are register-blocked by 4.
-#include <algorithm>
-#include <cmath>
 #include <vector>
 
-#include "attention.h"
-#include "common.h"
-#include "lowrank_tiles.h"
+#include "attention_tile.h"
 
 namespace pyengine {
 namespace PYENGINE_ISA_NS {
 namespace {
-
-constexpr int64_t BQ = kAttnBQ, BK = kAttnBK;
-constexpr float kNegInf = -INFINITY;
-
-// SIMD width of this build (GCC vector extensions: zmm / ymm / xmm registers).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
-typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 // C[4, NV * kLanes] += A[4, K] B[K, NV * kLanes]; A(m, k) = A[m * sam + k * sak], B rows
 // ldb apart.  The 4 x NV accumulators stay in registers.
@@ -68,60 +51,6 @@ static void gemm_acc(int64_t M, int64_t N, int64_t K, const float* A, int64_t sa
   }
 }
 
-constexpr int kRowVecs = int(BK) / kLanes;  // vectors per tile row
-
-static inline float hmax(vfloat x) {
-  float m = x[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, x[i]);
-  return m;
-}
-
-static inline float hsum(vfloat x) {
-  float t = 0.f;
-  for (int i = 0; i < kLanes; ++i) t += x[i];
-  return t;
-}
-
-// exp_approx (common.h) on a vector: same reduction and polynomial, so same values.
-static inline vfloat vexp(vfloat x) {
-  typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat p = 1.9875691500e-4f + vfloat{};
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
-  return p * __builtin_bit_cast(vfloat, e);
-}
-
-// s[0, BK) = exp(s - m) (0 where s = -inf); returns the row sum.
-static inline float exp_row(float* s, float m) {
-  vfloat sum{};
-#pragma GCC unroll 16
-  for (int v = 0; v < kRowVecs; ++v) {
-    vfloat& x = *reinterpret_cast<vfloat*>(s + v * kLanes);
-    x = x == kNegInf ? vfloat{} : vexp(x - m);
-    sum += x;
-  }
-  return hsum(sum);
-}
-
-static inline float max_row(const float* s) {
-  vfloat m = *reinterpret_cast<const vfloat*>(s);
-#pragma GCC unroll 16
-  for (int v = 1; v < kRowVecs; ++v) {
-    const vfloat x = *reinterpret_cast<const vfloat*>(s + v * kLanes);
-    m = x > m ? x : m;
-  }
-  return hmax(m);
-}
-
 template <typename D>
 void pack(const AttnPackJob& j, int64_t begin, int64_t end) {
   using T = typename D::T;
@@ -151,56 +80,11 @@ void pack(const AttnPackJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// Which (row, key) pairs of a tile are masked: keys past S or padded (a per-key bias of 0
-// or -inf, built once per tile) and, when causal, keys above the diagonal.
-struct TileMask {
-  bool any = false, causal = false;
-  int64_t i0 = 0, j0 = 0;
-  alignas(64) float bias[BK];
-  TileMask(const AttnArgs& a, int64_t b, int64_t i0_, int64_t j0_) : i0(i0_), j0(j0_) {
-    causal = a.causal && j0 + BK - 1 > i0;
-    any = causal || j0 + BK > a.S || a.key_mask != nullptr;
-    if (!any) return;
-    const uint8_t* km = a.key_mask ? a.key_mask + b * a.S : nullptr;
-    for (int64_t c = 0; c < BK; ++c) {
-      const int64_t j = j0 + c;
-      bias[c] = (j >= a.S || (km && !km[j])) ? kNegInf : 0.f;
-    }
-  }
-  // row r of the tile: s[c] = -inf where masked
-  void apply(float* s, int64_t r) const {
-    const int64_t last = causal ? i0 + r - j0 : BK;  // keys c > last are above the diagonal
-#pragma omp simd
-    for (int64_t c = 0; c < BK; ++c) s[c] = c > last ? kNegInf : s[c] + bias[c];
-  }
-};
-
-// Per task: a query block of one (batch, head); heavy (late, causal) blocks first.
-struct QTask {
-  int64_t b, h, kvh, qb;
-  QTask(const AttnArgs& a, int64_t nqb, int64_t t) {
-    const int64_t bh = t % (a.B * a.Hq);
-    qb = nqb - 1 - t / (a.B * a.Hq);
-    b = bh / a.Hq;
-    h = bh % a.Hq;
-    kvh = h / (a.Hq / a.Hkv);
-  }
-};
-
-template <typename D>
-void store_rows(void* dst_v, const float* src, int64_t rows, int64_t Dd, int64_t Dp, float mul) {
-  using T = typename D::T;
-  T* dst = static_cast<T*>(dst_v);
-  for (int64_t r = 0; r < rows; ++r)
-#pragma omp simd
-    for (int64_t d = 0; d < Dd; ++d) D::store(dst, r * Dd + d, mul * src[r * Dp + d]);
-}
-
 template <typename D>
 void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = (a.S + BQ - 1) / BQ, nkb = Sp / BK;
   std::vector<float> s_buf(BQ * BK), o_buf(BQ * Dp);
-  float m[BQ], l[BQ];
+  float m[BQ], l[BQ], alpha[BQ];
   float* s = s_buf.data();
   float* o = o_buf.data();
   for (int64_t t = begin; t < end; ++t) {
@@ -215,55 +99,19 @@ void forward(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end)
     for (int64_t kb = 0; kb < kb_end; ++kb) {
       std::fill(s, s + BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + kb * BK) * Dp, BK, s, BK);
-      const TileMask mask(a, q.b, i0, kb * BK);
+      online_softmax(TileMask(a, q.b, i0, kb * BK), 1.f, s, m, l, alpha);
       for (int64_t r = 0; r < BQ; ++r) {
-        float* sr = s + r * BK;
-        if (mask.any) mask.apply(sr, r);
-        const float m_new = std::max(m[r], max_row(sr));
-        if (m_new == kNegInf) {  // nothing to attend to yet
-          std::fill(sr, sr + BK, 0.f);
-          continue;
-        }
-        const float alpha = m[r] == kNegInf ? 0.f : exp_approx(m[r] - m_new);
-        const float sum = exp_row(sr, m_new);
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
+        if (alpha[r] == 1.f) continue;
         float* orow = o + r * Dp;
 #pragma omp simd
-        for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha;
+        for (int64_t d = 0; d < Dp; ++d) orow[d] *= alpha[r];
       }
       gemm_acc(BQ, Dp, BK, s, BK, 1, p.v + (kvbase + kb * BK) * Dp, Dp, o, Dp);
     }
-    float* lse = a.lse + (q.b * a.Hq + q.h) * a.S + i0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float inv = l[r] > 0.f ? 1.0f / l[r] : 0.f;
-      float* orow = o + r * Dp;
-#pragma omp simd
-      for (int64_t d = 0; d < Dp; ++d) orow[d] *= inv;
-      lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : kNegInf;
-    }
+    finish_rows(o, m, l, rows, Dp, a.lse + (q.b * a.Hq + q.h) * a.S + i0);
     using T = typename D::T;
     T* out = static_cast<T*>(a.o) + ((q.b * a.Hq + q.h) * a.S + i0) * a.D;
     store_rows<D>(out, o, rows, a.D, Dp, 1.f);
-  }
-}
-
-// P (into s) and dS (into dp) of one tile from the recomputed scores s and dp = dO V^T.
-static inline void probs_and_dscores(const AttnArgs& a, const TileMask& mask, const float* lse,
-                                     const float* delta, int64_t rows, float* s, float* dp) {
-  for (int64_t r = 0; r < BQ; ++r) {
-    float* sr = s + r * BK;
-    float* dr = dp + r * BK;
-    if (r >= rows || lse[r] == kNegInf) {
-      std::fill(sr, sr + BK, 0.f);
-      std::fill(dr, dr + BK, 0.f);
-      continue;
-    }
-    if (mask.any) mask.apply(sr, r);
-    exp_row(sr, lse[r]);
-    const float dl = delta[r];
-#pragma omp simd
-    for (int64_t c = 0; c < BK; ++c) dr[c] = sr[c] * (dr[c] - dl);
   }
 }
 
@@ -290,7 +138,7 @@ void dkdv(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
         std::fill(s, s + 2 * BQ * BK, 0.f);
         gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
         gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-        probs_and_dscores(a, TileMask(a, b, i0, j0), a.lse + qh * a.S + i0,
+        probs_and_dscores(TileMask(a, b, i0, j0), 1.f, a.lse + qh * a.S + i0,
                           p.delta + qh * Sp + i0, rows, s, dp);
         gemm_acc(BK, Dp, BQ, s, 1, BK, dO, Dp, dv, Dp);
         gemm_acc(BK, Dp, BQ, dp, 1, BK, Q, Dp, dk, Dp);
@@ -323,7 +171,7 @@ void dq(const AttnArgs& a, const AttnPacked& p, int64_t begin, int64_t end) {
       std::fill(s, s + 2 * BQ * BK, 0.f);
       gemm_acc(BQ, BK, Dp, Q, Dp, 1, p.kt + (kvbase + j0) * Dp, BK, s, BK);
       gemm_acc(BQ, BK, Dp, dO, Dp, 1, p.vt + (kvbase + j0) * Dp, BK, dp, BK);
-      probs_and_dscores(a, TileMask(a, q.b, i0, j0), a.lse + qh * a.S + i0,
+      probs_and_dscores(TileMask(a, q.b, i0, j0), 1.f, a.lse + qh * a.S + i0,
                         p.delta + qh * Sp + i0, rows, s, dp);
       gemm_acc(BQ, Dp, BK, dp, BK, 1, p.k + (kvbase + j0) * Dp, Dp, acc, Dp);
     }

@@ -33,6 +33,9 @@ PYBIND11_MODULE(_C, m) {
     else if (name == "avx512") set_isa_cap(Isa::kAvx512);
     else throw py::value_error("unknown ISA '" + name + "' (scalar, avx2, avx512)");
   });
+  m.def("has_amx", &has_amx, "AMX bf16 tiles usable (CPU, OS, process permission).");
+  m.def("amx_active", &amx_active, "AMX tiles used for bf16 attention now.");
+  m.def("set_amx", &set_amx, "Allow (default) or forbid the AMX path (tests).");
 
   m.def(
       "ce_rows",

@@ -3,6 +3,8 @@
 #include <atomic>
 #include <cpuid.h>
 #include <cstdint>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace pyengine {
 namespace {
@@ -34,6 +36,22 @@ Isa detect() {
 }
 
 std::atomic<int> g_cap{int(Isa::kAvx512)};
+std::atomic<bool> g_amx{true};
+
+bool detect_amx() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  const uint64_t tile_state = (1ull << 17) | (1ull << 18);  // XTILECFG, XTILEDATA
+  if (!tile || !bf16 || (xgetbv0() & tile_state) != tile_state) return false;
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 }  // namespace
 
@@ -48,6 +66,15 @@ Isa active_isa() {
 }
 
 void set_isa_cap(Isa cap) { g_cap.store(int(cap)); }
+
+bool has_amx() {
+  static const bool amx = best_isa() == Isa::kAvx512 && detect_amx();
+  return amx;
+}
+
+bool amx_active() { return g_amx.load() && active_isa() == Isa::kAvx512 && has_amx(); }
+
+void set_amx(bool on) { g_amx.store(on); }
 
 const char* isa_name(Isa isa) {
   switch (isa) {

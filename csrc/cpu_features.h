@@ -10,4 +10,12 @@ Isa active_isa();               // best_isa() capped by set_isa_cap (for tests)
 void set_isa_cap(Isa cap);
 const char* isa_name(Isa isa);
 
+// AMX bf16 tiles (bf16 attention): CPUID AMX-TILE + AMX-BF16, the OS enables the tile state
+// (XCR0) and grants it to this process (Linux arch_prctl, requested once).  Used only on
+// top of avx512 (active_isa() == kAvx512) and while set_amx(true) (default; tests switch
+// it off to run the fp32 tile loops on bf16 inputs).
+bool has_amx();
+bool amx_active();
+void set_amx(bool on);
+
 }  // namespace pyengine

@@ -23,6 +23,7 @@ def restore_isa():
     yield
     if _ext._C is not None:
         _ext._C.set_isa_cap(_ext._C.best_isa())
+        _ext._C.set_amx(True)
 
 
 def qkv(B, Hq, Hkv, S, D, dtype, seed=0):
@@ -69,10 +70,14 @@ SHAPES = [  # S, D, Hq, Hkv, causal, padded
 
 
 @needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,amx", [(torch.float32, True), (torch.bfloat16, True),
+                                       (torch.bfloat16, False), (torch.float16, True)],
+                         ids=["fp32", "bf16", "bf16-noamx", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "S{}-D{}-{}x{}-{}-{}".format(
     s[0], s[1], s[2], s[3], "causal" if s[4] else "full", "pad" if s[5] else "nopad"))
-def test_attention_within_torch_error(shape, dtype):
+def test_attention_within_torch_error(shape, dtype, amx, restore_isa):
+    """Every path (bf16: the AMX tiles where the machine has them, and the fp32 tiles)."""
+    _ext._C.set_amx(amx)
     S, D, Hq, Hkv, causal, padded = shape
     q, k, v, dout = qkv(2, Hq, Hkv, S, D, dtype)
     mask = pad_mask(2, S, left=False) if padded else None  # every query row keeps a key
@@ -116,12 +121,19 @@ def test_rows_without_keys_give_zero_output_and_gradients(dtype):
 def test_isa_variants_match_scalar(dtype, restore_isa):
     q, k, v, dout = qkv(2, 4, 2, 97, 64, dtype, seed=4)
     mask = pad_mask(2, 97, left=True)
+    fn = lambda a, b, c: attention(a, b, c, key_padding_mask=mask, backend="cpu")
     out = {}
+    _ext._C.set_amx(False)
     for isa in ISAS[:ISAS.index(_ext._C.best_isa()) + 1]:
         _ext._C.set_isa_cap(isa)
-        out[isa] = run(lambda a, b, c: attention(a, b, c, key_padding_mask=mask, backend="cpu"),
-                       q, k, v, dout)
-    tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # fp32 summation order, one bf16 rounding
+        out[isa] = run(fn, q, k, v, dout)
+    if dtype == torch.bfloat16 and _ext._C.has_amx():
+        _ext._C.set_amx(True)
+        assert _ext._C.amx_active()
+        out["amx"] = run(fn, q, k, v, dout)
+        assert not all(torch.equal(a, s) for a, s in zip(out["amx"], out["avx512"]))
+    # fp32 summation order; bf16: roundings of the results (and of P, dS with AMX)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
     for isa, got in out.items():
         for g, s in zip(got, out["scalar"]):
             torch.testing.assert_close(g.float(), s.float(), rtol=tol, atol=tol,
@@ -131,6 +143,7 @@ def test_isa_variants_match_scalar(dtype, restore_isa):
 @needs_ext
 @pytest.mark.parametrize("causal", [True, False])
 def test_bitwise_same_on_any_thread_count(causal, threads):
+    """bf16 runs the AMX tiles where the machine has them (the default)."""
     q, k, v, dout = qkv(2, 9, 3, 150, 64, torch.bfloat16, seed=5)
     mask = pad_mask(2, 150, left=True)
     fn = lambda: run(lambda a, b, c: attention(a, b, c, causal=causal, key_padding_mask=mask,
@@ -140,6 +153,21 @@ def test_bitwise_same_on_any_thread_count(causal, threads):
         one = fn()
     for g, o in zip(got, one):
         assert torch.equal(g, o)
+
+
+@needs_ext
+def test_amx_switches(restore_isa):
+    """AMX only with avx512 and while allowed; only where CPUID, XCR0 and the OS allow."""
+    C = _ext._C
+    assert C.amx_active() == C.has_amx()
+    C.set_amx(False)
+    assert not C.amx_active()
+    C.set_amx(True)
+    C.set_isa_cap("avx2")
+    assert not C.amx_active()
+    flags = open("/proc/cpuinfo").read().split() if sys.platform == "linux" else []
+    if "amx_bf16" in flags and "amx_tile" in flags:
+        assert C.has_amx()
 
 
 @needs_ext
