@@ -208,7 +208,7 @@ def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_
                        s_down: Optional[Tensor] = None, fmts: str = ",,"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dAg, dBg, dAu, dBu, dAd, dBd); dx empty unless need_dx.  g and u empty means
-    recompute them from x.  xa, ha carry the scale already.  scales, fmts as forward."""
+    recompute them from x.  xa, ha carry the scale already.  s_*, fmts as in the forward."""
     rg = a_gate.shape[0]
     bases = _Bases((w_gate, w_up, w_down), (s_gate, s_up, s_down), fmts, x.dtype, backend)
     if g.numel() == 0:
@@ -249,7 +249,7 @@ def _setup_context(ctx, inputs, output):
 
 def _lora_mlp_grad(ctx, dy, *_unused):
     if dy is None:
-        return (None,) * 15
+        return (None,) * 17
     saved = ctx.saved_tensors
     dx, *d_adapters = _lora_mlp_backward(dy.contiguous(), *saved[:14], ctx.scale, ctx.backend,
                                          ctx.need_dx, *saved[14:], ctx.fmts)
