@@ -1,7 +1,7 @@
 """QLoRA cost: lora_linear fwd+bwd on a quantized base (nf4 / q4_0 / q8_0) against the same
-op on a bf16 base, timed round-robin in one process (medians; and at one thread in CPU
-time, steadier on a loaded machine).  No gate: this records what a quantized base costs
-per step; the base's bytes shrink 2-4x.  Second test: the C++ dequantize to bf16 (done
+op on a bf16 base (and the fused lora_mlp likewise), timed round-robin in one process
+(medians; and at one thread in CPU time, steadier on a loaded machine).  No gate: this
+records what a quantized base costs per step; the base's bytes shrink 2-4x.  Second test: the C++ dequantize to bf16 (done
 once in the forward and once in the backward at training sizes) against its floor,
 writing the same bf16 bytes (fill_), both on one thread, best of 15 (torch's
 multi-threaded fill_ and any median are no floor on a loaded machine).
@@ -16,7 +16,7 @@ import time
 import torch
 
 from benchmarks.common import interleaved_medians, interleaved_times
-from pyengine.ops import lora_linear
+from pyengine.ops import lora_linear, lora_mlp
 from pyengine.ops.quant import dequantize_cpu
 from pyengine.quant import quantize
 
@@ -54,6 +54,42 @@ def test_qlora_linear_fwd_bwd(benchmark):
         benchmark.extra_info[f"{k}_cpu1_vs_bf16"] = round(cpu1[k] / cpu1["bf16"], 2)
     print({k: f"{v * 1e3:.1f} ms ({v / med['bf16']:.2f}x)" for k, v in med.items()})
     print("1 thread, CPU time:",
+          {k: f"{v * 1e3:.1f} ms ({v / cpu1['bf16']:.2f}x)" for k, v in cpu1.items()})
+    benchmark.pedantic(fns["nf4"], rounds=2, warmup_rounds=0)
+
+
+def test_qlora_mlp_fwd_bwd(benchmark):
+    """The fused lora_mlp (SmolLM widths) on quantized bases vs bf16 bases: each projection
+    dequantized in C++ before its GEMM, forward and backward (one CPU-time ratio per format,
+    one thread, medians of 9)."""
+    torch.manual_seed(0)
+    hidden, inter = 576, 1536
+    x0 = torch.randn(TOKENS, hidden).bfloat16()
+    shapes = [(inter, hidden), (inter, hidden), (hidden, inter)]
+    dense = [(torch.randn(*s) / s[1] ** 0.5).bfloat16() for s in shapes]
+    adapters = [t.requires_grad_() for s in shapes
+                for t in (torch.randn(R, s[1]) / s[1] ** 0.5, torch.randn(s[0], R))]
+    bases = {"bf16": dense, **{f: [quantize(w, f) for w in dense] for f in ("nf4", "q4_0", "q8_0")}}
+
+    def step(ws):
+        def run():
+            x = x0.clone().requires_grad_()
+            a = adapters
+            lora_mlp(x, ws[0], a[0], a[1], ws[1], a[2], a[3], ws[2], a[4], a[5],
+                     2.0).float().sum().backward()
+        return run
+
+    fns = {k: step(v) for k, v in bases.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cpu1 = interleaved_medians(fns, repeats=9, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+    for k in bases:
+        benchmark.extra_info[f"{k}_cpu1_ms"] = round(cpu1[k] * 1e3, 2)
+        benchmark.extra_info[f"{k}_cpu1_vs_bf16"] = round(cpu1[k] / cpu1["bf16"], 2)
+    print("lora_mlp, 1 thread, CPU time:",
           {k: f"{v * 1e3:.1f} ms ({v / cpu1['bf16']:.2f}x)" for k, v in cpu1.items()})
     benchmark.pedantic(fns["nf4"], rounds=2, warmup_rounds=0)
 

@@ -167,22 +167,21 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     a plain name such as "q_proj" that fullmatches no path means ["q_proj"].
     Conv1D layers (GPT-2 style) are not supported: selecting one raises ValueError.
     quant: "nf4" | "q4_0" | "q8_0" quantizes the frozen bases (QLoRA, see quantize_base).
-    fuse_mlp: run fully adapted Llama-family gated MLPs as one LoRAMLP op (not with quant:
-    the fused op takes dense bases)."""
+    fuse_mlp: run fully adapted Llama-family gated MLPs as one LoRAMLP op (quantized
+    bases included)."""
     targets = _select_targets(model, target_modules)
     _adapt(model, targets, dict.fromkeys(targets, r), dict.fromkeys(targets, alpha),
-           dropout, rslora, backend, fuse_mlp and quant is None)
+           dropout, rslora, backend, fuse_mlp)
     return model if quant is None else quantize_base(model, quant)
 
 
 def quantize_base(model: nn.Module, fmt: str) -> nn.Module:
     """QLoRA: quantize the frozen base weight of every LoRALinear to `fmt` (in place).
     Modules whose in_features is not a multiple of the format's block stay unquantized
-    (logged)."""
+    (logged).  Fused MLPs stay fused: they share these LoRALinear modules."""
     if fmt not in FORMATS:
         raise ValueError(f"quantize_base: unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     block = format_spec(fmt).block
-    _unfuse(model)  # the fused MLP op takes dense bases
     done = 0
     for path, m in lora_modules(model).items():
         if m.quant_fmt is not None:

@@ -12,6 +12,8 @@ Parameter layout (PEFT's, minus the adapter name), so state-dict keys map one to
 In a PEFT adapter file the keys are `base_model.model.<path to mlp>.gate_proj.lora_A.weight`
 etc.; in a PEFT model they carry the adapter name (`...gate_proj.lora_A.default.weight`).
 Limits: no bias on the projections, no LoRA dropout (p = 0), SiLU activation only.
+QLoRA: a LoRALinear projection with a quantized base (LoRALinear.quantize_base) runs
+quantized inside the fused op.
 """
 from __future__ import annotations
 
@@ -128,7 +130,7 @@ class LoRAMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tensors = []
         for p in (self.gate_proj, self.up_proj, self.down_proj):
-            base = p.weight if isinstance(p, LoRALinear) else p.base_layer.weight
+            base = p.base_weight if isinstance(p, LoRALinear) else p.base_layer.weight
             tensors += [base, p.lora_A.weight, p.lora_B.weight]
         return lora_mlp(x, *tensors, self.scale, backend=self.backend,
                         recompute_projections=self.recompute_projections)

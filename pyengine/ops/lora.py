@@ -5,8 +5,9 @@
 x [..., in] (fp32 or bf16), W [out, in] frozen (same dtype as x), bias [out] optional,
 A [r, in] and B [out, r] the adapters (fp32 or bf16; bf16 base with fp32 adapters is the
 usual mixed setup).  QLoRA: W may be a pyengine.quant.QuantizedWeight (q8_0 / q4_0 / nf4);
-the base term x @ dequant(W).T + bias (and its dx) is then pyengine.ops.quant_matmul on the
-same backend, and the op below runs the low-rank term alone (its base weight is None).
+the same op then runs the base term x @ dequant(W).T + bias with quant_matmul's kernel for
+the backend and dx = dy @ dequant(W) as quant_matmul's backward does (`base_linear`,
+`base_grad_x`); the low-rank passes add into those tensors, as for a dense W.
 The low-rank path runs in ct = promote(x.dtype, A.dtype) with fp32 accumulation; y and dx come back in x's dtype.  B @ A is never formed.
 
 Forward:  y = x @ W.T (+ bias)                   torch GEMM (the floor)
@@ -41,9 +42,10 @@ from torch import Tensor
 
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
-from pyengine.ops.quant import quant_matmul
+from pyengine.ops.quant import BACKENDS as QUANT_BACKENDS, X_DTYPES as QUANT_X_DTYPES
+from pyengine.ops.quant import _qmm_grad_x, dequantize_cpu
 from pyengine.ops.swiglu import KERNEL_DTYPES
-from pyengine.quant import QuantizedWeight
+from pyengine.quant import FORMATS, QuantizedWeight
 
 OP = "lora_linear"
 register_op(OP, ("ref", "cpu", "triton"))
@@ -213,38 +215,59 @@ def _compute_dtype(x: Tensor, lora_a: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, lora_a.dtype)
 
 
+def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, qscales: Tensor | None,
+                fmt: str, backend: str) -> Tensor:
+    """x @ W.T + bias in x's dtype: F.linear for a dense W (fmt ""), quant_matmul's kernel
+    for backend when W is quantized (weight = its qs, qscales its scales, fmt its format)."""
+    if not fmt:
+        return F.linear(x, weight, bias)
+    return QUANT_BACKENDS[backend](x, weight, qscales, fmt, bias)
+
+
+def base_grad_x(dy: Tensor, weight: Tensor, qscales: Tensor | None, fmt: str,
+                backend: str) -> Tensor:
+    """dy @ W (W dense, or quantized as in `base_linear`; quant_matmul's backward: on
+    "cpu" one C++ dequantize to dy's dtype and one GEMM, elsewhere row chunks in torch)."""
+    if not fmt:
+        return dy @ weight
+    k = qscales.shape[1] * FORMATS[fmt].block
+    if backend == "cpu":
+        return dy @ dequantize_cpu(weight, qscales, fmt, k, dy.dtype)
+    return _qmm_grad_x(dy, weight, qscales, fmt, k)
+
+
 @torch.library.custom_op("pyengine::lora_linear", mutates_args=())
-def _lora_fwd(x: Tensor, weight: Optional[Tensor], lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
-              mask: Optional[Tensor], scale: float, keep: float,
-              backend: str) -> tuple[Tensor, Tensor]:
+def _lora_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
+              mask: Optional[Tensor], scale: float, keep: float, backend: str,
+              qscales: Optional[Tensor] = None, fmt: str = "") -> tuple[Tensor, Tensor]:
     """(y, u): x [N, in] contiguous; u = keep * (x * mask) @ A.T in the compute dtype.
-    weight None: y is the low-rank term alone (the base is computed by the caller)."""
+    fmt not "": weight is a quantized base's qs, qscales its scales (`base_linear`)."""
     ct = _compute_dtype(x, lora_a)
-    y = (x.new_zeros(x.shape[0], lora_b.shape[0]) if weight is None
-         else F.linear(x, weight, bias))
+    y = base_linear(x, weight, bias, qscales, fmt, backend)
     u, _ = low_rank_pass(backend, x, src_mask=mask, proj_w=lora_a.to(ct), scale=keep, dst=y,
                          add_w=lora_b.to(ct).t(), alpha=scale)
     return y, u
 
 
 @_lora_fwd.register_fake
-def _(x, weight, lora_a, lora_b, bias, mask, scale, keep, backend):
+def _(x, weight, lora_a, lora_b, bias, mask, scale, keep, backend, qscales=None, fmt=""):
     return (x.new_empty(x.shape[0], lora_b.shape[0]),
             x.new_empty(x.shape[0], lora_a.shape[0], dtype=_compute_dtype(x, lora_a)))
 
 
 @torch.library.custom_op("pyengine::lora_linear_backward", mutates_args=())
-def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Optional[Tensor], lora_a: Tensor,
+def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Tensor, lora_a: Tensor,
               lora_b: Tensor, mask: Optional[Tensor], scale: float, keep: float, backend: str,
-              need_gx: bool, need_ga: bool, need_gb: bool,
-              need_gbias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, dbias); empty where not asked for.  weight None: dx of the low-rank
-    term alone."""
+              need_gx: bool, need_ga: bool, need_gb: bool, need_gbias: bool,
+              qscales: Optional[Tensor] = None,
+              fmt: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dbias); empty where not asked for.  weight, qscales, fmt as in the
+    forward."""
     ct = u.dtype
     grad_y = grad_y.contiguous()
     gx = ga = gb = gbias = None
     if need_gx:
-        gx = x.new_zeros(x.shape) if weight is None else grad_y @ weight
+        gx = base_grad_x(grad_y, weight, qscales, fmt, backend)
     if need_gx or need_ga or need_gb:  # one pass over dy (and dx): v, dB.T, dx += ...
         v, gbt = low_rank_pass(backend, grad_y,
                                proj_w=lora_b.to(ct).t() if need_gx or need_ga else None,
@@ -264,7 +287,7 @@ def _lora_bwd(grad_y: Tensor, x: Tensor, u: Tensor, weight: Optional[Tensor], lo
 
 @_lora_bwd.register_fake
 def _(grad_y, x, u, weight, lora_a, lora_b, mask, scale, keep, backend, need_gx, need_ga,
-      need_gb, need_gbias):
+      need_gb, need_gbias, qscales=None, fmt=""):
     return (x.new_empty(x.shape if need_gx else (0,)),
             lora_a.new_empty(lora_a.shape if need_ga else (0,)),
             lora_b.new_empty(lora_b.shape if need_gb else (0,)),
@@ -272,20 +295,22 @@ def _(grad_y, x, u, weight, lora_a, lora_b, mask, scale, keep, backend, need_gx,
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, bias, mask, scale, keep, backend = inputs
+    x, weight, lora_a, lora_b, bias, mask, scale, keep, backend, qscales, fmt = inputs
     ctx.args = (scale, keep, backend)
+    ctx.fmt = fmt
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, mask)
+    ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, mask, qscales)
 
 
 def _lora_grad(ctx, grad_y, _grad_u):
-    x, u, weight, lora_a, lora_b, mask = ctx.saved_tensors
+    x, u, weight, lora_a, lora_b, mask, qscales = ctx.saved_tensors
     need_gx, _, need_ga, need_gb, need_gbias = ctx.needs_input_grad[:5]
     gx, ga, gb, gbias = _lora_bwd(grad_y, x, u, weight, lora_a, lora_b, mask, *ctx.args,
-                                  need_gx, need_ga, need_gb, need_gbias)
+                                  need_gx, need_ga, need_gb, need_gbias, qscales, ctx.fmt)
     return (gx if need_gx else None, None, ga if need_ga else None, gb if need_gb else None,
-            gbias.to(ctx.bias_dtype) if need_gbias else None, None, None, None, None)
+            gbias.to(ctx.bias_dtype) if need_gbias else None, None, None, None, None, None,
+            None)
 
 
 _lora_fwd.register_autograd(_lora_grad, setup_context=_setup_context)
@@ -315,6 +340,9 @@ def _validate(x, weight, lora_a, lora_b, bias, dropout_p):
     if x_dtype not in DTYPES or lora_a.dtype not in DTYPES:
         raise TypeError(f"{name}: x {x_dtype} / lora_a {lora_a.dtype}: supported dtypes are "
                         "float32 and bfloat16 (float64 for checks)")
+    if quantized and x_dtype not in QUANT_X_DTYPES:
+        raise TypeError(f"{name}: x dtype {x_dtype} not supported with a quantized weight "
+                        "(float32, bfloat16)")
     if not quantized and autocast_result_dtype(weight, ac) != x_dtype:
         raise TypeError(f"{name}: weight dtype {weight.dtype} != x dtype {x.dtype}")
     if lora_b.dtype != lora_a.dtype:
@@ -341,25 +369,23 @@ def lora_linear(x: Tensor, weight: Tensor | QuantizedWeight, lora_a: Tensor, lor
     """x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T with W frozen; see module doc.
     Dropout (probability dropout_p, applied to the adapter input only) draws its mask from
     torch's global generator (`dropout_mask`); pass dropout_p=0 in eval mode.
-    weight may be a QuantizedWeight (QLoRA): the base term is then quant_matmul.
+    weight may be a QuantizedWeight (QLoRA): the base term then runs quant_matmul's kernels
+    inside the same op.
     Inside torch.autocast the base runs in the autocast dtype, the adapters in fp32."""
     _validate(x, weight, lora_a, lora_b, bias, dropout_p)
     chosen = resolve(OP, backend, x.device)
     quantized = isinstance(weight, QuantizedWeight)
-    ac = autocast_dtype(x.device)
-    if chosen == "ref" or quantized:  # base outside the op: autocast's casts done here
-        x, bias = autocast_cast(x, ac), autocast_cast(bias, ac)
     if chosen == "ref":
+        ac = autocast_dtype(x.device)
         with torch.autocast(x.device.type, enabled=False):
             return reference_lora_linear(
-                x, autocast_cast(weight.dequantize() if quantized else weight, ac), lora_a,
-                lora_b, scale, bias=bias, dropout_p=dropout_p)
+                autocast_cast(x, ac), autocast_cast(weight.dequantize() if quantized else weight, ac),
+                lora_a, lora_b, scale, bias=autocast_cast(bias, ac), dropout_p=dropout_p)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     mask = dropout_mask(x2, dropout_p) if dropout_p > 0.0 else None
-    y, _ = _lora_fwd(x2, None if quantized else weight.contiguous(), lora_a.contiguous(),
-                     lora_b.contiguous(), None if quantized or bias is None else bias.contiguous(),
-                     mask, float(scale), 1.0 / (1.0 - dropout_p), chosen)
-    if quantized:
-        with torch.autocast(x.device.type, enabled=False):
-            y = y + quant_matmul(x2, weight, bias=bias, backend=chosen)
+    base = ((weight.qs.contiguous(), weight.scales.contiguous(), weight.fmt) if quantized
+            else (weight.contiguous(), None, ""))
+    y, _ = _lora_fwd(x2, base[0], lora_a.contiguous(), lora_b.contiguous(),
+                     None if bias is None else bias.contiguous(), mask, float(scale),
+                     1.0 / (1.0 - dropout_p), chosen, base[1], base[2])
     return y.reshape(*x.shape[:-1], weight.shape[0])

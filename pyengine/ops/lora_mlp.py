@@ -32,11 +32,16 @@ SwiGLU, low_rank_pass's Triton kernels (pyengine.kernels.lora) for the [N, H] si
 Autocast (as pyengine.ops.lora_linear): x and the base weights are cast like F.linear's
 inputs, the adapters stay fp32 (fp32 low-rank math and gradients); y in the autocast dtype.
 
-QLoRA: any base weight given as a pyengine.quant.QuantizedWeight takes the unfused path,
-three lora_linear calls (quantized bases through quant_matmul) and silu(gate) * up in torch
-autograd; the fused op's memory savings do not apply there.
+QLoRA: any base weight may be a pyengine.quant.QuantizedWeight (formats may differ).  The
+op then takes its qs and scales, and each base GEMM dequantizes its weight just before
+(forward and backward; "cpu": the C++ dequantize to x's dtype, bit-equal to
+dequantize().to(dtype); other backends: torch) into a transient buffer freed after that
+GEMM, so at most one dequantized weight is alive and none is saved: backward keeps exactly
+what it keeps for dense bases.  The math is the dense op's on dequant(W).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +50,9 @@ from torch import Tensor
 from pyengine import _ext
 from pyengine.backends import register_op, resolve
 from pyengine.ops.lora import (_f32, add_low_rank, autocast_cast, autocast_dtype, autocast_result_dtype,
-                               lora_linear, low_rank_pass, register_base_autocast)
-from pyengine.quant import QuantizedWeight
+                               low_rank_pass, register_base_autocast)
+from pyengine.ops.quant import dequantize_cpu
+from pyengine.quant import FORMATS, QuantizedWeight, dequantize_rows
 from pyengine.ops.swiglu import DTYPES, KERNEL_DTYPES, swiglu_backward, swiglu_forward
 
 OP = "lora_mlp"
@@ -137,23 +143,46 @@ def _middles(backend, dtype):
     return _torch_middle_forward, _torch_middle_backward
 
 
-def _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend):
+class _Bases:
+    """The three base weights as dense [out, in] tensors in x's dtype, one at a time:
+    `self[i]` (0 gate, 1 up, 2 down) is the weight itself, or for a quantized base (fmts[i]
+    not "": weights[i] is its qs, scales[i] its scales) a fresh dequantized buffer that the
+    caller drops after its GEMM."""
+
+    def __init__(self, weights, scales, fmts: str, dtype, backend):
+        self.weights, self.scales, self.fmts = weights, scales, fmts.split(",")
+        self.dtype, self.backend = dtype, backend
+
+    def __getitem__(self, i: int) -> Tensor:
+        w, s, fmt = self.weights[i], self.scales[i], self.fmts[i]
+        if not fmt:
+            return w
+        k = s.shape[1] * FORMATS[fmt].block
+        if self.backend == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+            return dequantize_cpu(w, s, fmt, k, self.dtype)
+        return dequantize_rows(fmt, w, s, k).to(self.dtype)
+
+
+def _project(x, bases, xa, b_gate, b_up, a_down, scale, backend):
     """(g, u, h, ha): the gate/up base GEMMs, then the forward middle."""
     forward, _ = _middles(backend, x.dtype)
-    return forward(x @ w_gate.t(), x @ w_up.t(), xa, b_gate, b_up, a_down, scale, backend)
+    return forward(x @ bases[0].t(), x @ bases[1].t(), xa, b_gate, b_up, a_down, scale, backend)
 
 
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("pyengine::lora_mlp", mutates_args=())
 def _lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Tensor,
               a_up: Tensor, b_up: Tensor, w_down: Tensor, a_down: Tensor, b_down: Tensor,
-              scale: float, backend: str, keep_gate_up: bool
+              scale: float, backend: str, keep_gate_up: bool, s_gate: Optional[Tensor] = None,
+              s_up: Optional[Tensor] = None, s_down: Optional[Tensor] = None, fmts: str = ",,"
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, g, u, scale * x @ [Ag; Au].T, scale * h @ Ad.T); g and u are empty unless
-    keep_gate_up.  x [N, H] contiguous."""
+    keep_gate_up.  x [N, H] contiguous.  fmts "gate,up,down" formats ("" dense): a
+    quantized base is passed as its qs, its scales in s_<name> (see _Bases)."""
+    bases = _Bases((w_gate, w_up, w_down), (s_gate, s_up, s_down), fmts, x.dtype, backend)
     xa, _ = low_rank_pass(backend, x, proj_w=torch.cat([a_gate, a_up]), scale=scale)
-    g, u, h, ha = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
-    y = h @ w_down.t()
+    g, u, h, ha = _project(x, bases, xa, b_gate, b_up, a_down, scale, backend)
+    y = h @ bases[2].t()
     low_rank_pass(backend, dst=y, add_coef=ha, add_w=b_down.t())
     if not keep_gate_up:
         g, u = x.new_empty(0), x.new_empty(0)
@@ -162,7 +191,7 @@ def _lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: T
 
 @_lora_mlp.register_fake
 def _(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, scale, backend,
-      keep_gate_up):
+      keep_gate_up, s_gate=None, s_up=None, s_down=None, fmts=",,"):
     n, inter = x.shape[0], w_gate.shape[0]
     gu_shape = (n, inter) if keep_gate_up else (0,)
     return (x.new_empty(n, w_down.shape[0]), x.new_empty(gu_shape), x.new_empty(gu_shape),
@@ -174,21 +203,24 @@ def _(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, scale
 def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor,
                        w_up: Tensor, a_up: Tensor, b_up: Tensor, w_down: Tensor,
                        a_down: Tensor, b_down: Tensor, g: Tensor, u: Tensor, xa: Tensor,
-                       ha: Tensor, scale: float, backend: str, need_dx: bool
+                       ha: Tensor, scale: float, backend: str, need_dx: bool,
+                       s_gate: Optional[Tensor] = None, s_up: Optional[Tensor] = None,
+                       s_down: Optional[Tensor] = None, fmts: str = ",,"
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dAg, dBg, dAu, dBu, dAd, dBd); dx empty unless need_dx.  g and u empty means
-    recompute them from x.  xa, ha carry the scale already."""
+    recompute them from x.  xa, ha carry the scale already.  s_*, fmts as in the forward."""
     rg = a_gate.shape[0]
+    bases = _Bases((w_gate, w_up, w_down), (s_gate, s_up, s_down), fmts, x.dtype, backend)
     if g.numel() == 0:
-        g, u, _, _ = _project(x, w_gate, w_up, xa, b_gate, b_up, a_down, scale, backend)
+        g, u, _, _ = _project(x, bases, xa, b_gate, b_up, a_down, scale, backend)
     _, backward = _middles(backend, x.dtype)
     p_down, d_b_down_t = low_rank_pass(backend, dy, proj_w=b_down.t(), scale=scale, grad_coef=ha)
-    dg, du, p_gu, d_a_down, d_b_gate, d_b_up = backward(dy @ w_down, g, u, xa, p_down, a_down,
+    dg, du, p_gu, d_a_down, d_b_gate, d_b_up = backward(dy @ bases[2], g, u, xa, p_down, a_down,
                                                         b_gate, b_up, scale, backend)
     dx = x.new_empty(0)
     if need_dx:
-        dx = dg @ w_gate
-        dx.addmm_(du, w_up)
+        dx = dg @ bases[0]
+        dx.addmm_(du, bases[1])
     _, d_a = low_rank_pass(backend, x, grad_coef=p_gu, dst=dx if need_dx else None,
                            add_coef=p_gu, add_w=torch.cat([a_gate, a_up]))
     return (dx, d_a[:rg].clone(), d_b_gate, d_a[rg:].clone(), d_b_up, d_a_down,
@@ -197,32 +229,33 @@ def _lora_mlp_backward(dy: Tensor, x: Tensor, w_gate: Tensor, a_gate: Tensor, b_
 
 @_lora_mlp_backward.register_fake
 def _(dy, x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, g, u, xa, ha,
-      scale, backend, need_dx):
+      scale, backend, need_dx, s_gate=None, s_up=None, s_down=None, fmts=",,"):
     return (x.new_empty(x.shape if need_dx else (0,)), torch.empty_like(a_gate),
             torch.empty_like(b_gate), torch.empty_like(a_up), torch.empty_like(b_up),
             torch.empty_like(a_down), torch.empty_like(b_down))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, scale, backend, _ = inputs
+    (x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down, scale, backend, _,
+     *scales, fmts) = inputs
     _, g, u, xa, ha = output
-    ctx.scale, ctx.backend = scale, backend
+    ctx.scale, ctx.backend, ctx.fmts = scale, backend, fmts
     ctx.need_dx = x.requires_grad
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero [N, I] grads for the saved-only outputs
     ctx.save_for_backward(x, w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down,
-                          g, u, xa, ha)
+                          g, u, xa, ha, *scales)
 
 
 def _lora_mlp_grad(ctx, dy, *_unused):
     if dy is None:
-        return (None,) * 13
+        return (None,) * 17
     saved = ctx.saved_tensors
-    dx, *d_adapters = _lora_mlp_backward(dy.contiguous(), *saved, ctx.scale, ctx.backend,
-                                         ctx.need_dx)
+    dx, *d_adapters = _lora_mlp_backward(dy.contiguous(), *saved[:14], ctx.scale, ctx.backend,
+                                         ctx.need_dx, *saved[14:], ctx.fmts)
     d_ag, d_bg, d_au, d_bu, d_ad, d_bd = d_adapters
     return (dx if ctx.need_dx else None, None, d_ag, d_bg, None, d_au, d_bu, None, d_ad, d_bd,
-            None, None, None)
+            None, None, None, None, None, None, None)
 
 
 _lora_mlp.register_autograd(_lora_mlp_grad, setup_context=_setup_context)
@@ -255,6 +288,8 @@ def _validate(x, tensors, scale):
         raise TypeError(f"{name}: x dtype {x_dtype} not supported {DTYPES}")
     for k in ("w_gate", "w_up", "w_down"):
         t = tensors[NAMES.index(k)]
+        if isinstance(t, QuantizedWeight):
+            continue
         if autocast_result_dtype(t, ac) != x_dtype:
             raise TypeError(f"{name}: {k} dtype {t.dtype} != x dtype {x.dtype}")
         if t.requires_grad and torch.is_grad_enabled():
@@ -278,27 +313,26 @@ def lora_mlp(x: Tensor, w_gate: Tensor, a_gate: Tensor, b_gate: Tensor, w_up: Te
              scale: float, *, backend: str | None = None,
              recompute_projections: bool = False) -> Tensor:
     """down(silu(gate(x)) * up(x)) with LoRA on all three projections (see module doc).
-    scale = alpha / r (or alpha / sqrt(r) for rsLoRA)."""
+    scale = alpha / r (or alpha / sqrt(r) for rsLoRA).  Base weights may be QuantizedWeight."""
     tensors = (w_gate, a_gate, b_gate, w_up, a_up, b_up, w_down, a_down, b_down)
-    if any(isinstance(w, QuantizedWeight) for w in (w_gate, w_up, w_down)):
-        return _unfused_lora_mlp(x, tensors, scale, backend)
     _validate(x, tensors, scale)
     chosen = resolve(OP, backend, x.device)
-    if chosen == "ref":
+    bases = (w_gate, w_up, w_down)
+    if chosen == "ref":  # quantized bases: dequantized to x's dtype, as the other backends do
         ac = autocast_dtype(x.device)
-        base = {0, 3, 6}  # w_gate, w_up, w_down in `tensors`
+        x = autocast_cast(x, ac)
+        dense = [w.dequantize().to(x.dtype) if isinstance(w, QuantizedWeight)
+                 else autocast_cast(w, ac) for w in bases]
         with torch.autocast(x.device.type, enabled=False):
-            return reference_lora_mlp(autocast_cast(x, ac), *(
-                autocast_cast(t, ac) if i in base else t for i, t in enumerate(tensors)), scale)
-    keep = not recompute_projections
-    y, *_ = _lora_mlp(x.reshape(-1, x.shape[-1]).contiguous(),
-                      *(t.contiguous() for t in tensors), float(scale), chosen, keep)
+            return reference_lora_mlp(x, dense[0], a_gate, b_gate, dense[1], a_up, b_up,
+                                      dense[2], a_down, b_down, scale)
+    quantized = [isinstance(w, QuantizedWeight) for w in bases]
+    ws = [w.qs if q else w for w, q in zip(bases, quantized)]
+    y, *_ = _lora_mlp(x.reshape(-1, x.shape[-1]).contiguous(), ws[0].contiguous(),
+                      a_gate.contiguous(), b_gate.contiguous(), ws[1].contiguous(),
+                      a_up.contiguous(), b_up.contiguous(), ws[2].contiguous(),
+                      a_down.contiguous(), b_down.contiguous(), float(scale), chosen,
+                      not recompute_projections,
+                      *(w.scales.contiguous() if q else None for w, q in zip(bases, quantized)),
+                      ",".join(w.fmt if q else "" for w, q in zip(bases, quantized)))
     return y.reshape(*x.shape[:-1], w_down.shape[0])
-
-
-def _unfused_lora_mlp(x, tensors, scale, backend):
-    """The QLoRA path: each projection is a lora_linear (which takes a QuantizedWeight)."""
-    wg, ag, bg, wu, au, bu, wd, ad, bd = tensors
-    h = (F.silu(lora_linear(x, wg, ag, bg, scale, backend=backend))
-         * lora_linear(x, wu, au, bu, scale, backend=backend))
-    return lora_linear(h, wd, ad, bd, scale, backend=backend)
