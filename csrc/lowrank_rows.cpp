@@ -10,12 +10,8 @@ namespace pyengine {
 // grad_out is a deterministic row reduction (parallel_sum_rows): fixed row blocks, partials
 // added in block order, so bits do not depend on the thread count.
 void lowrank_rows(const LowRankRowsArgs& a, int num_threads) {
-  auto fn = scalar::lowrank_rows_range;
-  switch (active_isa()) {
-    case Isa::kAvx512: fn = avx512::lowrank_rows_range; break;
-    case Isa::kAvx2: fn = avx2::lowrank_rows_range; break;
-    default: break;
-  }
+  auto fn = pick_isa(scalar::lowrank_rows_range, avx2::lowrank_rows_range,
+                     avx512::lowrank_rows_range);
   parallel_sum_rows(a.n_rows, num_threads, 16, {{a.grad_out, a.grad_rank * a.cols}},
                     [&](int64_t b, int64_t e, float* acc) { fn(a, b, e, acc); });
 }

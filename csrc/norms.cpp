@@ -10,15 +10,6 @@ namespace {
 
 constexpr int64_t kRowGrain = 16;  // rows per task at least
 
-template <typename Fn>
-Fn pick(Fn scalar_fn, Fn avx2_fn, Fn avx512_fn) {
-  switch (active_isa()) {
-    case Isa::kAvx512: return avx512_fn;
-    case Isa::kAvx2: return avx2_fn;
-    default: return scalar_fn;
-  }
-}
-
 using FwdFn = void (*)(const NormArgs&, int64_t, int64_t);
 using BwdFn = void (*)(const NormArgs&, int64_t, int64_t, float*);
 
@@ -44,24 +35,24 @@ void backward(const NormArgs& a, int num_threads, BwdFn fn) {
 }  // namespace
 
 void rms_norm_forward(const NormArgs& a, int num_threads) {
-  forward(a, num_threads, pick(scalar::rms_norm_forward_range, avx2::rms_norm_forward_range,
-                               avx512::rms_norm_forward_range));
+  forward(a, num_threads, pick_isa(scalar::rms_norm_forward_range, avx2::rms_norm_forward_range,
+                                   avx512::rms_norm_forward_range));
 }
 
 void rms_norm_backward(const NormArgs& a, int num_threads) {
-  backward(a, num_threads, pick(scalar::rms_norm_backward_range, avx2::rms_norm_backward_range,
-                                avx512::rms_norm_backward_range));
+  backward(a, num_threads, pick_isa(scalar::rms_norm_backward_range, avx2::rms_norm_backward_range,
+                                    avx512::rms_norm_backward_range));
 }
 
 void layer_norm_forward(const NormArgs& a, int num_threads) {
-  forward(a, num_threads, pick(scalar::layer_norm_forward_range, avx2::layer_norm_forward_range,
-                               avx512::layer_norm_forward_range));
+  forward(a, num_threads, pick_isa(scalar::layer_norm_forward_range, avx2::layer_norm_forward_range,
+                                   avx512::layer_norm_forward_range));
 }
 
 void layer_norm_backward(const NormArgs& a, int num_threads) {
-  backward(a, num_threads, pick(scalar::layer_norm_backward_range,
-                                avx2::layer_norm_backward_range,
-                                avx512::layer_norm_backward_range));
+  backward(a, num_threads, pick_isa(scalar::layer_norm_backward_range,
+                                    avx2::layer_norm_backward_range,
+                                    avx512::layer_norm_backward_range));
 }
 
 }  // namespace pyengine

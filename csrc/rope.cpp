@@ -14,12 +14,7 @@ using RangeFn = void (*)(const RopeArgs&, int64_t, int64_t);
 
 void run(const RopeArgs& a, int num_threads, RangeFn scalar_fn, RangeFn avx2_fn,
          RangeFn avx512_fn) {
-  RangeFn fn = scalar_fn;
-  switch (active_isa()) {
-    case Isa::kAvx512: fn = avx512_fn; break;
-    case Isa::kAvx2: fn = avx2_fn; break;
-    default: break;
-  }
+  RangeFn fn = pick_isa(scalar_fn, avx2_fn, avx512_fn);
   const int64_t rows = a.batch * a.seq * (a.q.heads + a.k.heads);
   parallel_for(rows, num_threads, kRowGrain, [&](int64_t b, int64_t e) { fn(a, b, e); });
 }
