@@ -11,6 +11,16 @@ import torch  # noqa: E402
 from pyengine import _ext  # noqa: E402
 
 requires_ext = pytest.mark.skipif(_ext._C is None, reason=str(_ext.EXT_ERROR))
+ISAS = ("scalar", "avx2", "avx512")  # _C.set_isa_cap values, weakest first
+
+
+@pytest.fixture
+def restore_isa():
+    """Back to the best ISA (and AMX on) after a test that caps them."""
+    yield
+    if _ext._C is not None:
+        _ext._C.set_isa_cap(_ext._C.best_isa())
+        _ext._C.set_amx(True)
 
 
 @pytest.fixture(autouse=True)

@@ -12,18 +12,9 @@ import torch.nn.functional as F
 from pyengine import _ext
 from pyengine.nn.attention import Attention, use_pyengine_attention
 from pyengine.ops import attention, reference_attention
-from tests.conftest import assert_within_torch_error, num_threads, repeat_equal
+from tests.conftest import ISAS, assert_within_torch_error, num_threads, repeat_equal
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="extension not built")
-ISAS = ("scalar", "avx2", "avx512")
-
-
-@pytest.fixture
-def restore_isa():
-    yield
-    if _ext._C is not None:
-        _ext._C.set_isa_cap(_ext._C.best_isa())
-        _ext._C.set_amx(True)
 
 
 def qkv(B, Hq, Hkv, S, D, dtype, seed=0):

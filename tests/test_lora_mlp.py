@@ -11,22 +11,14 @@ from pyengine.ops import lora_mlp, reference_lora_mlp, reference_swiglu, swiglu
 from pyengine.ops.lora import low_rank_pass
 from pyengine.ops.lora_mlp import _cpu_middle_backward
 from pyengine.ops.swiglu import reference_swiglu_backward, swiglu_backward, swiglu_forward
-from tests.conftest import num_threads, repeat_equal
+from tests.conftest import ISAS, num_threads, repeat_equal
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="extension not built")
-ISAS = ("scalar", "avx2", "avx512")
 LOW = {torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float32: 1e-6}
 
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.fixture
-def restore_isa():
-    yield
-    if _ext._C is not None:
-        _ext._C.set_isa_cap(_ext._C.best_isa())
 
 
 # --------------------------------------------------------------------------- SwiGLU

@@ -7,18 +7,10 @@ import torch.nn.functional as F
 from pyengine import _ext
 from pyengine.ops.norms import (layer_norm, norm_backward, norm_forward, reference_layer_norm,
                                 reference_rms_norm, rms_norm)
-from tests.conftest import assert_within_torch_error, repeat_equal
+from tests.conftest import ISAS, assert_within_torch_error, repeat_equal
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="extension not built")
-ISAS = ("scalar", "avx2", "avx512")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture
-def restore_isa():
-    yield
-    if _ext._C is not None:
-        _ext._C.set_isa_cap(_ext._C.best_isa())
 
 
 def inputs(rows, cols, dtype, seed=0):

@@ -7,17 +7,9 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from pyengine import _ext
 from pyengine.ops.rope import reference_rope, rope, rope_kernel
-from tests.conftest import assert_within_torch_error
+from tests.conftest import ISAS, assert_within_torch_error
 
 needs_ext = pytest.mark.skipif(_ext._C is None, reason="extension not built")
-ISAS = ("scalar", "avx2", "avx512")
-
-
-@pytest.fixture
-def restore_isa():
-    yield
-    if _ext._C is not None:
-        _ext._C.set_isa_cap(_ext._C.best_isa())
 
 
 def inputs(B, Hq, Hk, S, D, dtype, seed=0, cos_batch=None):
