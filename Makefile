@@ -38,7 +38,7 @@ test-llamacpp: setup build
 	PYENGINE_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_export.py -k llama_cpp
 
 bench: setup build
-	$(PY) -m pytest -q benchmarks --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	$(PY) -m pytest -q benchmarks/bench_*.py --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 finetune: setup build
 	$(PY) -m pyengine.finetune --overwrite  # the demo job re-runs into its own output dir
