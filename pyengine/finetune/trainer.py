@@ -77,6 +77,7 @@ class Run:
         self.out = Path(cfg.output)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
         # 1. Everything that can fail on user input, before anything is written.
+        check_single_process()
         M.check_backends()
         check_output(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
@@ -473,6 +474,17 @@ def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
 
 def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_single_process():
+    """Under torchrun every rank would run the whole job into the same --output (and race
+    on its checkpoint renames): refuse until data-parallel training is supported."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1", "0"):
+        raise ValueError(f"WORLD_SIZE={world}: pyengine.finetune trains in one process; "
+                         f"multi-process (torchrun) training is not supported yet, so every "
+                         f"rank would repeat the whole run into the same --output. Run it "
+                         f"without torchrun")
 
 
 def check_output(cfg: FinetuneConfig):
