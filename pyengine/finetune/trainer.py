@@ -203,9 +203,9 @@ class Run:
         return M.evaluate(self.cfg.task, self.model, self.eval_batches(dataset),
                           self.compute_dtype, self.labels)
 
-    def evaluate_during_training(self):
-        """--eval-every: one metrics.jsonl line, the best step / early stopping state, and
-        under --load-best-at-end a checkpoint of each new best (kept by the rotation)."""
+    def evaluate_during_training(self) -> bool:
+        """--eval-every: one metrics.jsonl line and the best step / early stopping state;
+        True when this evaluation is the new best."""
         st, t0 = self.state, time.perf_counter()
         report = self.evaluate()
         self.last_eval = (st.step, report)
@@ -220,8 +220,7 @@ class Run:
             log.info("early stopping at step %d: %d evaluations without improvement of %s "
                      "(best %g at step %d)", st.step, st.bad_evals, self.cfg.metric_for_best,
                      st.best_metric, st.best_step)
-        if best and self.cfg.load_best_at_end:
-            self.save_checkpoint()
+        return best
 
     def load_best(self):
         """--load-best-at-end: the trainable weights of the best step's checkpoint."""
@@ -291,9 +290,9 @@ class Run:
                 window_tokens, window_seconds = window_tokens + tokens, window_seconds + dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
-                if cfg.eval_every and (st.step % cfg.eval_every == 0
-                                       or st.step == self.total_steps):
-                    self.evaluate_during_training()
+                new_best = cfg.eval_every and (st.step % cfg.eval_every == 0
+                                               or st.step == self.total_steps) \
+                    and self.evaluate_during_training()
                 if st.step % cfg.log_every == 0 or st.step == self.total_steps or st.stopped_early:
                     self.log_metrics(lr)
                     self.append_timing(dict(step=st.step, tokens_per_s=window_tokens
@@ -301,8 +300,9 @@ class Run:
                     window_tokens, window_seconds = 0, 0.0
                 if stop:
                     raise self.interrupted(stop[0])
-                if cfg.save_every and st.step % cfg.save_every == 0:
-                    self.save_checkpoint()
+                if (new_best and cfg.load_best_at_end) or (
+                        cfg.save_every and st.step % cfg.save_every == 0):
+                    self.save_checkpoint()  # a new best is kept for --load-best-at-end
         self.save_checkpoint()  # the final one: --resume --max-steps N extends the run
 
     def interrupted(self, signum: int) -> Interrupted:
