@@ -67,7 +67,6 @@ def load_classifier(model_dir: str, adapter: str | None = None):
         raise ValueError(f"{where}: no class names (labels.json beside the adapter, or "
                          f"id2label in config.json)")
     tokenizer = M.load_tokenizer(model_dir)
-    torch.manual_seed(0)  # a head the adapter replaces is initialised first: same bits
     model = M.load_model(model_dir, task, labels, tokenizer.pad_token_id)
     if adapter is not None:
         from pyengine.lora import load_adapter
