@@ -11,6 +11,14 @@ grad norms that metrics.jsonl is computed from, so a resumed run repeats the
 uninterrupted run's losses, metrics.jsonl and adapter bit for bit.  Wall-clock numbers
 stay out of metrics.jsonl (timing.jsonl, the returned result and the summary have them).
 
+Evaluation during training (--eval-every) adds its lines to metrics.jsonl; the best step
+by --metric-for-best and the early-stopping count live in TrainState, so checkpoints
+hold them, and under --load-best-at-end each new best is checkpointed (after its step's
+log line) and spared by the rotation.  eval_every, the early-stopping settings and
+load_best_at_end cannot change on --resume (nor eval_data / eval_batch_size under
+eval_every): they decide when the run stops and which weights it exports; a run that
+stopped early stays stopped.  --eval-only (EvalRun) trains nothing and writes eval.json.
+
 Safety: the output directory must be empty unless --resume (the stored config must
 match in every key that alters training) or --overwrite (cleared only after every input
 was validated, and only when it is a run's directory: its .pyengine-run marker, a
@@ -197,7 +205,7 @@ class Run:
 
     def evaluate(self, dataset=None):
         """The report of the model on `dataset` (default: --eval-data; None without one)."""
-        dataset = dataset or self.eval
+        dataset = self.eval if dataset is None else dataset
         if dataset is None:
             return None
         return M.evaluate(self.cfg.task, self.model, self.eval_batches(dataset),
