@@ -386,3 +386,35 @@ def test_missing_tensorboard_is_an_error_before_writing(llama, text_data, tmp_pa
     with pytest.raises(ValueError, match=r"--report-to tensorboard needs the tensorboard package"):
         run(causal(llama, text_data, tmp_path / "o", report_to="tensorboard"))
     assert not (tmp_path / "o").exists()
+
+
+def test_report_text_lists_classes_and_entities():
+    """The summary's test report: totals, then one line per class and per entity type."""
+    s = lambda p, r, f, n: dict(precision=p, recall=r, f1=f, support=n)  # noqa: E731
+    report = dict(loss=0.5, accuracy=0.75, macro_f1=0.5, per_class={
+        "B-X": s(1.0, 0.5, 2 / 3, 2), "O": s(0.5, 1.0, 2 / 3, 2)},
+        entities=dict(per_type={"X": s(1.0, 0.5, 2 / 3, 2)}, micro=s(1.0, 0.5, 2 / 3, 2),
+                      macro=s(1.0, 0.5, 2 / 3, 2)))
+    assert T.report_text(report, "token-cls").splitlines() == [
+        "accuracy 0.750, macro F1 0.500, loss 0.5000, entity F1 0.667",
+        "    B-X                  precision 1.000  recall 0.500  F1 0.667  support 2",
+        "    O                    precision 0.500  recall 1.000  F1 0.667  support 2",
+        "  entities:",
+        "    X                    precision 1.000  recall 0.500  F1 0.667  support 2",
+        "    micro avg            precision 1.000  recall 0.500  F1 0.667  support 2",
+        "    macro avg            precision 1.000  recall 0.500  F1 0.667  support 2"]
+
+
+def test_eval_only_on_a_full_finetune_uses_its_id2label(bert, tmp_path):
+    """Class names from the saved config.json (given in unsorted order): --eval-only
+    reproduces the training run's test report."""
+    rows = [{"text": r["text"], "label": ["zeta", "alpha", "mid"][i % 3]}
+            for i, r in enumerate(sentences(30))]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    r = run(dict(model=bert, data=data, test_data=data, task="seq-cls", method="full",
+                 labels=["zeta", "alpha", "mid"], output=str(tmp_path / "o"), batch_size=8,
+                 max_steps=3, lr=1e-2, dtype="fp32", progress=False, max_seq_len=24))
+    again = run(dict(model=str(tmp_path / "o"), eval_only=True, test_data=data, task="seq-cls",
+                     output=str(tmp_path / "e"), dtype="fp32", progress=False, max_seq_len=24))
+    assert list(again["test"]["per_class"]) == ["zeta", "alpha", "mid"]
+    assert again["test"] == r["eval_test"]
