@@ -39,7 +39,8 @@ def entity_report(gold: list[list[str]], predicted: list[list[str]]) -> dict:
     true_set, pred_set = set(), set()
     for n, (g, p) in enumerate(zip(gold, predicted)):
         if len(g) != len(p):
-            raise ValueError(f"entity_report: sentence {n} has {len(g)} gold tags, {len(p)} predicted")
+            raise ValueError(f"entity_report: sentence {n} has {len(g)} gold tags, "
+                             f"{len(p)} predicted")
         true_set.update((n, *c) for c in entity_chunks(g))
         pred_set.update((n, *c) for c in entity_chunks(p))
     hits = true_set & pred_set

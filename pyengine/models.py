@@ -138,7 +138,8 @@ def _id2label(mapping, where: Path) -> list[str]:
     return [mapping[k] for k in sorted(mapping, key=int)]
 
 
-def saved_task(model_dir: str, adapter_dir: str | None = None) -> tuple[str | None, list[str] | None]:
+def saved_task(model_dir: str, adapter_dir: str | None = None
+               ) -> tuple[str | None, list[str] | None]:
     """The task and class names a fine-tuned model was saved with: an adapter's
     adapter_config.json task_type and labels.json (pyengine.finetune writes it), else the
     model's config.json architectures and id2label. None where nothing says."""

@@ -79,7 +79,8 @@ def encode(records: list[D.Record], task: str, tokenizer, max_len: int) -> list[
     examples = []
     for rec in records:
         if task == "seq-cls":
-            ids = tokenizer(D._field(rec, "text", str, "seq-cls prediction needs text"))["input_ids"]
+            text = D._field(rec, "text", str, "seq-cls prediction needs text")
+            ids = tokenizer(text)["input_ids"]
             examples.append(D.Example(D.truncate(ids, max_len, tokenizer), 0))
             continue
         tokens = D._field(rec, "tokens", list, "token-cls prediction needs tokens")

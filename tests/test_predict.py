@@ -98,8 +98,9 @@ def test_token_cls_tags_per_word_from_a_full_finetune(bert, token_cls, tmp_path,
         for r in rows[start:start + 3]:
             enc = tok(r["tokens"], is_split_into_words=True)
             words = enc.word_ids()
-            examples.append(D.Example(enc["input_ids"], [
-                -100 if w is None or (i and words[i - 1] == w) else 0 for i, w in enumerate(words)]))
+            firsts = [-100 if w is None or (i and words[i - 1] == w) else 0
+                      for i, w in enumerate(words)]
+            examples.append(D.Example(enc["input_ids"], firsts))
         logits, batch = direct_logits(model, tok, examples)
         for row, first, pred in zip(got[start:start + 3], batch["labels"], logits.argmax(-1)):
             assert row == dict(tags=[labels[i] for i in pred[first == 0].tolist()])
@@ -146,3 +147,10 @@ def test_force_overwrites(bert, seq_cls, tmp_path):
                  "--force"]) == 0
     assert list(read_lines(out)[0]) == ["label", "probabilities"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "pred.jsonl"]
+
+
+def test_token_cls_row_longer_than_max_seq_len(bert, token_cls, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"tokens": ["a"]}, {"tokens": ["a", "b", "c"]}])
+    assert main(["--model", token_cls, "--data", data, "--max-seq-len", "4"]) == 2
+    assert re.fullmatch(r"error: .*in.jsonl:2: 5 tokens, more than --max-seq-len 4",
+                        err_of(capsys))

@@ -71,7 +71,7 @@ class FinetuneConfig(BaseModel):
     overwrite: bool = False
     save_every: Annotated[int, Field(ge=0)] = 0
     log_every: PositiveInt = 10
-    eval_every: Annotated[int, Field(ge=0)] = 0
+    eval_every: Annotated[int, Field(ge=0)] | None = 0
     early_stopping_patience: PositiveInt | None = None
     early_stopping_threshold: Annotated[float, Field(ge=0)] = 0.0
     metric_for_best: Metric = "loss"
