@@ -240,6 +240,16 @@ def _token_cls_example(rec, tokenizer, label2id, index_labels):
     return enc["input_ids"], labels
 
 
+def truncate(ids: list[int], max_len: int, tokenizer) -> list[int]:
+    """A seq-cls text's first max_len ids, keeping the final special token (e.g. [SEP])."""
+    if len(ids) <= max_len:
+        return ids
+    ids = ids[:max_len]
+    if tokenizer.sep_token_id is not None:
+        ids[-1] = tokenizer.sep_token_id
+    return ids
+
+
 # --------------------------------------------------------------------------- dataset
 @dataclass
 class Example:
@@ -274,11 +284,10 @@ class Dataset:
                 raise ValueError(f"{rec.where}: tokenises to no tokens")
             if len(ids) > max_seq_len:
                 truncated += 1
-                ids = ids[:max_seq_len]
-                if task == "seq-cls":  # keep the final special token (e.g. [SEP])
-                    ids[-1] = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else ids[-1]
+                if task == "seq-cls":
+                    ids = truncate(ids, max_seq_len, tokenizer)
                 else:
-                    lab = lab[:max_seq_len]
+                    ids, lab = ids[:max_seq_len], lab[:max_seq_len]
             examples.append(Example(ids, lab))
         self.truncated = truncated
         if truncated:

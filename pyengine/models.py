@@ -14,6 +14,7 @@ FileNotFoundError naming the directory and the problem.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -112,6 +113,55 @@ def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int
     return model
 
 
+TASK_TYPES = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls"}
+ARCHITECTURE_SUFFIXES = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "seq-cls",
+                         "ForTokenClassification": "token-cls"}
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _id2label(mapping, where: Path) -> list[str]:
+    """{"0": name, "1": name, ...} -> [name, ...]; anything else is a ValueError."""
+    if not isinstance(mapping, dict) or sorted(mapping, key=str) != sorted(
+            map(str, range(len(mapping)))) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"{where}: id2label must map 0..n-1 to class names, got {mapping!r}")
+    return [mapping[k] for k in sorted(mapping, key=int)]
+
+
+def saved_task(model_dir: str, adapter_dir: str | None = None
+               ) -> tuple[str | None, list[str] | None]:
+    """The task and class names a fine-tuned model was saved with: an adapter's
+    adapter_config.json task_type and labels.json (pyengine.finetune writes it), else the
+    model's config.json architectures and id2label. None where nothing says."""
+    task = labels = None
+    if adapter_dir is not None:
+        adapter = Path(adapter_dir)
+        config = _json_file(adapter / "adapter_config.json")
+        task = TASK_TYPES.get(config.get("task_type"))
+        if (adapter / "labels.json").is_file():
+            labels = _id2label(_json_file(adapter / "labels.json").get("id2label"),
+                               adapter / "labels.json")
+    config_file = _check_dir(model_dir) / "config.json"
+    config = _json_file(config_file)
+    arch = (config.get("architectures") or [""])[0]
+    model_task = next((t for suffix, t in ARCHITECTURE_SUFFIXES.items() if arch.endswith(suffix)),
+                      None)
+    task = task or model_task
+    if labels is None and model_task in ("seq-cls", "token-cls") and "id2label" in config:
+        labels = _id2label(config["id2label"], config_file)
+    return task, labels
+
+
 def head_modules(model) -> list[str]:
     """Names of the task head modules beside the base model (e.g. ['classifier'], ['score']);
     trained in full under LoRA (PEFT's modules_to_save)."""
@@ -167,11 +217,13 @@ def training_loss(task, model, batch, num_items, compute_dtype, ce_filter_eps=No
 @torch.no_grad()
 def evaluate(task, model, batches, compute_dtype, label_names=None) -> dict:
     """causal-lm: loss and perplexity over labelled tokens.  Classification: loss,
-    accuracy and per-class precision / recall / F1 / support, macro F1."""
+    accuracy and per-class precision / recall / F1 / support, macro F1, the confusion
+    matrix; token-cls also entity-level scores (pyengine.metrics) over the words' tags."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     confusion = None
+    sentences = []  # token-cls: (gold ids, predicted ids) per row, one per word
     try:
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
@@ -182,6 +234,10 @@ def evaluate(task, model, batches, compute_dtype, label_names=None) -> dict:
                     count += n
                     continue
                 logits = classification_logits(model, batch)
+            if task == "token-cls":
+                for gold, pred in zip(batch["labels"], logits.argmax(-1)):
+                    keep = gold != IGNORE
+                    sentences.append((gold[keep].tolist(), pred[keep].tolist()))
             labels = batch["labels"].reshape(-1)
             logits = logits.reshape(-1, logits.shape[-1])
             keep = labels != IGNORE
@@ -198,7 +254,12 @@ def evaluate(task, model, batches, compute_dtype, label_names=None) -> dict:
     loss = total / max(count, 1)
     if task == "causal-lm":
         return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)), tokens=count)
-    return dict(loss=loss, **classification_report(confusion, label_names))
+    report = dict(loss=loss, **classification_report(confusion, label_names))
+    if task == "token-cls":
+        from pyengine.metrics import entity_report
+        report["entities"] = entity_report(*([[label_names[i] for i in s] for s in part]
+                                             for part in zip(*sentences)))
+    return report
 
 
 def classification_report(confusion: torch.Tensor, names: list[str]) -> dict:
@@ -212,4 +273,5 @@ def classification_report(confusion: torch.Tensor, names: list[str]) -> dict:
                             f1=float(f1[i]), support=int(actual[i]))
                  for i, name in enumerate(names)}
     return dict(accuracy=float(tp.sum() / actual.sum().clamp_min(1)),
-                macro_f1=float(f1.mean()), examples=int(actual.sum()), per_class=per_class)
+                macro_f1=float(f1.mean()), examples=int(actual.sum()), per_class=per_class,
+                confusion=confusion.tolist())

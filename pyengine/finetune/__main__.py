@@ -10,14 +10,14 @@ import sys
 
 from pyengine.cli import passive_openmp
 from pyengine.finetune.config import from_argv
-from pyengine.finetune.trainer import Run
+from pyengine.finetune.trainer import EvalRun, Run
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = from_argv(argv)
-        Run(cfg)()
+        (EvalRun if cfg.eval_only else Run)(cfg)()
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: 128 + the signal's number
         return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, OSError) as e:  # bad input, unreadable / unwritable paths, disk full

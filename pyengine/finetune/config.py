@@ -22,11 +22,17 @@ Dtype = Literal["bf16", "fp32"]
 Quant = Literal["none", "nf4", "q4_0", "q8_0"]
 PositiveInt = Annotated[int, Field(ge=1)]
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
-PATH_KEYS = ("model", "data", "eval_data", "output")
+Metric = Literal["loss", "perplexity", "accuracy", "macro_f1", "f1"]
+PATH_KEYS = ("model", "data", "eval_data", "test_data", "adapter", "output")
 # keys a --resume may change: they extend the run or only change what is reported / written
+# (eval_data / eval_batch_size not under eval_every: evaluations steer early stopping)
 RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "save_every", "log_every", "eval_data",
                                "eval_batch_size", "progress", "merge", "output", "resume",
-                               "overwrite"})
+                               "overwrite", "test_data", "report_to"})
+# what metric_for_best may name per task; True: greater is better
+METRICS = {"causal-lm": {"loss": False, "perplexity": False},
+           "seq-cls": {"loss": False, "accuracy": True, "macro_f1": True},
+           "token-cls": {"loss": False, "accuracy": True, "macro_f1": True, "f1": True}}
 
 
 class FinetuneConfig(BaseModel):
@@ -35,6 +41,9 @@ class FinetuneConfig(BaseModel):
     model: str | None = None
     data: str | None = None
     eval_data: str | None = None
+    test_data: str | None = None
+    eval_only: bool = False
+    adapter: str | None = None
     task: Task = "causal-lm"
     method: Method = "lora"
     lora_r: PositiveInt = 16
@@ -62,6 +71,12 @@ class FinetuneConfig(BaseModel):
     overwrite: bool = False
     save_every: Annotated[int, Field(ge=0)] = 0
     log_every: PositiveInt = 10
+    eval_every: Annotated[int, Field(ge=0)] | None = 0
+    early_stopping_patience: PositiveInt | None = None
+    early_stopping_threshold: Annotated[float, Field(ge=0)] = 0.0
+    metric_for_best: Metric = "loss"
+    load_best_at_end: bool = False
+    report_to: Literal["none", "tensorboard"] = "none"
     resume: bool = False
     merge: bool = False
     labels: list[str] | None = None
@@ -102,8 +117,26 @@ class FinetuneConfig(BaseModel):
             raise ValueError(f"{key} {msg}")
         if self.model is None:
             bad("model", "is required (a local Hugging Face model directory)")
-        if self.data is None:
+        if self.data is None and not self.eval_only:
             bad("data", "is required (a JSONL file)")
+        if self.eval_only:
+            if self.eval_data is None and self.test_data is None:
+                bad("eval_only", "needs eval_data and/or test_data to evaluate on")
+            for key in ("resume", "eval_every", "merge", "load_best_at_end"):
+                if getattr(self, key):
+                    bad("eval_only", f"runs no training: {key} does not apply")
+        elif self.adapter is not None:
+            bad("adapter", "applies to eval_only (training starts a new adapter)")
+        if self.eval_every and self.eval_data is None:
+            bad("eval_every", "needs eval_data to evaluate on")
+        for key, default in (("early_stopping_patience", None), ("load_best_at_end", False),
+                             ("metric_for_best", "loss")):
+            if getattr(self, key) != default and not (self.eval_every and self.eval_data):
+                bad(key, "needs eval_data and eval_every (evaluations during training)")
+        allowed = METRICS[self.task]
+        if self.metric_for_best not in allowed:
+            bad("metric_for_best", f"{self.metric_for_best!r} is not a {self.task} metric "
+                f"(allowed: {', '.join(allowed)})")
         if self.quant != "none" and self.method != "lora":
             bad("quant", f"{self.quant} needs method lora (QLoRA: a quantized frozen base), "
                 f"got method {self.method}")
@@ -220,6 +253,12 @@ HELP = {
             "{text,label} | {tokens,tags}",
     "eval_data": "evaluation JSONL (same format, never packed); evaluated before and after "
                  "training",
+    "test_data": "held-out test JSONL, evaluated once at the end (after --load-best-at-end) "
+                 "into eval.json 'test'",
+    "eval_only": "no training: evaluate --model (+ --adapter) on --eval-data / --test-data "
+                 "into OUTPUT/eval.json",
+    "adapter": "with --eval-only: a LoRA adapter directory (PEFT or pyengine, with its "
+               "labels.json for a classifier)",
     "task": "what to train",
     "method": "LoRA adapters (frozen base) or full fine-tuning",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha, > 0 (scale = alpha / r)",
@@ -250,6 +289,16 @@ HELP = {
     "overwrite": "clear a non-empty --output first (after all inputs are validated)",
     "save_every": "checkpoint every N steps (0: only on Ctrl-C / SIGTERM and at the end)",
     "log_every": "steps per metrics.jsonl line",
+    "eval_every": "evaluate on --eval-data every N optimizer steps and at the end, into "
+                  "metrics.jsonl (0: only before and after training)",
+    "early_stopping_patience": "stop after this many evaluations without improvement of "
+                               "--metric-for-best (none: never)",
+    "early_stopping_threshold": "an improvement must beat the best by more than this "
+                                "(absolute) to reset the patience",
+    "metric_for_best": "evaluation metric that picks the best step: loss, perplexity (lower "
+                       "is better), accuracy, macro_f1, f1 (token-cls entity F1; higher)",
+    "load_best_at_end": "export the best evaluated step's weights (its checkpoint is kept)",
+    "report_to": "also log scalars to OUTPUT/tensorboard (pip install tensorboard)",
     "resume": "continue from the newest checkpoint in --output (training settings must match)",
     "merge": "also write the merged model to OUTPUT/merged",
     "labels": "class names in order; an int label in the data is an index into them "
@@ -277,7 +326,8 @@ def make_parser() -> argparse.ArgumentParser:
         elif name in ("target_modules", "labels"):
             p.add_argument(flag, nargs="+", metavar="NAME", help=text)
         else:
-            choices = get_args(f.annotation) if name in ("task", "method", "dtype", "quant") else ()
+            choices = (get_args(f.annotation) if name in ("task", "method", "dtype", "quant",
+                                                          "metric_for_best", "report_to") else ())
             p.add_argument(flag, help=text,
                            metavar="{" + ",".join(choices) + "}" if choices else None)
     return p

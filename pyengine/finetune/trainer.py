@@ -11,6 +11,14 @@ grad norms that metrics.jsonl is computed from, so a resumed run repeats the
 uninterrupted run's losses, metrics.jsonl and adapter bit for bit.  Wall-clock numbers
 stay out of metrics.jsonl (timing.jsonl, the returned result and the summary have them).
 
+Evaluation during training (--eval-every) adds its lines to metrics.jsonl; the best step
+by --metric-for-best and the early-stopping count live in TrainState, so checkpoints
+hold them, and under --load-best-at-end each new best is checkpointed (after its step's
+log line) and spared by the rotation.  eval_every, the early-stopping settings and
+load_best_at_end cannot change on --resume (nor eval_data / eval_batch_size under
+eval_every): they decide when the run stops and which weights it exports; a run that
+stopped early stays stopped.  --eval-only (EvalRun) trains nothing and writes eval.json.
+
 Safety: the output directory must be empty unless --resume (the stored config must
 match in every key that alters training) or --overwrite (cleared only after every input
 was validated, and only when it is a run's directory: its .pyengine-run marker, a
@@ -40,7 +48,8 @@ import yaml
 
 from pyengine import data as D
 from pyengine import models as M
-from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
+from pyengine.finetune import evaluation as E
+from pyengine.finetune.config import FIELDS, RESUMABLE_CHANGES, FinetuneConfig
 from pyengine.nn.attention import use_pyengine_attention
 from pyengine.patch import patch_model
 
@@ -61,6 +70,11 @@ class TrainState:
     eval_before: dict | None = None
     tokens: int = 0
     train_seconds: float = 0.0
+    evals: list = field(default_factory=list)       # metrics.jsonl lines of --eval-every
+    best_step: int | None = None                    # by --metric-for-best
+    best_metric: float | None = None
+    bad_evals: int = 0                              # evaluations since an improvement
+    stopped_early: bool = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -76,18 +90,19 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        self.is_main = True  # the process that writes the outputs
+        self.tensorboard = None
         # 1. Everything that can fail on user input, before anything is written.
         check_single_process()
         M.check_backends()
         check_output(cfg)
+        if cfg.report_to == "tensorboard":
+            summary_writer_class()
         self.tokenizer = M.load_tokenizer(cfg.model)
-        index_labels = cfg.labels is not None
         self.train = D.Dataset(cfg.data, cfg.task, self.tokenizer, cfg.max_seq_len, cfg.labels,
-                               cfg.packing, index_labels=index_labels)
+                               cfg.packing, index_labels=cfg.labels is not None)
         self.labels = self.train.labels
-        self.eval = (D.Dataset(cfg.eval_data, cfg.task, self.tokenizer, cfg.max_seq_len,
-                               self.labels, index_labels=index_labels)
-                     if cfg.eval_data else None)
+        self.load_eval_data()
         self.data_sha256 = file_sha256(cfg.data)
         self.checkpoint = None  # the one to resume from
         if cfg.resume:
@@ -95,11 +110,13 @@ class Run:
             if path is None:
                 raise FileNotFoundError(f"--resume: no complete checkpoint in {self.out}")
             self.checkpoint = read_checkpoint(path)
+            resumable = RESUMABLE_CHANGES - ({"eval_data", "eval_batch_size"} if cfg.eval_every
+                                             else set())
             changed = [f"{k} {old!r} -> {new!r}" for k, old, new in
-                       config_changes(self.checkpoint["config"], self.stored_config())]
+                       config_changes(self.checkpoint["config"], self.stored_config(), resumable)]
             if changed:
                 raise ValueError(f"--resume: {path} was trained with other settings: "
-                                 f"{'; '.join(changed)} (only {', '.join(sorted(RESUMABLE_CHANGES))}"
+                                 f"{'; '.join(changed)} (only {', '.join(sorted(resumable))}"
                                  f" may change; start a new run in another --output instead)")
         self.batches_per_epoch = D.batches_per_epoch(len(self.train), cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(
@@ -142,13 +159,7 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-        # fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
-        # family they do not cover runs HF's own modules
-        for use_kernels in (patch_model, use_pyengine_attention):
-            try:
-                use_kernels(model)
-            except ValueError as e:
-                log.warning("%s", e)
+        use_kernels(model)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -178,17 +189,59 @@ class Run:
             self._order_cache = (epoch, D.epoch_order(len(self.train), self.cfg.seed, epoch))
         return self._order_cache[1]
 
-    def eval_batches(self):
-        ex = self.eval.examples
+    def load_eval_data(self):
+        """--eval-data and --test-data, validated with the run's class names."""
+        cfg = self.cfg
+        self.eval, self.test = (
+            D.Dataset(path, cfg.task, self.tokenizer, cfg.max_seq_len, self.labels,
+                      index_labels=cfg.labels is not None) if path else None
+            for path in (cfg.eval_data, cfg.test_data))
+
+    def eval_batches(self, dataset):
+        ex = dataset.examples
         bs = self.cfg.eval_batch_size
         for s in range(0, len(ex), bs):
             yield D.collate(ex[s:s + bs], self.tokenizer.pad_token_id)
 
-    def evaluate(self):
-        if self.eval is None:
+    def evaluate(self, dataset=None):
+        """The report of the model on `dataset` (default: --eval-data; None without one)."""
+        dataset = self.eval if dataset is None else dataset
+        if dataset is None:
             return None
-        return M.evaluate(self.cfg.task, self.model, self.eval_batches(), self.compute_dtype,
-                          self.labels)
+        return M.evaluate(self.cfg.task, self.model, self.eval_batches(dataset),
+                          self.compute_dtype, self.labels)
+
+    def evaluate_during_training(self) -> bool:
+        """--eval-every: one metrics.jsonl line and the best step / early stopping state;
+        True when this evaluation is the new best."""
+        st, t0 = self.state, time.perf_counter()
+        report = self.evaluate()
+        self.last_eval = (st.step, report)
+        values = E.scalars(self.cfg.task, report)
+        st.evals.append(dict(step=st.step, epoch=self.epoch(),
+                             **{f"eval_{k}": v for k, v in values.items()}))
+        best = E.track(st, self.cfg, values)
+        self.write_metrics()
+        self.log_scalars("eval", values)
+        self.append_timing(dict(step=st.step, eval_seconds=time.perf_counter() - t0))
+        if st.stopped_early:
+            log.info("early stopping at step %d: %d evaluations without improvement of %s "
+                     "(best %g at step %d)", st.step, st.bad_evals, self.cfg.metric_for_best,
+                     st.best_metric, st.best_step)
+        return best
+
+    def load_best(self):
+        """--load-best-at-end: the trainable weights of the best step's checkpoint."""
+        st = self.state
+        if st.best_step is None or st.best_step == st.step:
+            return
+        ckpt = read_checkpoint(self.out / f"{CHECKPOINT_PREFIX}{st.best_step:07d}")
+        params = dict(self.params)
+        with torch.no_grad():
+            for n, t in ckpt["trainable"].items():
+                params[n].copy_(t)
+        log.info("loaded the best weights: step %d (%s %g)", st.best_step,
+                 self.cfg.metric_for_best, st.best_metric)
 
     # ------------------------------------------------------------------ training
     def accumulate(self, step: int) -> tuple[float, int]:
@@ -222,7 +275,7 @@ class Run:
                    disable=not cfg.progress, dynamic_ncols=True)
         window_tokens, window_seconds = 0, 0.0  # throughput since the last log line
         with bar, stop_requests() as stop:
-            while st.step < self.total_steps:
+            while st.step < self.total_steps and not st.stopped_early:
                 rng, updating = rng_state(), False
                 t0 = time.perf_counter()
                 try:
@@ -245,16 +298,19 @@ class Run:
                 window_tokens, window_seconds = window_tokens + tokens, window_seconds + dt
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / dt:.0f}")
-                if st.step % cfg.log_every == 0 or st.step == self.total_steps:
+                new_best = cfg.eval_every and (st.step % cfg.eval_every == 0
+                                               or st.step == self.total_steps) \
+                    and self.evaluate_during_training()
+                if st.step % cfg.log_every == 0 or st.step == self.total_steps or st.stopped_early:
                     self.log_metrics(lr)
-                    with open(self.out / TIMING_NAME, "a") as f:  # wall clock: not reproducible
-                        f.write(json.dumps(dict(step=st.step, tokens_per_s=window_tokens
-                                                / max(window_seconds, 1e-9))) + "\n")
+                    self.append_timing(dict(step=st.step, tokens_per_s=window_tokens
+                                            / max(window_seconds, 1e-9)))
                     window_tokens, window_seconds = 0, 0.0
                 if stop:
                     raise self.interrupted(stop[0])
-                if cfg.save_every and st.step % cfg.save_every == 0:
-                    self.save_checkpoint()
+                if (new_best and cfg.load_best_at_end) or (
+                        cfg.save_every and st.step % cfg.save_every == 0):
+                    self.save_checkpoint()  # a new best is kept for --load-best-at-end
         self.save_checkpoint()  # the final one: --resume --max-steps N extends the run
 
     def interrupted(self, signum: int) -> Interrupted:
@@ -269,16 +325,33 @@ class Run:
         since = st.metrics[-1]["step"] if st.metrics else 0
         window = st.losses[since:]
         st.metrics.append(dict(
-            step=st.step, epoch=st.step * self.cfg.grad_accum / self.batches_per_epoch,
-            loss=sum(window) / len(window), lr=lr, grad_norm=st.grad_norms[-1],
-            tokens=st.tokens))
+            step=st.step, epoch=self.epoch(), loss=sum(window) / len(window), lr=lr,
+            grad_norm=st.grad_norms[-1], tokens=st.tokens))
         self.write_metrics()
+        self.log_scalars("train", dict(loss=st.metrics[-1]["loss"], lr=lr,
+                                       grad_norm=st.grad_norms[-1]))
+
+    def epoch(self) -> float:
+        return self.state.step * self.cfg.grad_accum / self.batches_per_epoch
 
     # ------------------------------------------------------------------ outputs
     def write_metrics(self):
+        """Training lines and --eval-every lines by step (training first at a step)."""
+        st = self.state
         with open(self.out / "metrics.jsonl", "w") as f:
-            for m in self.state.metrics:
+            for m in sorted(st.metrics + st.evals, key=lambda m: (m["step"], "loss" not in m)):
                 f.write(json.dumps(m) + "\n")
+
+    def append_timing(self, line: dict):
+        """timing.jsonl: wall-clock numbers, not reproducible, so not in metrics.jsonl."""
+        with open(self.out / TIMING_NAME, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def log_scalars(self, prefix: str, values: dict):
+        """--report-to tensorboard: prefix/name scalars at the current step."""
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f"{prefix}/{name}", value, self.state.step)
 
     def save_checkpoint(self) -> Path:
         """At a step boundary only: weights, optimizer, scheduler, RNG and state of now."""
@@ -294,8 +367,10 @@ class Run:
             scheduler=self.scheduler.state_dict(), rng=rng_state(), state=vars(st).copy(),
             config=self.stored_config()))
         os.rename(tmp, final)  # the commit point: a checkpoint-* directory is complete
+        best = None if st.best_step is None else f"{CHECKPOINT_PREFIX}{st.best_step:07d}"
         for old in sorted(self.out.glob(CHECKPOINT_PREFIX + "*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name != best:
+                shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, ckpt: dict):
@@ -316,7 +391,7 @@ class Run:
             log.warning("--resume with another --eval-data: no 'before' evaluation to compare")
             self.state.eval_before = None
 
-    def save_outputs(self, eval_after):
+    def save_outputs(self, evals: dict):
         cfg, out = self.cfg, self.out
         if cfg.method == "lora":
             from pyengine.lora import save_adapter
@@ -330,14 +405,17 @@ class Run:
             self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         self.write_metrics()
-        with open(out / "config.yaml", "w") as f:  # reusable as --config for a new run
-            yaml.safe_dump({k: v for k, v in cfg.to_dict().items()
-                            if k not in ("resume", "overwrite")}, f, sort_keys=False)
-        with open(out / "eval.json", "w") as f:
-            json.dump(dict(before=self.state.eval_before, after=eval_after), f, indent=2)
+        self.write_config_and_evals(evals)
         plot_losses(self.state.losses, out / "loss.png")
         if cfg.merge:
             self.write_merged(out / "merged")
+
+    def write_config_and_evals(self, evals: dict):
+        with open(self.out / "config.yaml", "w") as f:  # reusable as --config for a new run
+            yaml.safe_dump({k: v for k, v in self.cfg.to_dict().items()
+                            if k not in ("resume", "overwrite")}, f, sort_keys=False)
+        with open(self.out / "eval.json", "w") as f:
+            json.dump(evals, f, indent=2)
 
     def add_heads_to_adapter(self, out: Path):
         """The fully trained task head goes into the adapter the PEFT way: weights under
@@ -377,13 +455,24 @@ class Run:
         self.tokenizer.save_pretrained(path)
 
     # ------------------------------------------------------------------ run
-    def __call__(self) -> dict:
+    def open_output(self):
         cfg = self.cfg
         if cfg.overwrite and self.out.exists():
             log.warning("--overwrite: clearing %s", self.out)
             shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / RUN_MARKER).write_text("a pyengine.finetune output directory\n")
+
+    def __call__(self) -> dict:
+        try:
+            return self.train_and_report()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def train_and_report(self) -> dict:
+        cfg = self.cfg
+        self.open_output()
         for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed midway
             shutil.rmtree(stale, ignore_errors=True)
         if self.checkpoint is not None:
@@ -392,14 +481,29 @@ class Run:
         else:
             self.state.eval_before = self.evaluate()
         st = self.state
+        if cfg.report_to == "tensorboard" and self.is_main:  # a resumed run replaces what
+            self.tensorboard = summary_writer_class()(      # was logged after its checkpoint
+                str(self.out / "tensorboard"), purge_step=st.step + 1 if st.step else None)
         log.info("training %s (%s, %s) on %d %s for %d steps", cfg.model, cfg.task,
                  cfg.method, len(self.train), "rows" if cfg.packing else "examples",
                  self.total_steps)
+        self.last_eval = (None, None)
         self.loop()
-        eval_after = self.evaluate()
-        self.save_outputs(eval_after)
+        if cfg.load_best_at_end:
+            self.load_best()
+        step, report = self.last_eval
+        eval_after = report if step == st.step and not cfg.load_best_at_end else self.evaluate()
+        evals = dict(before=st.eval_before, after=eval_after)
+        if st.best_step is not None:
+            evals["best"] = dict(step=st.best_step, metric=cfg.metric_for_best,
+                                 value=st.best_metric, loaded=cfg.load_best_at_end,
+                                 stopped_early=st.stopped_early)
+        if self.test is not None:
+            evals["test"] = self.evaluate(self.test)
+        self.save_outputs(evals)
         result = dict(output=str(self.out), steps=st.step, losses=list(st.losses),
                       eval_before=st.eval_before, eval_after=eval_after,
+                      best=evals.get("best"), eval_test=evals.get("test"),
                       tokens_seen=st.tokens, tokens_per_s=st.tokens / max(st.train_seconds, 1e-9),
                       train_seconds=st.train_seconds,
                       trainable_params=sum(p.numel() for _, p in self.params),
@@ -409,6 +513,16 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
+def use_kernels(model):
+    """Fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
+    family they do not cover runs HF's own modules."""
+    for patch in (patch_model, use_pyengine_attention):
+        try:
+            patch(model)
+        except ValueError as e:
+            log.warning("%s", e)
+
+
 def _quant_format(cfg) -> str | None:
     return None if cfg.quant == "none" else cfg.quant
 
@@ -466,10 +580,23 @@ def read_checkpoint(path: Path) -> dict:
     return dict(ckpt, path=path)
 
 
-def config_changes(old: dict, new: dict) -> list[tuple[str, object, object]]:
-    """(key, old, new) for every key that differs and alters training."""
-    return [(k, old.get(k), v) for k, v in new.items()
-            if k not in RESUMABLE_CHANGES and old.get(k) != v]
+def config_changes(old: dict, new: dict, resumable=RESUMABLE_CHANGES
+                   ) -> list[tuple[str, object, object]]:
+    """(key, old, new) for every key that differs and alters training (a key missing in
+    an older checkpoint's config had its default)."""
+    def was(k):
+        return old.get(k, FIELDS[k].default if k in FIELDS else None)
+    return [(k, was(k), v) for k, v in new.items() if k not in resumable and was(k) != v]
+
+
+def summary_writer_class():
+    """torch's TensorBoard SummaryWriter; a ValueError when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("--report-to tensorboard needs the tensorboard package (pip install "
+                         "tensorboard, or pyengine[tensorboard])") from None
+    return SummaryWriter
 
 
 def file_sha256(path: str) -> str:
@@ -494,12 +621,13 @@ def check_output(cfg: FinetuneConfig):
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {cfg.output} is an existing file (pass a directory)")
     inputs = [("model directory", Path(cfg.model).resolve())] + [
-        (f"{key} file", Path(getattr(cfg, key)).resolve()) for key in ("data", "eval_data")
-        if getattr(cfg, key)]
+        (f"{key} {'directory' if key == 'adapter' else 'file'}", Path(getattr(cfg, key)).resolve())
+        for key in ("data", "eval_data", "test_data", "adapter") if getattr(cfg, key)]
     if cfg.overwrite:
         inputs.append(("current directory", Path.cwd()))
     for what, path in inputs:
-        if out == path or out in path.parents or (what == "model directory" and path in out.parents):
+        if out == path or out in path.parents or (what in ("model directory", "adapter directory")
+                                                           and path in out.parents):
             raise ValueError(f"--output {cfg.output} overlaps the {what} {path}; choose an "
                              f"output directory outside the inputs")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
@@ -544,20 +672,88 @@ def _fmt_eval(e: dict | None, task: str) -> str:
         return "n/a"
     if task == "causal-lm":
         return f"loss {e['loss']:.4f}, perplexity {e['perplexity']:.2f}"
-    return f"accuracy {e['accuracy']:.3f}, macro F1 {e['macro_f1']:.3f}, loss {e['loss']:.4f}"
+    text = f"accuracy {e['accuracy']:.3f}, macro F1 {e['macro_f1']:.3f}, loss {e['loss']:.4f}"
+    if task == "token-cls":
+        text += f", entity F1 {e['entities']['micro']['f1']:.3f}"
+    return text
+
+
+def _fmt_scores(name: str, s: dict) -> str:
+    return (f"    {name:<20} precision {s['precision']:.3f}  recall {s['recall']:.3f}  "
+            f"F1 {s['f1']:.3f}  support {s['support']}")
+
+
+def report_text(e: dict, task: str) -> str:
+    """A full evaluation report: the totals, then per class (and per entity type)."""
+    lines = [_fmt_eval(e, task)]
+    if task != "causal-lm":
+        lines += [_fmt_scores(name, s) for name, s in e["per_class"].items()]
+    if task == "token-cls":
+        ent = e["entities"]
+        lines += ["  entities:"] + [_fmt_scores(name, s) for name, s in ent["per_type"].items()]
+        lines += [_fmt_scores("micro avg", ent["micro"]), _fmt_scores("macro avg", ent["macro"])]
+    return "\n".join(lines)
 
 
 def summary(r: dict, task: str) -> str:
-    return (f"done: {r['steps']} steps in {r['train_seconds']:.1f}s "
-            f"({r['tokens_per_s']:.0f} tokens/s), {r['trainable_params']:,} trainable params; "
-            f"final loss {r['losses'][-1]:.4f}\n"
-            f"  eval before: {_fmt_eval(r['eval_before'], task)}\n"
-            f"  eval after:  {_fmt_eval(r['eval_after'], task)}\n"
-            f"  outputs in {r['output']}")
+    best = r.get("best")
+    return "".join([
+        f"done: {r['steps']} steps in {r['train_seconds']:.1f}s "
+        f"({r['tokens_per_s']:.0f} tokens/s), {r['trainable_params']:,} trainable params; "
+        f"final loss {r['losses'][-1]:.4f}\n",
+        f"  eval before: {_fmt_eval(r['eval_before'], task)}\n",
+        f"  eval after:  {_fmt_eval(r['eval_after'], task)}\n",
+        f"  best: step {best['step']} ({best['metric']} {best['value']:.4f})"
+        f"{', stopped early' if best['stopped_early'] else ''}"
+        f"{', its weights exported' if best['loaded'] else ''}\n" if best else "",
+        f"  test: {report_text(r['eval_test'], task)}\n" if r.get("eval_test") else "",
+        f"  outputs in {r['output']}"])
+
+
+class EvalRun(Run):
+    """--eval-only: --model (+ --adapter) evaluated on --eval-data / --test-data into
+    OUTPUT/eval.json {"eval": report, "test": report}; nothing is trained."""
+
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg, self.out = cfg, Path(cfg.output)
+        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        self.is_main, self.tensorboard = True, None
+        check_single_process()
+        M.check_backends()
+        check_output(cfg)
+        self.tokenizer = M.load_tokenizer(cfg.model)
+        task, saved = M.saved_task(cfg.model, cfg.adapter)
+        if task not in (None, cfg.task):
+            raise ValueError(f"--eval-only: {cfg.adapter or cfg.model} is a {task} model, not "
+                             f"--task {cfg.task}")
+        self.labels = None
+        if cfg.task != "causal-lm":
+            self.labels = cfg.labels or saved
+            if self.labels is None:
+                raise ValueError(f"--eval-only: no class names for {cfg.adapter or cfg.model} "
+                                 f"(no labels.json / id2label of a {cfg.task} model); pass "
+                                 f"--labels")
+        self.load_eval_data()
+        seed_everything(cfg.seed)
+        self.model = M.load_model(cfg.model, cfg.task, self.labels, self.tokenizer.pad_token_id)
+        if cfg.adapter is not None:
+            from pyengine.lora import load_adapter
+            load_adapter(self.model, cfg.adapter)
+        use_kernels(self.model)  # evaluated as a training run evaluates
+
+    def __call__(self) -> dict:
+        self.open_output()
+        evals = {name: self.evaluate(data) for name, data in (("eval", self.eval),
+                                                                ("test", self.test)) if data}
+        self.write_config_and_evals(evals)
+        for name, e in evals.items():
+            log.info("%s: %s", name, report_text(e, self.cfg.task))
+        return dict(output=str(self.out), **evals)
 
 
 def run(config) -> dict:
     """Fine-tune as configured (FinetuneConfig, dict of keys, YAML path, or None for the
     embedded default).  Returns losses, eval before/after, throughput and the output dir."""
     from pyengine.finetune.config import coerce
-    return Run(coerce(config))()
+    cfg = coerce(config)
+    return (EvalRun if cfg.eval_only else Run)(cfg)()
