@@ -41,8 +41,7 @@ import yaml
 from pyengine import data as D
 from pyengine import models as M
 from pyengine.finetune.config import RESUMABLE_CHANGES, FinetuneConfig
-from pyengine.nn.attention import use_pyengine_attention
-from pyengine.patch import patch_model
+from pyengine.patching import patch
 
 log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -142,13 +141,12 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-        # fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
-        # family they do not cover runs HF's own modules
-        for use_kernels in (patch_model, use_pyengine_attention):
-            try:
-                use_kernels(model)
-            except ValueError as e:
-                log.warning("%s", e)
+        # fused norms / RoPE / SwiGLU / attention / causal-LM loss on this instance
+        # (pyengine.patch); a family it does not cover runs HF's own modules
+        try:
+            patch(model, lora=False, ce_filter_eps=cfg.ce_filter_eps)
+        except ValueError as e:
+            log.warning("%s", e)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
