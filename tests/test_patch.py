@@ -440,12 +440,17 @@ def test_unpatch_restores_modules_forwards_and_outputs(family):
     model = tiny_bert() if family == "bert" else tiny_decoder(family)
     twin = copy.deepcopy(model)
     modules = [(n, type(m)) for n, m in model.named_modules()]
-    params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     implementation = model.config._attn_implementation
     pyengine.patch(model)
     pyengine.patch(model)  # twice is once
     assert list(model.state_dict()) == list(state)
+    # new Parameter objects in the replaced modules (as load_state_dict(assign=True) makes):
+    # the modules put back must hold these, not the ones they had before patch
+    for m in model.modules():
+        if type(m) in (RMSNorm, GemmaRMSNorm, LayerNorm):
+            m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    params = dict(model.named_parameters())
     assert any(type(m) in (RMSNorm, GemmaRMSNorm, LayerNorm) for m in model.modules())
     assert pyengine.unpatch(model) is model
     assert [(n, type(m)) for n, m in model.named_modules()] == modules
@@ -505,3 +510,16 @@ def test_auto_model_wrappers_load_and_patch(tmp_path):
         assert model.num_labels == 3 and model.config._attn_implementation == "pyengine"
         norms = [m for m in model.modules() if "LayerNorm" in type(m).__name__]
         assert norms and all(type(m) is LayerNorm for m in norms)
+
+
+def test_finetune_loss_applies_gemma2_final_logit_softcap():
+    """models.training_loss (what pyengine.finetune runs) on Gemma2: HF's softcapped loss."""
+    from pyengine import models
+    model = tiny_decoder("gemma2", final_logit_softcapping=1.0)
+    ids, mask = batch(3)
+    mask[1] = 1
+    data = dict(input_ids=ids, attention_mask=mask, labels=labels_for(ids, mask))
+    with torch.no_grad():
+        want = model(**data, num_items_in_batch=11).loss
+        got = models.training_loss("causal-lm", model, data, 11, torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
