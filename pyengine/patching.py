@@ -4,7 +4,7 @@ Explicit replacement on the given instance only (transformers' classes and funct
 never edited; other instances are unaffected).  A PEFT model (peft.get_peft_model) holds
 the same HF modules, so it is patched the same way.  Parts, each a keyword of `patch`:
 - cross_entropy: a Llama / Mistral / Qwen2 / Gemma / Gemma2 causal LM's forward, given
-  `labels`, computes transformers' ForCausalLMLoss (shift by one, ignore -100, mean over
+  `labels` in training mode (or skip_logits=True), computes transformers' ForCausalLMLoss (shift by one, ignore -100, mean over
   labelled tokens or sum / num_items_in_batch) with fused_linear_cross_entropy on the
   labelled positions' hidden states only, and returns no logits.  Gemma2's
   final_logit_softcapping is the op's tanh softcap; a logit transform the op does not
@@ -57,7 +57,8 @@ _ATTENTION_EXTRA = {
 }
 # config keys of logit transforms in transformers' causal-LM forwards that the fused loss
 # does not apply (Cohere, Granite, ...): refused rather than a silently different loss
-UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier")
+UNSUPPORTED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier",
+                                "lm_head_multiplier")
 SUPPORTED = f"{', '.join(DECODERS)} decoders, {', '.join(ENCODERS)} encoders"
 
 
@@ -159,13 +160,15 @@ def causal_lm_loss(model, hidden, labels, *, shift_labels=None, num_items=None,
 
 def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                        inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
-                       **kwargs):
-    """HF's causal-LM forward; with labels, the loss from causal_lm_loss and no logits."""
-    if labels is None:
+                       skip_logits=None, **kwargs):
+    """HF's causal-LM forward; with labels in training (or skip_logits=True), the loss from
+    causal_lm_loss and no logits.  In eval mode the logits stay (Trainer.predict and
+    compute_metrics read them) unless skip_logits=True."""
+    if labels is None or not (self.training if skip_logits is None else skip_logits):
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, cache=cache,
-                                  inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, **kwargs)
+                                  inputs_embeds=inputs_embeds, labels=labels,
+                                  use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     if "past_key_values" in kwargs:
         cache = kwargs.pop("past_key_values")

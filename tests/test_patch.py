@@ -345,7 +345,7 @@ def check_loss_against_fp64(base, dtype, ids, mask, labels, num_items):
     with autocast:
         plain, plain_g = loss_and_grads(copy.deepcopy(base), lambda m: m(
             input_ids=ids, attention_mask=mask, labels=labels, **extra).loss)
-    ours_model = pyengine.patch(copy.deepcopy(base))
+    ours_model = pyengine.patch(copy.deepcopy(base)).train()  # (no dropout in these configs)
     outputs = []
     with autocast, OpLog() as log:
         got, got_g = loss_and_grads(ours_model, lambda m: outputs.append(m(
@@ -391,6 +391,25 @@ def test_fused_loss_through_a_peft_model():
     assert list(pyengine.patch(copy.deepcopy(base)).state_dict()) == keys
 
 
+def test_eval_mode_keeps_the_logits_unless_skip_logits():
+    """In eval mode (Trainer.evaluate / predict read the logits) the patched forward with
+    labels is HF's: logits and loss; skip_logits=True gives the fused loss there too, and
+    skip_logits=False HF's forward in training."""
+    model = tiny_decoder("llama")
+    ours = pyengine.patch(copy.deepcopy(model), attention=False)
+    ids, mask = batch(3)
+    labels = labels_for(ids, mask)
+    want = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=0)
+    fused = ours(input_ids=ids, attention_mask=mask, labels=labels, skip_logits=True)
+    assert fused.logits is None
+    torch.testing.assert_close(fused.loss, want.loss, rtol=1e-5, atol=0)
+    assert ours.train()(input_ids=ids, attention_mask=mask, labels=labels,
+                        skip_logits=False).logits is not None
+
+
 def test_causal_lm_forward_keywords():
     """shift_labels (given: used as is, unshifted), return_dict=False, logits_to_keep on
     the no-labels path: as HF's forward (only the loss part patched: same bits)."""
@@ -400,6 +419,7 @@ def test_causal_lm_forward_keywords():
     ids, mask = batch(8)
     labels = labels_for(ids, mask)
     shift = torch.roll(labels, -2, dims=1)  # not labels shifted by one
+    ours.train()  # (no dropout in these configs)
     for kw in (dict(labels=labels, shift_labels=shift), dict(labels=labels)):
         want = model(input_ids=ids, attention_mask=mask, **kw).loss
         got = ours(input_ids=ids, attention_mask=mask, return_dict=False, **kw)
@@ -479,7 +499,7 @@ def test_patch_binds_forwards_on_the_instance_only():
 
 # --------------------------------------------------------------------------- compile
 def test_torch_compile_patched_forward_backward_with_labels():
-    model = pyengine.patch(tiny_decoder("llama"), attention=False)
+    model = pyengine.patch(tiny_decoder("llama"), attention=False).train()  # fused loss
     ids, mask = batch(11)
     labels = labels_for(ids, mask)
     want, want_g = loss_and_grads(model, lambda m: m(input_ids=ids, attention_mask=mask,
@@ -487,6 +507,7 @@ def test_torch_compile_patched_forward_backward_with_labels():
     compiled = torch.compile(model, backend="aot_eager")
     got, got_g = loss_and_grads(model, lambda m: compiled(input_ids=ids, attention_mask=mask,
                                                           labels=labels).loss)
+    assert compiled(input_ids=ids, attention_mask=mask, labels=labels).logits is None
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     for name in want_g:
         torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-5, atol=1e-6)
