@@ -4,11 +4,12 @@ Explicit replacement on the given instance only (transformers' classes and funct
 never edited; other instances are unaffected).  A PEFT model (peft.get_peft_model) holds
 the same HF modules, so it is patched the same way.  Parts, each a keyword of `patch`:
 - cross_entropy: a Llama / Mistral / Qwen2 / Gemma / Gemma2 causal LM's forward, given
-  `labels` in training mode (or skip_logits=True), computes transformers' ForCausalLMLoss (shift by one, ignore -100, mean over
-  labelled tokens or sum / num_items_in_batch) with fused_linear_cross_entropy on the
-  labelled positions' hidden states only, and returns no logits.  Gemma2's
-  final_logit_softcapping is the op's tanh softcap; a logit transform the op does not
-  have (logit_scale, logits_scaling, output_multiplier) is refused.
+  `labels` in training mode (or skip_logits=True; eval keeps HF's logits for
+  Trainer.predict / compute_metrics), computes transformers' ForCausalLMLoss (shift by
+  one, ignore -100, mean over labelled tokens or sum / num_items_in_batch) with
+  fused_linear_cross_entropy on the labelled positions' hidden states only, and returns
+  no logits.  Gemma2's final_logit_softcapping is the op's tanh softcap; a logit
+  transform the op does not have (UNSUPPORTED_LOGIT_TRANSFORMS) is refused.
 - rms_norm: Llama / Mistral / Qwen2 RMSNorms become pyengine.nn.RMSNorm and each decoder
   layer's "residual + attention output -> post_attention_layernorm" one fused add + norm;
   Gemma / Gemma2 RMSNorms (fp32 x * rstd * (1 + weight)) become pyengine.nn.GemmaRMSNorm.
@@ -22,8 +23,8 @@ the same HF modules, so it is patched the same way.  Parts, each a keyword of `p
   BERT / RoBERTa `SelfOutput` / `Output` blocks add their residual inside it.
 - attention: use_pyengine_attention on the model (skipped, with a warning, where it refuses,
   e.g. Gemma2's attention logit softcapping).
-- lora: pyengine.peft_lora.patch_peft_lora (PEFT LoRA layers through our LoRA ops), when
-  that module is present.
+- lora: pyengine.peft_lora.patch_peft_lora (PEFT LoRA layers through our LoRA ops), on a
+  model holding PEFT modules, when that module is present.
 Idempotent.  unpatch puts back every replaced module (sharing the same Parameters) and
 removes every forward pyengine bound on an instance: state-dict keys never change.
 """
@@ -270,7 +271,8 @@ def patch(model: nn.Module, *, cross_entropy: bool = True, rms_norm: bool = True
             continue
         found += 1
         _set_forward(module, fn)
-    if lora and importlib.util.find_spec("pyengine.peft_lora") is not None:
+    if lora and importlib.util.find_spec("pyengine.peft_lora") is not None and any(
+            type(m).__module__.startswith("peft.") for m in model.modules()):
         importlib.import_module("pyengine.peft_lora").patch_peft_lora(model)
     if attention:
         found += _use_attention(model)
