@@ -318,8 +318,8 @@ class _AutoPatched:
         """transformers.<_auto>.from_pretrained(path, *args, **kwargs), patched with the
         keywords in `patch` (None: every part)."""
         import transformers
-        return _patch_loaded(getattr(transformers, cls._auto).from_pretrained(path, *args, **kwargs),
-                             patch)
+        model = getattr(transformers, cls._auto).from_pretrained(path, *args, **kwargs)
+        return _patch_loaded(model, patch)
 
 
 class AutoModelForCausalLM(_AutoPatched):
