@@ -421,6 +421,7 @@ def test_the_trained_model_runs_the_fused_kernels(llama, bert, text_data, cls_da
                                                  run_.model.get_decoder().norm))
     assert all(layer.forward.__func__ is patching._decoder_forward for layer in layers)
     assert all(layer.self_attn.forward.__func__ is patching._attention_forward for layer in layers)
+    assert run_.model.forward.__func__ is patching._causal_lm_forward  # pyengine.patch's loss
     assert run_.model.config._attn_implementation == "pyengine"
     run_ = T.Run(build_config(dict(model=bert, data=cls_data[0], task="seq-cls",
                                    output=str(tmp_path / "b"), progress=False)))
