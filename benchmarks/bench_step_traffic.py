@@ -52,8 +52,7 @@ def one_step(model_dir: str, data: str, seq: int, out: str, kernels: bool) -> Co
                          lora_r=16, lora_alpha=32, target_modules="all-linear", max_steps=2,
                          batch_size=4, lr=1e-3, warmup_ratio=0.0, max_seq_len=seq,
                          dtype="bf16", output=out, progress=False, seed=0)
-    same = {"patch_model": T.patch_model, "use_pyengine_attention": T.use_pyengine_attention}
-    with mock.patch.multiple(T, **(same if kernels else {k: lambda m: m for k in same})):
+    with mock.patch.object(T, "patch", T.patch if kernels else lambda m, **kw: m):
         run = T.Run(cfg)
     run.accumulate(0), run.update()  # warm-up (optimizer state allocated)
     with CopyTraffic() as traffic:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 
 from pyengine.backends import backends, resolve
 from pyengine.data import IGNORE
-from pyengine.ops import fused_linear_cross_entropy
+from pyengine.patching import causal_lm_loss as fused_causal_lm_loss
 
 # any one of these makes a tokenizer (tokenizer_config.json alone does not)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -178,24 +178,13 @@ def count_items(task: str, labels: torch.Tensor) -> int:
     return int((labels != IGNORE).sum())
 
 
-def _lm_head(model, dtype):
-    head = model.get_output_embeddings()
-    bias = head.bias.to(dtype) if getattr(head, "bias", None) is not None else None
-    return head.weight.to(dtype), bias
-
-
 def causal_lm_loss(model, batch, num_items, compute_dtype, reduction="mean", filter_eps=None):
+    """The decoder's hidden states into pyengine.patching.causal_lm_loss (the fused loss the
+    patched forward computes too), in compute_dtype."""
     hidden = model.get_decoder()(input_ids=batch["input_ids"],
                                  attention_mask=batch["attention_mask"]).last_hidden_state
-    target = batch["labels"][:, 1:]
-    keep = target != IGNORE
-    hidden = hidden[:, :-1][keep].to(compute_dtype)
-    if hidden.shape[0] == 0:
-        return hidden.sum() * 0.0  # nothing labelled: loss 0, zero grads
-    weight, bias = _lm_head(model, compute_dtype)
-    return fused_linear_cross_entropy(hidden, weight, target[keep], bias=bias,
-                                      reduction=reduction, filter_eps=filter_eps,
-                                      num_items=num_items if reduction == "mean" else None)
+    return fused_causal_lm_loss(model, hidden, batch["labels"], num_items=num_items,
+                                filter_eps=filter_eps, reduction=reduction, dtype=compute_dtype)
 
 
 def classification_logits(model, batch):

@@ -547,10 +547,10 @@ def test_filter_module_passes_filter_eps():
 def test_training_loss_passes_ce_filter_eps(monkeypatch):
     """The finetune config's ce_filter_eps reaches the op through models.training_loss."""
     import transformers
-    from pyengine import models
+    from pyengine import models, patching
     seen = []
-    real = models.fused_linear_cross_entropy
-    monkeypatch.setattr(models, "fused_linear_cross_entropy",
+    real = patching.fused_linear_cross_entropy
+    monkeypatch.setattr(patching, "fused_linear_cross_entropy",
                         lambda *a, **kw: seen.append(kw["filter_eps"]) or real(*a, **kw))
     cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                                    num_hidden_layers=1, num_attention_heads=2)

@@ -410,17 +410,18 @@ def test_clipping_off_at_zero_and_to_the_given_norm(llama, text_data, tmp_path, 
 
 def test_the_trained_model_runs_the_fused_kernels(llama, bert, text_data, cls_data, tmp_path):
     """prepare_model patches the instance it trains: every norm is pyengine's, the decoder
-    attention / layer forwards are patch.py's, attention is pyengine's kernel (a run on HF's
+    attention / layer forwards are patching.py's, attention is pyengine's kernel (a run on HF's
     own modules would be slower, not wrong, so nothing else would notice)."""
-    from pyengine import patch
+    from pyengine import patching
     from pyengine.nn.norms import LayerNorm, RMSNorm
     run_ = T.Run(build_config(causal(llama, text_data, tmp_path / "a", dtype="bf16")))
     layers = run_.model.get_decoder().layers
     assert all(isinstance(m, RMSNorm) for m in (layers[0].input_layernorm,
                                                  layers[-1].post_attention_layernorm,
                                                  run_.model.get_decoder().norm))
-    assert all(layer.forward.__func__ is patch._decoder_forward for layer in layers)
-    assert all(layer.self_attn.forward.__func__ is patch._attention_forward for layer in layers)
+    assert all(layer.forward.__func__ is patching._decoder_forward for layer in layers)
+    assert all(layer.self_attn.forward.__func__ is patching._attention_forward for layer in layers)
+    assert run_.model.forward.__func__ is patching._causal_lm_forward  # pyengine.patch's loss
     assert run_.model.config._attn_implementation == "pyengine"
     run_ = T.Run(build_config(dict(model=bert, data=cls_data[0], task="seq-cls",
                                    output=str(tmp_path / "b"), progress=False)))

@@ -50,8 +50,7 @@ from pyengine import data as D
 from pyengine import models as M
 from pyengine.finetune import evaluation as E
 from pyengine.finetune.config import FIELDS, RESUMABLE_CHANGES, FinetuneConfig
-from pyengine.nn.attention import use_pyengine_attention
-from pyengine.patch import patch_model
+from pyengine.patching import patch
 
 log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -159,7 +158,7 @@ class Run:
                 for p in model.parameters():
                     if not p.requires_grad:
                         p.data = p.data.to(torch.bfloat16)
-        use_kernels(model)
+        use_kernels(model, cfg.ce_filter_eps)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -513,14 +512,13 @@ class Run:
 
 
 # --------------------------------------------------------------------------- helpers
-def use_kernels(model):
-    """Fused norms / RoPE / SwiGLU (pyengine/patch.py) and attention on this instance; a
-    family they do not cover runs HF's own modules."""
-    for patch in (patch_model, use_pyengine_attention):
-        try:
-            patch(model)
-        except ValueError as e:
-            log.warning("%s", e)
+def use_kernels(model, ce_filter_eps=None):
+    """Fused norms / RoPE / SwiGLU / attention / causal-LM loss on this instance
+    (pyengine.patch); a family it does not cover runs HF's own modules."""
+    try:
+        patch(model, lora=False, ce_filter_eps=ce_filter_eps)
+    except ValueError as e:
+        log.warning("%s", e)
 
 
 def _quant_format(cfg) -> str | None:

@@ -9,7 +9,8 @@ are unchanged.  The mask function is transformers' own FlashAttention one: our f
 receives the 2-D key padding mask (bool [B, S_kv], None when nothing is padded), never an
 S x S mask.  Cases the kernel does not cover (attention dropout while training, a query
 length different from the key length as in cached generation, a sliding window shorter
-than the sequence) run transformers' SDPA function with the equivalent mask.
+than the sequence) run transformers' SDPA function with the equivalent mask.  Attention
+logit softcapping (Gemma2's attn_logit_softcapping) is neither: such a model is refused.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def hf_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: T
                          sliding_window: int | None = None, **kwargs):
     """transformers attention function: q [B, Hq, S, D], k/v [B, Hkv, S, D], attention_mask
     the 2-D key padding mask or None -> (out [B, S, Hq, D], None)."""
+    if kwargs.pop("softcap", None) is not None:
+        raise ValueError(f"pyengine attention: {type(module).__name__} softcaps its attention "
+                         f"logits, which pyengine attention does not do")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"pyengine attention: expected a 2-D key padding mask [B, S], got shape "
@@ -85,6 +89,11 @@ def use_pyengine_attention(model: nn.Module) -> nn.Module:
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"use_pyengine_attention: {type(model).__name__} is not a transformers "
                          f"PreTrainedModel")
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"use_pyengine_attention: {type(model).__name__} has "
+                         f"attn_logit_softcapping = {softcap}, which pyengine attention does "
+                         f"not apply; keeping {model.config._attn_implementation!r}")
     _register()
     model.set_attn_implementation(ATTN_NAME)
     return model

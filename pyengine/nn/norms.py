@@ -45,6 +45,32 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
+class GemmaRMSNorm(nn.Module):
+    """HF Gemma / Gemma2 RMSNorm: (x_fp32 * rstd * (1 + weight_fp32)) rounded once to x's
+    dtype, as our rms_norm on fp32 rows with the effective weight 1 + weight (the gradient
+    reaches `weight` through that add)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, module: nn.Module, backend: str | None = None) -> "GemmaRMSNorm":
+        """Ours for a HF Gemma RMSNorm (`weight`, `eps`), sharing its Parameter."""
+        new = cls(module.weight.shape[0], module.eps, backend)
+        new.weight = module.weight
+        return new
+
+    def forward(self, x):
+        weight = 1.0 + self.weight.float()
+        return rms_norm(x.float(), weight, self.eps, backend=self.backend).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
 class LayerNorm(nn.Module):
     """torch.nn.LayerNorm over the last dimension, with weight and bias;
     forward(x) -> y, forward(x, residual) -> (y, x + residual)."""
