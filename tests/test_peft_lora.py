@@ -219,8 +219,9 @@ def test_scaling_changed_after_patching_is_read_at_call_time():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(lora_bias=True)],
-                         ids=["dora", "lora-bias"])
+@pytest.mark.parametrize("lora", [dict(use_dora=True), dict(lora_bias=True),
+                                  dict(dtype=torch.float16)],  # lora_linear: fp32 / bf16
+                         ids=["dora", "lora-bias", "fp16-base"])
 def test_layers_pyengine_cannot_run_exactly_stay_on_peft(lora):
     model = peft_model(**lora).eval()
     plain = copy.deepcopy(model)
