@@ -89,15 +89,30 @@ def assert_within_bf16_noise(got, plain, fp32):
     assert (err <= 2 * plain_err + plain_err.max()).all(), (got, plain, fp32)
 
 
+@pytest.fixture(scope="module")
+def peft_run(tiny, tmp_path_factory):
+    """run(kind, bf16) -> (per-step losses, trained adapters) of the unpatched PEFT model,
+    trained once per (kind, bf16) for the whole module."""
+    path, tok = tiny
+    cache = {}
+
+    def run(kind, bf16):
+        if (kind, bf16) not in cache:
+            model = peft_model(path)
+            losses = train(kind, model, tok, tmp_path_factory.mktemp("peft"), bf16)
+            cache[kind, bf16] = losses, adapters(model)
+        return cache[kind, bf16]
+    return run
+
+
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_patched_peft_model_trains_like_peft(tiny, tmp_path, kind, bf16):
+def test_patched_peft_model_trains_like_peft(tiny, peft_run, tmp_path, kind, bf16):
     path, tok = tiny
-    plain = peft_model(path)
-    want = train(kind, plain, tok, tmp_path / "plain", bf16)
+    want, want_w = peft_run(kind, bf16)
     ours = pyengine_patch(peft_model(path))
-    got = train(kind, ours, tok, tmp_path / "ours", bf16)
-    got_w, want_w = adapters(ours), adapters(plain)
+    got = train(kind, ours, tok, tmp_path, bf16)
+    got_w = adapters(ours)
     assert got_w.keys() == want_w.keys() and len(got_w) == 14
     if not bf16:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
@@ -105,21 +120,18 @@ def test_patched_peft_model_trains_like_peft(tiny, tmp_path, kind, bf16):
             for ab in "AB":
                 torch.testing.assert_close(got_w[k][ab], want_w[k][ab], rtol=1e-4, atol=1e-6)
         return
-    assert_within_bf16_noise(got, want, train(kind, peft_model(path), tok, tmp_path / "fp32",
-                                              False))
+    assert_within_bf16_noise(got, want, peft_run(kind, False)[0])
 
 
 @pytest.mark.parametrize("kind", ["trainer", "sft"])
-def test_apply_lora_model_trains_under_trainer_bf16(tiny, tmp_path, kind):
+def test_apply_lora_model_trains_under_trainer_bf16(tiny, peft_run, tmp_path, kind):
     """The new user's path: apply_lora, then the trainer with bf16 (TRL's default); the same
-    losses as the PEFT model holding the same adapters."""
+    losses as the PEFT model holding the same (initial) adapters."""
     path, tok = tiny
-    reference = peft_model(path)
-    reference.save_pretrained(tmp_path / "adapter")
-    want = train(kind, reference, tok, tmp_path / "peft", True)
+    peft_model(path).save_pretrained(tmp_path / "adapter")
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
     load_adapter(apply_lora(model, r=4, alpha=8), tmp_path / "adapter")
-    got = train(kind, model, tok, tmp_path / "ours", True)
-    assert_within_bf16_noise(got, want, train(kind, peft_model(path), tok, tmp_path / "fp32",
-                                              False))
-    assert adapters(model).keys() == adapters(reference).keys()
+    got = train(kind, model, tok, tmp_path / "out", True)
+    want, want_w = peft_run(kind, True)
+    assert_within_bf16_noise(got, want, peft_run(kind, False)[0])
+    assert adapters(model).keys() == want_w.keys()
