@@ -79,7 +79,9 @@ def worker_pyengine(model_dir, data, steps, seq, out):
     return dict(losses=r["losses"], tokens_per_s=[m["tokens_per_s"] for m in timing])
 
 
-def worker_hf(model_dir, data, steps, seq, out):
+def worker_hf(model_dir, data, steps, seq, out, prepare=None):
+    """HF Trainer + PEFT; prepare(peft_model) -> model runs before the Trainer is built
+    (bench_hf_trainer.py: pyengine.patch)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
@@ -93,6 +95,8 @@ def worker_hf(model_dir, data, steps, seq, out):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    if prepare is not None:
+        model = prepare(model)
 
     class Times(TrainerCallback):
         def __init__(self):
@@ -129,12 +133,14 @@ def worker_env(side: str) -> dict:
     return env
 
 
-def measure(side: str, model_dir: str, data: str, steps: int, seq: int) -> dict:
+def measure(side: str, model_dir: str, data: str, steps: int, seq: int, script: str = __file__,
+            env: dict | None = None) -> dict:
+    """Run `script --worker side` in a fresh process (env: worker_env(side) unless given)."""
     with tempfile.TemporaryDirectory() as out:
-        proc = subprocess.run([sys.executable, __file__, "--worker", side, "--model", model_dir,
+        proc = subprocess.run([sys.executable, script, "--worker", side, "--model", model_dir,
                                "--data", data, "--steps", str(steps), "--seq", str(seq),
                                "--out", out],
-                              capture_output=True, text=True, env=worker_env(side))
+                              capture_output=True, text=True, env=env or worker_env(side))
     if proc.returncode:
         raise RuntimeError(f"{side} worker failed:\n{proc.stderr[-4000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
