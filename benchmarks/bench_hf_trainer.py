@@ -36,16 +36,8 @@ SPEEDUP_TARGET, MEMORY_TARGET = 1.5, 0.6
 
 
 def pyengine_patch(model):
-    """pyengine.patch(model), or before it exists the parts this branch has."""
     import pyengine
-    patch = getattr(pyengine, "patch", None)
-    if callable(patch):
-        return patch(model)
-    from pyengine.patch import patch_model
-    from pyengine.peft_lora import patch_peft_lora
-    patch_model(model)
-    patch_peft_lora(model)
-    return model
+    return pyengine.patch(model)
 
 
 WORKERS = {

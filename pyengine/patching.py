@@ -31,7 +31,6 @@ removes every forward pyengine bound on an instance: state-dict keys never chang
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import sys
 import types
@@ -271,9 +270,9 @@ def patch(model: nn.Module, *, cross_entropy: bool = True, rms_norm: bool = True
             continue
         found += 1
         _set_forward(module, fn)
-    if lora and importlib.util.find_spec("pyengine.peft_lora") is not None and any(
-            type(m).__module__.startswith("peft.") for m in model.modules()):
-        importlib.import_module("pyengine.peft_lora").patch_peft_lora(model)
+    if lora and any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        from pyengine.peft_lora import patch_peft_lora
+        found += patch_peft_lora(model)
     if attention:
         found += _use_attention(model)
     if not found:

@@ -14,22 +14,12 @@ trl = pytest.importorskip("trl")
 
 import pyengine  # noqa: E402
 from pyengine.lora import apply_lora, load_adapter  # noqa: E402
-from pyengine.peft_lora import patch_peft_lora  # noqa: E402
 from tests.tiny_llama import TEXTS, save_tiny_model  # noqa: E402
 
 STEPS = 3
 # ragged: lengths from 2 to ~40 tokens, so padding and the token count per micro-batch vary
 TEXTS_RAGGED = [" ".join(TEXTS[i % 4].split()[: 1 + (3 * i) % 9]) * (1 + i % 3)
                 for i in range(4 * STEPS)]
-
-
-def pyengine_patch(model):
-    """pyengine.patch once it exists, else the LoRA part of it (this helper's patch)."""
-    patch = getattr(pyengine, "patch", None)
-    if callable(patch):
-        return patch(model)
-    assert patch_peft_lora(model) > 0
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +100,7 @@ def peft_run(tiny, tmp_path_factory):
 def test_patched_peft_model_trains_like_peft(tiny, peft_run, tmp_path, kind, bf16):
     path, tok = tiny
     want, want_w = peft_run(kind, bf16)
-    ours = pyengine_patch(peft_model(path))
+    ours = pyengine.patch(peft_model(path))
     got = train(kind, ours, tok, tmp_path, bf16)
     got_w = adapters(ours)
     assert got_w.keys() == want_w.keys() and len(got_w) == 14

@@ -16,7 +16,8 @@ from pyengine.backends import BackendUnavailable, resolve
 MODULES = ["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.lora", "pyengine.quant",
            "pyengine.data", "pyengine.models", "pyengine.finetune", "pyengine.finetune.trainer",
            "pyengine.finetune.__main__", "pyengine.infer", "pyengine.infer.__main__",
-           "pyengine.export", "pyengine.cli"]
+           "pyengine.export", "pyengine.cli", "pyengine.patching", "pyengine.peft_lora",
+           "pyengine.predict", "pyengine.finetune.distributed"]
 
 SNAPSHOT = """
 import os, sys, json, torch
