@@ -3,13 +3,15 @@
 Errors print `error: ...` and exit 2; Ctrl-C / SIGTERM stop at a step boundary with a
 checkpoint and exit 128 + the signal's number. The command runs with
 OMP_WAIT_POLICY=PASSIVE unless the user set a policy (pyengine.cli.passive_openmp);
-programs it starts do not inherit that setting."""
+programs it starts do not inherit that setting.  Under torchrun every rank trains its
+share of each step (pyengine.finetune.distributed) and rank 0 alone writes."""
 import logging
 import signal
 import sys
 
 from pyengine.cli import passive_openmp
 from pyengine.finetune.config import from_argv
+from pyengine.finetune.distributed import session
 from pyengine.finetune.trainer import Run
 
 
@@ -17,7 +19,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = from_argv(argv)
-        Run(cfg)()
+        with session():  # under torchrun: its process group, left also on errors
+            Run(cfg)()
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: 128 + the signal's number
         return 128 + getattr(e, "signum", signal.SIGINT)
     except (ValueError, OSError) as e:  # bad input, unreadable / unwritable paths, disk full

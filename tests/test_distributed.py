@@ -1,0 +1,187 @@
+"""Data-parallel fine-tuning: `python -m torch.distributed.run --nproc_per_node 2 -m
+pyengine.finetune` (gloo, 2 CPU processes) against the single-process run with grad_accum x 2
+on tiny Llama / BERT directories."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pyengine.finetune import run
+from pyengine.finetune import trainer as T
+from tests.test_finetune import bert, causal, cls_data, llama, metrics_of, text_data  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each test starts torchrun (2 Python processes with torch)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd(cfg: dict, tmp: Path, *flags: str) -> list[str]:
+    """torchrun with 2 ranks on this machine, the config as a YAML file plus flags."""
+    path = tmp / f"config-{len(list(tmp.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), "-m", "pyengine.finetune", "--config", str(path),
+            *flags]
+
+
+def env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def torchrun(cfg: dict, tmp: Path, *flags: str, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_cmd(cfg, tmp, *flags), cwd=ROOT, env=env(), timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def files(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def assert_same_training(one: Path, two: Path, weights: str):
+    """The 2-rank run's weights and metrics.jsonl equal the 1-process run's (fp32 noise)."""
+    a, b = load_file(one / weights), load_file(two / weights)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    ma, mb = metrics_of(one), metrics_of(two)
+    assert [(m["step"], m["epoch"], m["tokens"], m["lr"]) for m in ma] == \
+        [(m["step"], m["epoch"], m["tokens"], m["lr"]) for m in mb]
+    for x, y in zip(ma, mb):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+LORA = dict(max_steps=6, log_every=2, save_every=2, eval_data=None)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(llama, text_data, tmp_path_factory):
+    """The uninterrupted 2-rank LoRA run (grad_accum 1 per rank)."""
+    tmp = tmp_path_factory.mktemp("two")
+    r = torchrun(causal(llama, text_data, tmp / "out", **LORA), tmp)
+    assert r.returncode == 0, r.stderr
+    return tmp / "out"
+
+
+def test_lora_two_ranks_equal_one_process_with_grad_accum_2(llama, text_data, two_ranks, tmp_path):
+    one = tmp_path / "one"
+    run(causal(llama, text_data, one, grad_accum=2, **LORA))
+    assert_same_training(one, two_ranks, "adapter_model.safetensors")
+    # rank 0 alone wrote: the same files as the single-process run, no temp leftovers
+    assert files(two_ranks) == files(one)
+    assert [p.name for p in two_ranks.glob("checkpoint-*")] and not list(two_ranks.glob(".tmp*"))
+
+
+def test_resume_under_torchrun_equals_the_uninterrupted_run(llama, text_data, two_ranks, tmp_path):
+    out = tmp_path / "out"
+    first = torchrun(causal(llama, text_data, out, **dict(LORA, max_steps=3)), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert T.latest_checkpoint(out).name == "checkpoint-0000003"
+    resumed = torchrun(causal(llama, text_data, out, resume=True, **LORA), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == \
+        (two_ranks / "adapter_model.safetensors").read_bytes()
+    assert (out / "metrics.jsonl").read_bytes() == (two_ranks / "metrics.jsonl").read_bytes()
+
+
+def test_resume_with_another_world_size_is_refused(llama, text_data, two_ranks, tmp_path):
+    """The global batch depends on the world size: a 2-rank checkpoint is not resumed by
+    one process."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(two_ranks, out)
+    with pytest.raises(ValueError, match=r"world_size 2 -> 1"):
+        run(causal(llama, text_data, out, resume=True, **LORA))
+
+
+def test_full_finetune_under_fsdp2_equals_one_process(llama, text_data, tmp_path):
+    kw = dict(method="full", lr=1e-3, max_steps=4, log_every=2, merge=False)
+    one = tmp_path / "one"
+    run(causal(llama, text_data, one, grad_accum=2, **kw))
+    r = torchrun(causal(llama, text_data, tmp_path / "two", **kw), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_training(one, tmp_path / "two", "model.safetensors")
+    assert files(tmp_path / "two") == files(one)
+
+
+def test_seq_cls_bert_two_ranks_equal_one_process(bert, cls_data, tmp_path):
+    kw = dict(model=bert, data=cls_data[0], eval_data=cls_data[1], task="seq-cls",
+              batch_size=8, max_steps=4, log_every=2, lr=5e-3, dtype="fp32", progress=False,
+              max_seq_len=48)
+    run(dict(kw, output=str(tmp_path / "one"), grad_accum=2))
+    r = torchrun(dict(kw, output=str(tmp_path / "two")), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert_same_training(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors")
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+
+
+def test_bad_input_fails_on_both_ranks_with_exit_2(llama, tmp_path):
+    out = tmp_path / "out"
+    r = torchrun(dict(model=llama, data=str(tmp_path / "missing.jsonl"), output=str(out)),
+                 tmp_path, timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "missing.jsonl" in errors[0], r.stderr
+    assert "exitcode  : 2" in r.stderr and "Traceback" not in r.stderr.split("error: ")[0]
+    assert not out.exists()
+
+
+def rank_pids(launcher: subprocess.Popen) -> list[int]:
+    """The ranks: the torchrun process's children (Linux /proc)."""
+    tasks = Path(f"/proc/{launcher.pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def wait_for_step(out: Path, step: int, launcher: subprocess.Popen, timeout=180):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert launcher.poll() is None, launcher.communicate()
+        if (out / "metrics.jsonl").is_file() and any(
+                m["step"] >= step for m in metrics_of(out)):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no step {step} in {out / 'metrics.jsonl'}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopped_rank_then_resume_equals_the_uninterrupted_run(llama, text_data, two_ranks,
+                                                               tmp_path, sig):
+    """SIGTERM to one rank: both stop at the same step boundary, rank 0 checkpoints, both
+    exit 128 + 15.  SIGKILL: torchrun tears the group down; the last complete checkpoint
+    is resumed.  Either way the resumed run equals the uninterrupted one."""
+    out = tmp_path / "out"
+    cfg = causal(llama, text_data, out, **dict(LORA, log_every=1, save_every=1))
+    launcher = subprocess.Popen(torchrun_cmd(cfg, tmp_path), cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(out, 2, launcher)
+        os.kill(rank_pids(launcher)[1], sig)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    if sig == signal.SIGTERM:
+        assert err.count("exitcode  : 143") == 2, err  # both ranks: 128 + SIGTERM
+        assert T.latest_checkpoint(out).name == f"checkpoint-{metrics_of(out)[-1]['step']:07d}"
+    assert T.latest_checkpoint(out) is not None
+    resumed = torchrun(causal(llama, text_data, out, resume=True, **dict(LORA, log_every=1,
+                                                                         save_every=1)), tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == \
+        (two_ranks / "adapter_model.safetensors").read_bytes()
+    assert not list(out.glob(".tmp*"))
