@@ -3,7 +3,9 @@ pyengine.finetune` (gloo, 2 CPU processes) against the single-process run with g
 on tiny Llama / BERT directories."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +80,19 @@ def two_ranks(llama, text_data, tmp_path_factory):
     return tmp / "out"
 
 
+DROPOUT = dict(LORA, lora_dropout=0.2, log_every=1, save_every=1)
+
+
+@pytest.fixture(scope="module")
+def two_ranks_dropout(llama, text_data, tmp_path_factory):
+    """An uninterrupted 2-rank run whose ranks draw dropout masks (seed + rank), a
+    checkpoint each step (the last two are kept)."""
+    tmp = tmp_path_factory.mktemp("dropout")
+    r = torchrun(causal(llama, text_data, tmp / "out", **DROPOUT), tmp)
+    assert r.returncode == 0, r.stderr
+    return tmp / "out"
+
+
 def test_lora_two_ranks_equal_one_process_with_grad_accum_2(llama, text_data, two_ranks, tmp_path):
     one = tmp_path / "one"
     run(causal(llama, text_data, one, grad_accum=2, **LORA))
@@ -87,22 +102,26 @@ def test_lora_two_ranks_equal_one_process_with_grad_accum_2(llama, text_data, tw
     assert [p.name for p in two_ranks.glob("checkpoint-*")] and not list(two_ranks.glob(".tmp*"))
 
 
-def test_resume_under_torchrun_equals_the_uninterrupted_run(llama, text_data, two_ranks, tmp_path):
+def test_resume_under_torchrun_equals_the_uninterrupted_run(llama, text_data, two_ranks_dropout,
+                                                           tmp_path):
+    """The finished run back at its step-5 checkpoint, outputs gone: --resume under torchrun
+    redoes step 6 into the same bytes (each rank's dropout RNG comes back from the
+    checkpoint)."""
     out = tmp_path / "out"
-    first = torchrun(causal(llama, text_data, out, **dict(LORA, max_steps=3)), tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert T.latest_checkpoint(out).name == "checkpoint-0000003"
-    resumed = torchrun(causal(llama, text_data, out, resume=True, **LORA), tmp_path)
+    shutil.copytree(two_ranks_dropout, out)
+    shutil.rmtree(out / "checkpoint-0000006")
+    for name in ("adapter_model.safetensors", "metrics.jsonl"):
+        (out / name).unlink()
+    resumed = torchrun(causal(llama, text_data, out, resume=True, **DROPOUT), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert (out / "adapter_model.safetensors").read_bytes() == \
-        (two_ranks / "adapter_model.safetensors").read_bytes()
-    assert (out / "metrics.jsonl").read_bytes() == (two_ranks / "metrics.jsonl").read_bytes()
+    assert "at step 5" in resumed.stderr
+    for name in ("adapter_model.safetensors", "metrics.jsonl"):
+        assert (out / name).read_bytes() == (two_ranks_dropout / name).read_bytes(), name
 
 
 def test_resume_with_another_world_size_is_refused(llama, text_data, two_ranks, tmp_path):
     """The global batch depends on the world size: a 2-rank checkpoint is not resumed by
     one process."""
-    import shutil
     out = tmp_path / "out"
     shutil.copytree(two_ranks, out)
     with pytest.raises(ValueError, match=r"world_size 2 -> 1"):
@@ -119,8 +138,19 @@ def test_full_finetune_under_fsdp2_equals_one_process(llama, text_data, tmp_path
     assert files(tmp_path / "two") == files(one)
 
 
-def test_seq_cls_bert_two_ranks_equal_one_process(bert, cls_data, tmp_path):
-    kw = dict(model=bert, data=cls_data[0], eval_data=cls_data[1], task="seq-cls",
+@pytest.fixture(scope="module")
+def bert_no_dropout(bert, tmp_path_factory):
+    """Each rank draws its own dropout masks (seed + rank): without dropout the runs compare."""
+    path = tmp_path_factory.mktemp("bert") / "model"
+    shutil.copytree(bert, path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_seq_cls_bert_two_ranks_equal_one_process(bert_no_dropout, cls_data, tmp_path):
+    kw = dict(model=bert_no_dropout, data=cls_data[0], eval_data=cls_data[1], task="seq-cls",
               batch_size=8, max_steps=4, log_every=2, lr=5e-3, dtype="fp32", progress=False,
               max_seq_len=48)
     run(dict(kw, output=str(tmp_path / "one"), grad_accum=2))
@@ -159,13 +189,13 @@ def wait_for_step(out: Path, step: int, launcher: subprocess.Popen, timeout=180)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_stopped_rank_then_resume_equals_the_uninterrupted_run(llama, text_data, two_ranks,
-                                                               tmp_path, sig):
+def test_stopped_rank_then_resume_equals_the_uninterrupted_run(llama, text_data,
+                                                               two_ranks_dropout, tmp_path, sig):
     """SIGTERM to one rank: both stop at the same step boundary, rank 0 checkpoints, both
     exit 128 + 15.  SIGKILL: torchrun tears the group down; the last complete checkpoint
     is resumed.  Either way the resumed run equals the uninterrupted one."""
     out = tmp_path / "out"
-    cfg = causal(llama, text_data, out, **dict(LORA, log_every=1, save_every=1))
+    cfg = causal(llama, text_data, out, **DROPOUT)
     launcher = subprocess.Popen(torchrun_cmd(cfg, tmp_path), cwd=ROOT, env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -179,9 +209,22 @@ def test_stopped_rank_then_resume_equals_the_uninterrupted_run(llama, text_data,
         assert err.count("exitcode  : 143") == 2, err  # both ranks: 128 + SIGTERM
         assert T.latest_checkpoint(out).name == f"checkpoint-{metrics_of(out)[-1]['step']:07d}"
     assert T.latest_checkpoint(out) is not None
-    resumed = torchrun(causal(llama, text_data, out, resume=True, **dict(LORA, log_every=1,
-                                                                         save_every=1)), tmp_path)
+    resumed = torchrun(causal(llama, text_data, out, resume=True, **DROPOUT), tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert (out / "adapter_model.safetensors").read_bytes() == \
-        (two_ranks / "adapter_model.safetensors").read_bytes()
+    for name in ("adapter_model.safetensors", "metrics.jsonl"):
+        assert (out / name).read_bytes() == (two_ranks_dropout / name).read_bytes(), name
     assert not list(out.glob(".tmp*"))
+
+
+@pytest.mark.parametrize("world, message", [
+    ("2", "started by torchrun .* but not in its process group"),
+    ("two", "WORLD_SIZE='two' in the environment is not a positive integer")])
+def test_run_outside_the_process_group_is_refused(llama, text_data, tmp_path, monkeypatch,
+                                                 world, message):
+    """A Run built by hand under torchrun's environment would train alone: refused before
+    anything is written."""
+    from pyengine.finetune import build_config
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ValueError, match=message):
+        T.Run(build_config(causal(llama, text_data, tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
