@@ -6,6 +6,7 @@ OMP_WAIT_POLICY=PASSIVE unless the user set a policy (pyengine.cli.passive_openm
 programs it starts do not inherit that setting.  Under torchrun every rank trains its
 share of each step (pyengine.finetune.distributed) and rank 0 alone writes."""
 import logging
+import os
 import signal
 import sys
 
@@ -16,7 +17,9 @@ from pyengine.finetune.trainer import Run
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # torchrun's ranks > 0 log only warnings: rank 0 reports the run
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0"
+                        else logging.WARNING, format="%(message)s")
     try:
         cfg = from_argv(argv)
         with session():  # under torchrun: its process group, left also on errors

@@ -232,7 +232,7 @@ class Run:
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=st.step, desc="finetune", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
         window_tokens, window_seconds = 0, 0.0  # throughput since the last log line
         with bar, stop_requests() as stop:
             while st.step < self.total_steps:
