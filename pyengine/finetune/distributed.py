@@ -118,12 +118,9 @@ class Dist:
     def grad_sync(self, last: bool):
         """Reduce gradients only on the window's last micro-batch (DDP no_sync / FSDP2
         set_requires_gradient_sync)."""
-        if self.root is None or last:
-            if self.fsdp:
-                self.root.set_requires_gradient_sync(True)
-            return contextlib.nullcontext()
         if self.fsdp:
-            self.root.set_requires_gradient_sync(False)
+            self.root.set_requires_gradient_sync(last)
+        if self.root is None or last or self.fsdp:
             return contextlib.nullcontext()
         return self.root.no_sync()
 
@@ -154,7 +151,8 @@ class Dist:
     @staticmethod
     def value(t: torch.Tensor) -> torch.Tensor:
         """The whole tensor of a (possibly FSDP2-sharded) DTensor."""
-        return t.full_tensor() if hasattr(t, "full_tensor") else t
+        from torch.distributed.tensor import DTensor
+        return t.full_tensor() if isinstance(t, DTensor) else t
 
     def trainable_state(self, params: list) -> dict:
         """{name: full copy} of the trainable parameters (FSDP2: gathered on every rank)."""

@@ -266,7 +266,8 @@ class Run:
                             f.write(json.dumps(dict(step=st.step, tokens_per_s=window_tokens
                                                     / max(window_seconds, 1e-9))) + "\n")
                     window_tokens, window_seconds = 0, 0.0
-                if self.dist.any(bool(stop)):  # every rank stops at this same step
+                if self.dist.any(bool(stop)):  # every rank stops at this same step; one
+                    # that got no signal itself stops as torchrun's forwarded SIGTERM would
                     raise self.interrupted(stop[0] if stop else signal.SIGTERM)
                 if cfg.save_every and st.step % cfg.save_every == 0:
                     self.save_checkpoint()
