@@ -17,6 +17,10 @@ was validated, and only when it is a run's directory: its .pyengine-run marker, 
 checkpoint or metrics.jsonl is there); it is never the model directory, inside it, or a parent of the inputs.
 Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a finished run
 leaves a final checkpoint, so --resume --max-steps N extends it.
+
+Under torchrun (pyengine.finetune.distributed) rank r trains its slice of each step's
+window of the single-process run with grad_accum x world micro-batches; every rank takes
+part in checkpoints and stops, `is_main` (rank 0) alone writes files.
 """
 from __future__ import annotations
 
