@@ -104,7 +104,6 @@ def test_lora_two_ranks_equal_one_process_with_grad_accum_2(llama, text_data, tw
     assert [p.name for p in two_ranks.glob("checkpoint-*")] and not list(two_ranks.glob(".tmp*"))
 
 
-@pytest.mark.slow  # > 30 s: two torchrun launches, or a run beside one
 def test_resume_under_torchrun_equals_the_uninterrupted_run(llama, text_data, two_ranks_dropout,
                                                            tmp_path):
     """The finished run back at its step-19 checkpoint, outputs gone: --resume under
@@ -131,7 +130,7 @@ def test_resume_with_another_world_size_is_refused(llama, text_data, two_ranks, 
         run(causal(llama, text_data, out, resume=True, **LORA))
 
 
-@pytest.mark.slow  # > 30 s: two torchrun launches, or a run beside one
+@pytest.mark.slow  # > 30 s: two torchrun launches
 def test_full_finetune_under_fsdp2_equals_one_process_and_resumes(llama, text_data, tmp_path):
     """FSDP2 (the fused CE sees the whole LM head inside the root's forward) trains what one
     process trains; its gathered checkpoint, loaded back into the shards, resumes exactly."""
@@ -164,7 +163,6 @@ def bert_no_dropout(bert, tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.slow  # > 30 s: two torchrun launches, or a run beside one
 def test_seq_cls_bert_two_ranks_equal_one_process(bert_no_dropout, cls_data, tmp_path):
     kw = dict(model=bert_no_dropout, data=cls_data[0], eval_data=cls_data[1], task="seq-cls",
               batch_size=8, epochs=1, log_every=2, lr=5e-3, dtype="fp32", progress=False,
@@ -207,7 +205,7 @@ def wait_for_step(out: Path, step: int, launcher: subprocess.Popen, timeout=180)
     raise TimeoutError(f"no step {step} in {out / 'metrics.jsonl'}")
 
 
-@pytest.mark.slow  # > 30 s: two torchrun launches, or a run beside one
+@pytest.mark.slow  # > 30 s: two torchrun launches
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopped_rank_then_resume_equals_the_uninterrupted_run(llama, text_data,
                                                                two_ranks_dropout, tmp_path, sig):
