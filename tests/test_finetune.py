@@ -733,18 +733,6 @@ def test_cli_errors_exit_2_and_write_nothing(llama, bert, text_data, cls_data, t
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_torchrun_ranks_before_writing(llama, text_data, tmp_path, capsys, monkeypatch):
-    """torchrun sets WORLD_SIZE: each rank would run the whole job into one --output."""
-    from pyengine.finetune.__main__ import main
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "out"
-    assert main(["--model", llama, "--data", text_data[0], "--output", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.splitlines()[-1].startswith("error: WORLD_SIZE=2: pyengine.finetune trains in "
-                                           "one process"), err
-    assert not out.exists()
-
-
 def test_cli_error_for_a_backend_that_cannot_run(llama, text_data, tmp_path, capsys, monkeypatch):
     from pyengine.finetune.__main__ import main
     monkeypatch.setenv("PYENGINE_BACKEND", "triton")

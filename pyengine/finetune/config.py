@@ -268,9 +268,11 @@ HELP = {
     "quant": "QLoRA: quantize the frozen LoRA base weights (method lora only)",
     "epochs": "passes over the data, > 0 (ignored if --max-steps is given)",
     "max_steps": "optimizer steps to run (none: from --epochs)",
-    "batch_size": "examples per micro-batch",
+    "batch_size": "examples per micro-batch, per process under torchrun (global batch = "
+                  "batch_size x processes x grad_accum)",
     "eval_batch_size": "examples per evaluation batch",
-    "grad_accum": "micro-batches per optimizer step (loss normalised over the window)",
+    "grad_accum": "micro-batches per optimizer step and process (loss normalised over the "
+                  "whole window of all processes)",
     "lr": "peak learning rate, > 0 (AdamW, linear warmup then cosine decay)",
     "weight_decay": "AdamW weight decay, >= 0",
     "warmup_ratio": "fraction of steps warming up, in [0, 1)",

@@ -25,6 +25,10 @@ was validated, and only when it is a run's directory: its .pyengine-run marker, 
 checkpoint or metrics.jsonl is there); it is never the model directory, inside it, or a parent of the inputs.
 Ctrl-C or SIGTERM stops at the next step boundary with a checkpoint; a finished run
 leaves a final checkpoint, so --resume --max-steps N extends it.
+
+Under torchrun (pyengine.finetune.distributed) rank r trains its slice of each step's
+window of the single-process run with grad_accum x world micro-batches; every rank takes
+part in checkpoints and stops, `is_main` (rank 0) alone writes files.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from pyengine import data as D
 from pyengine import models as M
 from pyengine.finetune import evaluation as E
 from pyengine.finetune.config import FIELDS, RESUMABLE_CHANGES, FinetuneConfig
+from pyengine.finetune.distributed import Dist
 from pyengine.patching import patch
 
 log = logging.getLogger("pyengine.finetune")
@@ -58,6 +63,7 @@ KEEP_CHECKPOINTS = 2
 TIMING_NAME = "timing.jsonl"  # tokens/s per logging window, kept out of metrics.jsonl
 LABELS_NAME = "labels.json"  # id2label / label2id of a seq-cls / token-cls adapter
 RUN_MARKER = ".pyengine-run"  # written first into every output: --overwrite clears only these
+STORED_DEFAULTS = {"world_size": 1}  # stored-config keys that older checkpoints lack
 
 
 @dataclass
@@ -89,10 +95,10 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.output)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        self.is_main = True  # the process that writes the outputs
+        self.dist = Dist()  # torchrun's rank (every rank validates; rank 0 alone writes)
+        self.is_main = self.dist.is_main
         self.tensorboard = None
         # 1. Everything that can fail on user input, before anything is written.
-        check_single_process()
         M.check_backends()
         check_output(cfg)
         if cfg.report_to == "tensorboard":
@@ -118,8 +124,9 @@ class Run:
                                  f"{'; '.join(changed)} (only {', '.join(sorted(resumable))}"
                                  f" may change; start a new run in another --output instead)")
         self.batches_per_epoch = D.batches_per_epoch(len(self.train), cfg.batch_size)
+        self.accum = cfg.grad_accum * self.dist.world  # micro-batches per step, all ranks
         self.total_steps = cfg.max_steps or max(1, math.ceil(
-            cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
+            cfg.epochs * self.batches_per_epoch / self.accum))
         if self.checkpoint is not None and self.checkpoint["state"]["step"] > self.total_steps:
             raise ValueError(f"--resume: {self.checkpoint['path']} is at step "
                              f"{self.checkpoint['state']['step']}, past this run's "
@@ -128,6 +135,7 @@ class Run:
         seed_everything(cfg.seed)
         self.model = M.load_model(cfg.model, cfg.task, self.labels, self.tokenizer.pad_token_id)
         self.prepare_model()
+        self.dist.wrap(self.model, cfg.method)  # FSDP2 replaces the parameters: name them after
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         decay = [p for n, p in self.params if p.ndim >= 2]
         no_decay = [p for n, p in self.params if p.ndim < 2]
@@ -139,6 +147,8 @@ class Run:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.state = TrainState()
+        if self.dist.world > 1:  # the same init everywhere, then each rank its own dropout
+            seed_everything(cfg.seed + self.dist.rank)
 
     # ------------------------------------------------------------------ model
     def prepare_model(self):
@@ -164,7 +174,7 @@ class Run:
         model.train()
 
     def trainable_state(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.params}
+        return self.dist.trainable_state(self.params)
 
     def stored_config(self) -> dict:
         """The config as a checkpoint keeps it: input paths absolute, plus the data's hash."""
@@ -173,6 +183,7 @@ class Run:
             if cfg[key] is not None:
                 cfg[key] = str(Path(cfg[key]).resolve())
         cfg["data_sha256"] = self.data_sha256
+        cfg["world_size"] = self.dist.world  # the global batch depends on it
         return cfg
 
     # ------------------------------------------------------------------ data
@@ -207,8 +218,8 @@ class Run:
         dataset = self.eval if dataset is None else dataset
         if dataset is None:
             return None
-        return M.evaluate(self.cfg.task, self.model, self.eval_batches(dataset),
-                          self.compute_dtype, self.labels)
+        return self.dist.call(lambda model: M.evaluate(
+            self.cfg.task, model, self.eval_batches(dataset), self.compute_dtype, self.labels))
 
     def evaluate_during_training(self) -> bool:
         """--eval-every: one metrics.jsonl line and the best step / early stopping state;
@@ -235,27 +246,29 @@ class Run:
         if st.best_step is None or st.best_step == st.step:
             return
         ckpt = read_checkpoint(self.out / f"{CHECKPOINT_PREFIX}{st.best_step:07d}")
-        params = dict(self.params)
-        with torch.no_grad():
-            for n, t in ckpt["trainable"].items():
-                params[n].copy_(t)
+        self.dist.load_trainable(self.params, ckpt["trainable"])
         log.info("loaded the best weights: step %d (%s %g)", st.best_step,
                  self.cfg.metric_for_best, st.best_metric)
 
     # ------------------------------------------------------------------ training
     def accumulate(self, step: int) -> tuple[float, int]:
-        """Forward + backward of step's micro-batches: gradients only, no weight changes."""
-        cfg = self.cfg
-        window = [self.micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        """Forward + backward of step's micro-batches: gradients only, no weight changes.
+        The window is the single-process run's with grad_accum x world micro-batches; rank r
+        takes its r-th slice, normalised by the whole window's count, and the ranks' summed
+        gradients and losses are that run's."""
+        cfg, g = self.cfg, self.cfg.grad_accum
+        window = [self.micro_batch(step * self.accum + k) for k in range(self.accum)]
         num_items = sum(M.count_items(cfg.task, b["labels"]) for b in window)
+        mine = window[self.dist.rank * g:(self.dist.rank + 1) * g]
         total = 0.0
-        for batch in window:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                loss = M.training_loss(cfg.task, self.model, batch, num_items, self.compute_dtype,
-                                       cfg.ce_filter_eps)
-            loss.backward()
+        for k, batch in enumerate(mine):
+            with self.dist.grad_sync(last=k == g - 1), torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                loss = self.dist.call(lambda model: M.training_loss(
+                    cfg.task, model, batch, num_items, self.compute_dtype, cfg.ce_filter_eps))
+                loss.backward()
             total += float(loss.detach())
-        return total, sum(int(b["attention_mask"].sum()) for b in window)
+        return self.dist.sum(total), sum(int(b["attention_mask"].sum()) for b in window)
 
     def update(self) -> tuple[float, float]:
         """Clip, step the optimizer and scheduler; returns (grad norm, lr of this step)."""
@@ -265,13 +278,13 @@ class Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm), lr
+        return float(self.dist.value(norm)), lr
 
     def loop(self):
         cfg, st = self.cfg, self.state
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total_steps, initial=st.step, desc="finetune", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
+                   disable=not (cfg.progress and self.is_main), dynamic_ncols=True)
         window_tokens, window_seconds = 0, 0.0  # throughput since the last log line
         with bar, stop_requests() as stop:
             while st.step < self.total_steps and not st.stopped_early:
@@ -282,7 +295,8 @@ class Run:
                     updating = True
                     norm, lr = self.update()
                 except KeyboardInterrupt:
-                    if stop or updating:  # a second Ctrl-C, or weights half updated
+                    # a second Ctrl-C, weights half updated, or other ranks mid-collective
+                    if stop or updating or self.dist.world > 1:
                         log.warning("aborted in step %d without a checkpoint", st.step + 1)
                         raise
                     self.optimizer.zero_grad(set_to_none=True)  # back to the step's start
@@ -305,8 +319,9 @@ class Run:
                     self.append_timing(dict(step=st.step, tokens_per_s=window_tokens
                                             / max(window_seconds, 1e-9)))
                     window_tokens, window_seconds = 0, 0.0
-                if stop:
-                    raise self.interrupted(stop[0])
+                if self.dist.any(bool(stop)):  # every rank stops at this same step; one
+                    # that got no signal itself stops as torchrun's forwarded SIGTERM would
+                    raise self.interrupted(stop[0] if stop else signal.SIGTERM)
                 if (new_best and cfg.load_best_at_end) or (
                         cfg.save_every and st.step % cfg.save_every == 0):
                     self.save_checkpoint()  # a new best is kept for --load-best-at-end
@@ -331,18 +346,22 @@ class Run:
                                        grad_norm=st.grad_norms[-1]))
 
     def epoch(self) -> float:
-        return self.state.step * self.cfg.grad_accum / self.batches_per_epoch
+        return self.state.step * self.accum / self.batches_per_epoch
 
     # ------------------------------------------------------------------ outputs
     def write_metrics(self):
         """Training lines and --eval-every lines by step (training first at a step)."""
         st = self.state
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "w") as f:
             for m in sorted(st.metrics + st.evals, key=lambda m: (m["step"], "loss" not in m)):
                 f.write(json.dumps(m) + "\n")
 
     def append_timing(self, line: dict):
         """timing.jsonl: wall-clock numbers, not reproducible, so not in metrics.jsonl."""
+        if not self.is_main:
+            return
         with open(self.out / TIMING_NAME, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -353,23 +372,26 @@ class Run:
                 self.tensorboard.add_scalar(f"{prefix}/{name}", value, self.state.step)
 
     def save_checkpoint(self) -> Path:
-        """At a step boundary only: weights, optimizer, scheduler, RNG and state of now."""
+        """At a step boundary only: weights, optimizer, scheduler, RNG and state of now.
+        Every rank takes part (full states are gathered, RNG states are per rank); rank 0
+        writes, and no rank goes on before the checkpoint is complete."""
         st = self.state
         final = self.out / f"{CHECKPOINT_PREFIX}{st.step:07d}"
-        if final.exists():
-            return final
-        tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{st.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_checkpoint_files(tmp, dict(
-            trainable=self.trainable_state(), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), rng=rng_state(), state=vars(st).copy(),
-            config=self.stored_config()))
-        os.rename(tmp, final)  # the commit point: a checkpoint-* directory is complete
-        best = None if st.best_step is None else f"{CHECKPOINT_PREFIX}{st.best_step:07d}"
-        for old in sorted(self.out.glob(CHECKPOINT_PREFIX + "*"))[:-KEEP_CHECKPOINTS]:
-            if old.name != best:
-                shutil.rmtree(old, ignore_errors=True)
+        payload = dict(
+            trainable=self.trainable_state(), optimizer=self.dist.optimizer_state(self.optimizer),
+            scheduler=self.scheduler.state_dict(), rng=self.dist.gather(rng_state()),
+            state=vars(st).copy(), config=self.stored_config())
+        if self.is_main and not final.exists():
+            tmp = self.out / f".tmp-{CHECKPOINT_PREFIX}{st.step:07d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_checkpoint_files(tmp, payload)
+            os.rename(tmp, final)  # the commit point: a checkpoint-* directory is complete
+            best = None if st.best_step is None else f"{CHECKPOINT_PREFIX}{st.best_step:07d}"
+            for old in sorted(self.out.glob(CHECKPOINT_PREFIX + "*"))[:-KEEP_CHECKPOINTS]:
+                if old.name != best:  # --load-best-at-end reads it back
+                    shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
         return final
 
     def load_checkpoint(self, ckpt: dict):
@@ -379,19 +401,21 @@ class Run:
         if missing:
             raise ValueError(f"{path}: trainable parameters differ from this run's model "
                              f"(e.g. {sorted(missing)[:3]}); was it made with another config?")
-        with torch.no_grad():
-            for n, t in ckpt["trainable"].items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.dist.load_trainable(self.params, ckpt["trainable"])
+        self.dist.load_optimizer(self.optimizer, ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.state = TrainState(**ckpt["state"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]  # one state per rank (older checkpoints: one state)
+        set_rng_state(rng[self.dist.rank] if isinstance(rng, list) else rng)
         if ckpt["config"].get("eval_data") != self.stored_config()["eval_data"]:
             log.warning("--resume with another --eval-data: no 'before' evaluation to compare")
             self.state.eval_before = None
 
     def save_outputs(self, evals: dict):
         cfg, out = self.cfg, self.out
+        full = self.trainable_state() if self.dist.fsdp else None  # gathered by every rank
+        if not self.is_main:
+            return
         if cfg.method == "lora":
             from pyengine.lora import save_adapter
             save_adapter(self.model, str(out))
@@ -401,13 +425,13 @@ class Run:
                     id2label=dict(enumerate(self.labels)),
                     label2id={n: i for i, n in enumerate(self.labels)}), indent=2) + "\n")
         else:
-            self.model.save_pretrained(out)
+            self.model.save_pretrained(out, state_dict=full)
         self.tokenizer.save_pretrained(out)
         self.write_metrics()
         self.write_config_and_evals(evals)
         plot_losses(self.state.losses, out / "loss.png")
         if cfg.merge:
-            self.write_merged(out / "merged")
+            self.write_merged(out / "merged", full)
 
     def write_config_and_evals(self, evals: dict):
         with open(self.out / "config.yaml", "w") as f:  # reusable as --config for a new run
@@ -434,7 +458,7 @@ class Run:
             config["modules_to_save"] = sorted(set(config.get("modules_to_save") or []) | set(self.heads))
         config_path.write_text(json.dumps(config, indent=2))
 
-    def write_merged(self, path: Path):
+    def write_merged(self, path: Path, trained: dict | None = None):
         """Base weights in fp32 (LoRA bases dequantized from --quant, as trained) + the trained
         weights, LoRA merged, as a plain HF directory."""
         model = M.load_model(self.cfg.model, self.cfg.task, self.labels,
@@ -446,7 +470,7 @@ class Run:
                        rslora=self.cfg.rslora, quant=_quant_format(self.cfg))
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for n, p in self.params:
+            for n, p in (trained or dict(self.params)).items():
                 params[n].copy_(p.float())
         if self.cfg.method == "lora":
             merge_lora(model)
@@ -471,9 +495,11 @@ class Run:
 
     def train_and_report(self) -> dict:
         cfg = self.cfg
-        self.open_output()
-        for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed midway
-            shutil.rmtree(stale, ignore_errors=True)
+        self.dist.barrier()  # every rank validated its inputs and read the checkpoint
+        if self.is_main:
+            self.open_output()
+            for stale in self.out.glob(f".tmp-{CHECKPOINT_PREFIX}*"):  # a save killed midway
+                shutil.rmtree(stale, ignore_errors=True)
         if self.checkpoint is not None:
             self.load_checkpoint(self.checkpoint)
             log.info("resumed from %s at step %d", self.checkpoint["path"], self.state.step)
@@ -583,7 +609,7 @@ def config_changes(old: dict, new: dict, resumable=RESUMABLE_CHANGES
     """(key, old, new) for every key that differs and alters training (a key missing in
     an older checkpoint's config had its default)."""
     def was(k):
-        return old.get(k, FIELDS[k].default if k in FIELDS else None)
+        return old.get(k, FIELDS[k].default if k in FIELDS else STORED_DEFAULTS.get(k))
     return [(k, was(k), v) for k, v in new.items() if k not in resumable and was(k) != v]
 
 
@@ -599,17 +625,6 @@ def summary_writer_class():
 
 def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def check_single_process():
-    """Under torchrun every rank would run the whole job into the same --output (and race
-    on its checkpoint renames): refuse until data-parallel training is supported."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1", "0"):
-        raise ValueError(f"WORLD_SIZE={world}: pyengine.finetune trains in one process; "
-                         f"multi-process (torchrun) training is not supported yet, so every "
-                         f"rank would repeat the whole run into the same --output. Run it "
-                         f"without torchrun")
 
 
 def check_output(cfg: FinetuneConfig):
@@ -715,8 +730,10 @@ class EvalRun(Run):
     def __init__(self, cfg: FinetuneConfig):
         self.cfg, self.out = cfg, Path(cfg.output)
         self.compute_dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-        self.is_main, self.tensorboard = True, None
-        check_single_process()
+        self.dist, self.is_main, self.tensorboard = Dist(), True, None
+        if self.dist.world > 1:
+            raise ValueError(f"--eval-only evaluates in one process; run it without torchrun "
+                             f"(WORLD_SIZE={self.dist.world})")
         M.check_backends()
         check_output(cfg)
         self.tokenizer = M.load_tokenizer(cfg.model)
@@ -753,5 +770,7 @@ def run(config) -> dict:
     """Fine-tune as configured (FinetuneConfig, dict of keys, YAML path, or None for the
     embedded default).  Returns losses, eval before/after, throughput and the output dir."""
     from pyengine.finetune.config import coerce
+    from pyengine.finetune.distributed import session
     cfg = coerce(config)
-    return (EvalRun if cfg.eval_only else Run)(cfg)()
+    with session():  # torchrun's process group, when launched by it
+        return (EvalRun if cfg.eval_only else Run)(cfg)()
