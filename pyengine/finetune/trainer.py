@@ -755,6 +755,7 @@ class EvalRun(Run):
             from pyengine.lora import load_adapter
             load_adapter(self.model, cfg.adapter)
         use_kernels(self.model)  # evaluated as a training run evaluates
+        self.dist.wrap(self.model, cfg.method)
 
     def __call__(self) -> dict:
         self.open_output()
