@@ -185,10 +185,22 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return result.to_tuple() if return_dict is False else result
 
 
-def _set_forward(module: nn.Module, fn) -> None:
-    """Bind fn as this instance's forward (once: patching twice is patching once)."""
+def _set_forward(module: nn.Module, fn) -> bool:
+    """Bind fn as this instance's forward (once: patching twice is patching once).  A
+    forward someone else bound on the instance (TRL's fused LM head, accelerate's hooks)
+    is kept: replacing it would break what it does; False then."""
+    bound = module.__dict__.get("forward")
+    if bound is not None and not _ours(bound):
+        log.warning("pyengine.patch: %s keeps the forward already set on this instance (%s)",
+                    type(module).__name__, getattr(bound, "__qualname__", bound))
+        return False
     if getattr(module.forward, "__func__", None) is not fn:
         module.forward = types.MethodType(fn, module)
+    return True
+
+
+def _ours(bound) -> bool:
+    return getattr(getattr(bound, "__func__", None), "__module__", "").startswith("pyengine.")
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module, old: nn.Module) -> None:
@@ -268,8 +280,7 @@ def patch(model: nn.Module, *, cross_entropy: bool = True, rms_norm: bool = True
             fn = _output_forward
         else:
             continue
-        found += 1
-        _set_forward(module, fn)
+        found += _set_forward(module, fn)
     if lora and any(type(m).__module__.startswith("peft.") for m in model.modules()):
         from pyengine.peft_lora import patch_peft_lora
         found += patch_peft_lora(model)
@@ -293,8 +304,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             parent, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, name, old)
     for module in model.modules():
-        fn = getattr(module.__dict__.get("forward"), "__func__", None)
-        if getattr(fn, "__module__", "").startswith("pyengine."):
+        if _ours(module.__dict__.get("forward")):
             del module.__dict__["forward"]
         previous = module.__dict__.pop("_pyengine_attn_implementation", None)
         if previous is not None:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import types
 
 import torch
 from torch import nn
 
 from pyengine.ops.lora import lora_linear
 from pyengine.ops.lora_mlp import lora_mlp
+from pyengine.patching import _is_silu, _set_forward
 
 log = logging.getLogger("pyengine")
 BASE_DTYPES = (torch.float32, torch.bfloat16)  # lora_linear's x / base dtypes
@@ -105,15 +105,6 @@ def _mlp_forward(self, x):
     return lora_mlp(x, *tensors, scale)
 
 
-def _bind(module: nn.Module, fn) -> None:
-    if getattr(module.__dict__.get("forward"), "__func__", None) is not fn:
-        module.forward = types.MethodType(fn, module)
-
-
-def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
 def patch_peft_lora(model: nn.Module) -> int:
     """Run the plain-LoRA peft.tuners.lora Linear layers of `model` (a PeftModel or the
     model inside it) on pyengine's ops, in place; returns how many layers now do.  Layers
@@ -126,8 +117,8 @@ def patch_peft_lora(model: nn.Module) -> int:
     for path, m in model.named_modules():
         if not isinstance(m, layer_mod.LoraLayer):
             continue
-        if type(m) is layer_mod.Linear and _plain_adapter(m) is not None:
-            _bind(m, _lora_forward)
+        if type(m) is layer_mod.Linear and _plain_adapter(m) is not None \
+                and _set_forward(m, _lora_forward):
             patched += 1
         else:
             skipped.append(path)
@@ -136,8 +127,7 @@ def patch_peft_lora(model: nn.Module) -> int:
         if type(m).__name__ in MLP_CLASSES and type(m).__module__.startswith("transformers.") \
                 and _is_silu(getattr(m, "act_fn", None)) \
                 and all(type(getattr(m, n, None)) is layer_mod.Linear for n in PROJECTIONS) \
-                and _fusable(m) is not None:
-            _bind(m, _mlp_forward)
+                and _fusable(m) is not None and _set_forward(m, _mlp_forward):
             fused += 1
     if skipped:
         log.info("patch_peft_lora: %d PEFT LoRA layers stay on PEFT's forward (e.g. %s)",

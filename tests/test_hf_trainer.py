@@ -40,8 +40,9 @@ def peft_model(path):
     return peft.get_peft_model(base, lora_config(task_type="CAUSAL_LM"))
 
 
-def train(kind, model, tok, out, bf16):
-    """Per-step training losses of STEPS optimizer steps (batch 2, grad accumulation 2)."""
+def train(kind, model, tok, out, bf16, patch_built=False):
+    """Per-step training losses of STEPS optimizer steps (batch 2, grad accumulation 2);
+    patch_built: pyengine.patch(trainer.model) after the trainer is built."""
     common = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=2,
                   gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1,
                   report_to="none", save_strategy="no", use_cpu=True, bf16=bf16, seed=7,
@@ -55,6 +56,8 @@ def train(kind, model, tok, out, bf16):
         trainer = transformers.Trainer(
             model=model, args=transformers.TrainingArguments(**common), train_dataset=data,
             data_collator=transformers.DataCollatorForLanguageModeling(tok, mlm=False))
+    if patch_built:
+        pyengine.patch(trainer.model)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == STEPS
@@ -125,3 +128,17 @@ def test_apply_lora_model_trains_under_trainer_bf16(tiny, peft_run, tmp_path, ki
     want, want_w = peft_run(kind, True)
     assert_within_bf16_noise(got, want, peft_run(kind, False)[0])
     assert adapters(model).keys() == want_w.keys()
+
+
+def test_patch_after_sft_trainer_keeps_trls_fused_head(tiny, peft_run, tmp_path):
+    """SFTTrainer binds its own fused LM-head forward on the model it builds; patching
+    trainer.model afterwards keeps it (replacing it broke TRL's loss: no log_probs) and
+    still runs the layers on pyengine's kernels."""
+    path, tok = tiny
+    model = peft_model(path)
+    got = train("sft", model, tok, tmp_path, False, patch_built=True)
+    torch.testing.assert_close(got, peft_run("sft", False)[0], rtol=1e-5, atol=0)
+    inner = model.get_base_model()
+    trls = inner.__dict__["forward"].__func__  # (functools.wraps of HF's forward)
+    assert trls.__wrapped__ is type(inner).forward and trls.__code__.co_filename.find("trl") > 0
+    assert type(inner.model.norm).__module__ == "pyengine.nn.norms"
