@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", help="LoRA adapter directory (with labels.json)")
     p.add_argument("--data", required=True, help='JSONL of {"text"} (seq-cls) or {"tokens"} '
                                                  '(token-cls) rows')
-    p.add_argument("--output", help="JSONL file to write (default: stdout)")
+    p.add_argument("--output", help="JSONL file to write (none: stdout)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward")
     p.add_argument("--max-seq-len", type=_positive_int, default=512,
                    help="tokens per row at most")
