@@ -1,4 +1,5 @@
-"""What the command-line programs share: torch's OpenMP wait policy for the process.
+"""What the command-line programs share: torch's OpenMP wait policy for the process, and
+argparse types.
 
 Between small ops, idle OpenMP threads spin and take the cores from pyengine's own kernel
 thread pool (infer, 2 threads, 13M-parameter Llama on a shared machine: decode 25-57 ->
@@ -8,6 +9,7 @@ itself with PASSIVE set, and the re-executed process removes it again: programs 
 starts inherit the user's environment. Importing this module changes nothing."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -25,3 +27,11 @@ def passive_openmp() -> None:
         return
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", **{PASSIVE_MARK: "1"})
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

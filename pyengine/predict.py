@@ -27,14 +27,7 @@ import torch
 
 from pyengine import data as D
 from pyengine import models as M
-from pyengine.cli import passive_openmp
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from pyengine.cli import passive_openmp, positive_int
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,8 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help='JSONL of {"text"} (seq-cls) or {"tokens"} '
                                                  '(token-cls) rows')
     p.add_argument("--output", help="JSONL file to write (none: stdout)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward")
-    p.add_argument("--max-seq-len", type=_positive_int, default=512,
+    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per forward")
+    p.add_argument("--max-seq-len", type=positive_int, default=512,
                    help="tokens per row at most")
     p.add_argument("--force", action="store_true", help="overwrite an existing --output")
     return p.parse_args(argv)

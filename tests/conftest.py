@@ -39,6 +39,29 @@ def num_threads(n):
         torch.set_num_threads(saved)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the work (and the CI box is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama HF directory (tests/tiny_hf.py), one per test module."""
+    from tests.tiny_hf import make_llama
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """A tiny BERT HF directory (tests/tiny_hf.py), one per test module."""
+    from tests.tiny_hf import make_bert
+    return make_bert(tmp_path_factory.mktemp("bert"))
+
+
 @pytest.fixture(params=[1, 2, 3], ids=lambda n: f"{n}threads")
 def threads(request):
     """Runs the test at 1, 2 and 3 threads whatever the machine: thread partitions differ."""

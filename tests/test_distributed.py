@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pyengine.finetune import run
 from pyengine.finetune import trainer as T
-from tests.test_finetune import bert, causal, cls_data, llama, metrics_of, text_data  # noqa: F401
+from tests.test_finetune import causal, cls_data, metrics_of, text_data  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

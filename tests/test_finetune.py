@@ -17,26 +17,9 @@ from pyengine.finetune import build_config, run
 from pyengine.finetune import trainer as T
 from pyengine.finetune.config import from_argv
 from tests.conftest import num_threads
-from tests.tiny_hf import make_bert, make_llama, sentences, write_jsonl
+from tests.tiny_hf import make_llama, sentences, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the work (and the CI box is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

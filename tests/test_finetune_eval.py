@@ -16,25 +16,9 @@ from pyengine.finetune import build_config, run
 from pyengine.finetune import trainer as T
 from pyengine.metrics import entity_chunks, entity_report
 from tests.test_finetune import causal, interrupt_in_step, metrics_of, snapshot
-from tests.tiny_hf import make_bert, make_llama, sentences, write_jsonl
+from tests.tiny_hf import sentences, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return make_llama(tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,9 @@ import torch
 from pyengine import data as D
 from pyengine.finetune import run
 from pyengine.predict import load_classifier, main
-from tests.tiny_hf import make_bert, sentences, write_jsonl
+from tests.tiny_hf import sentences, write_jsonl
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return make_bert(tmp_path_factory.mktemp("bert"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(bert, directory, task, rows, **kw):

@@ -16,15 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pyengine.cli import passive_openmp
+from pyengine.cli import passive_openmp, positive_int
 from pyengine.infer import QUANT_FORMATS, ModelLoadError, generate, load_model, load_tokenizer
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", type=Path, help="file holding the prompt text")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=128,
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="tokens to generate at most (prompt + these must fit the model's context)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
