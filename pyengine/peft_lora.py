@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from pyengine.ops.lora import lora_linear
+from pyengine.nn.lora_mlp import PROJECTIONS
 from pyengine.ops.lora_mlp import lora_mlp
 from pyengine.patching import _is_silu, _set_forward
 
 log = logging.getLogger("pyengine")
 BASE_DTYPES = (torch.float32, torch.bfloat16)  # lora_linear's x / base dtypes
 MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(silu(gate(x)) * up(x))
-PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _hooked(*modules: nn.Module) -> bool:
