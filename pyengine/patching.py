@@ -35,6 +35,7 @@ import logging
 import sys
 import types
 
+import torch
 from torch import nn
 
 from pyengine.data import IGNORE
@@ -99,16 +100,27 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
 
 def _decoder_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
                      use_cache=False, position_embeddings=None, **kwargs):
-    """HF's decoder layer forward; the residual add before post_attention_layernorm fused."""
+    """HF's decoder layer forward; the residual add before post_attention_layernorm fused.
+    Under autocast each norm's output is cast once to the autocast dtype: its consumers
+    (q / k / v, gate / up: autocast linears or pyengine LoRA ops) would each cast it anyway,
+    to the same bits, and keep their own copy for backward."""
     if "past_key_values" in kwargs:
         cache = kwargs.pop("past_key_values")
     residual = hidden_states
-    hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states),
+    hidden_states, _ = self.self_attn(hidden_states=_autocast_once(self.input_layernorm(
+                                          hidden_states)),
                                       attention_mask=attention_mask, position_ids=position_ids,
                                       cache=cache, use_cache=use_cache,
                                       position_embeddings=position_embeddings, **kwargs)
     hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-    return residual + self.mlp(hidden_states)
+    return residual + self.mlp(_autocast_once(hidden_states))
+
+
+def _autocast_once(x: torch.Tensor) -> torch.Tensor:
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 def _mlp_forward(self, x):

@@ -548,3 +548,24 @@ def test_finetune_loss_applies_gemma2_final_logit_softcap():
         want = model(**data, num_items_in_batch=11).loss
         got = models.training_loss("causal-lm", model, data, 11, torch.float32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_norm_output_cast_once_for_its_consumers(autocast):
+    """Under bf16 autocast q / k / v (and gate / up) get the same bf16 tensor, cast once
+    from the norm's output (each used to cast it again and keep its own copy for
+    backward); outside autocast the fp32 output itself."""
+    model = patch_model(tiny_decoder("llama"))
+    seen = {}
+    for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        for path, m in model.named_modules():
+            if path.endswith("layers.0.self_attn." + name) or path.endswith("layers.0.mlp." + name):
+                m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(
+                    name, args[0]))
+    ids, mask = batch(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        model(input_ids=ids, attention_mask=mask)
+    want = torch.bfloat16 if autocast else torch.float32
+    assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
+    assert seen["gate_proj"] is seen["up_proj"]
+    assert seen["q_proj"].dtype == seen["gate_proj"].dtype == want
