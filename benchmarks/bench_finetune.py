@@ -122,7 +122,8 @@ def worker_hf(model_dir, data, steps, seq, out, prepare=None, sft=False):
     if sft:
         import datasets
         import trl
-        rows = datasets.Dataset.from_json(data)
+        rows = datasets.Dataset.from_list(  # in memory: no datasets cache files
+            [json.loads(line) for line in Path(data).read_text().splitlines()])
         # the MiniLM tokenizer has no EOS; TRL appends one to each text (cut by truncation)
         sft_args = trl.SFTConfig(**common, max_length=seq, packing=False,
                                  eos_token=tok.eos_token or tok.sep_token)
