@@ -1,5 +1,4 @@
-"""HF Trainer and TRL SFTTrainer + PEFT LoRA, unpatched vs the same run with
-`pyengine.patch(model)`.
+"""HF Trainer and TRL SFTTrainer + PEFT LoRA: unpatched vs `pyengine.patch(model)`.
 
 Model and data as benchmarks/bench_finetune.py (make_inputs): a random-init Llama at
 SmolLM-135M width (hidden 576, intermediate 1536, 9 / 3 heads, vocab 49152), LAYERS layers
