@@ -79,9 +79,11 @@ def worker_pyengine(model_dir, data, steps, seq, out):
     return dict(losses=r["losses"], tokens_per_s=[m["tokens_per_s"] for m in timing])
 
 
-def worker_hf(model_dir, data, steps, seq, out, prepare=None):
-    """HF Trainer + PEFT; prepare(peft_model) -> model runs before the Trainer is built
-    (bench_hf_trainer.py: pyengine.patch)."""
+def worker_hf(model_dir, data, steps, seq, out, prepare=None, sft=False):
+    """HF Trainer + PEFT (sft: trl.SFTTrainer, which tokenizes the "text" rows itself, to
+    max_length=seq, packing off); prepare(peft_model) -> model runs before the trainer is
+    built (bench_hf_trainer.py: pyengine.patch).  tokens/s counts each step's non-padding
+    tokens (the trainer's num_input_tokens_seen)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback,
@@ -89,8 +91,6 @@ def worker_hf(model_dir, data, steps, seq, out, prepare=None):
 
     from pyengine.data import Dataset
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels)
-            for e in Dataset(data, "causal-lm", tok, seq).examples]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
@@ -100,26 +100,43 @@ def worker_hf(model_dir, data, steps, seq, out, prepare=None):
 
     class Times(TrainerCallback):
         def __init__(self):
-            self.t, self.seconds, self.losses = 0.0, [], []
+            self.t, self.seen, self.seconds, self.tokens, self.losses = 0.0, 0, [], [], []
 
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
+        def on_step_begin(self, args, state, control, **k):
+            self.t, self.seen = time.perf_counter(), state.num_input_tokens_seen
 
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, args, state, control, **k):
             self.seconds.append(time.perf_counter() - self.t)
+            self.tokens.append(state.num_input_tokens_seen - self.seen)
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
     times = Times()
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
-                             learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
-                             weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True,
-                             logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=rows, callbacks=[times]).train()
-    tokens = BATCH * seq
-    return dict(losses=times.losses, tokens_per_s=[tokens / s for s in times.seconds])
+    common = dict(output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps,
+                  learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=0,
+                  weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=True,
+                  logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
+                  seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                  include_num_input_tokens_seen="non_padding")
+    if sft:
+        import datasets
+        import trl
+        rows = datasets.Dataset.from_list(  # in memory: no datasets cache files
+            [json.loads(line) for line in Path(data).read_text().splitlines()])
+        # the MiniLM tokenizer has no EOS; TRL appends one to each text (cut by truncation)
+        sft_args = trl.SFTConfig(**common, max_length=seq, packing=False,
+                                 eos_token=tok.eos_token or tok.sep_token)
+        trainer = trl.SFTTrainer(model=model, args=sft_args, train_dataset=rows,
+                                 processing_class=tok, callbacks=[times])
+    else:
+        rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids),
+                     labels=e.labels) for e in Dataset(data, "causal-lm", tok, seq).examples]
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=rows,
+                          callbacks=[times])
+    trainer.train()
+    return dict(losses=times.losses, tokens=times.tokens,
+                tokens_per_s=[n / s for n, s in zip(times.tokens, times.seconds)])
 
 
 WORKERS = {"pyengine": worker_pyengine, "hf": worker_hf}
