@@ -261,6 +261,31 @@ def test_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype, p)
                                                   backend=backend), atol=0, rtol=0)
 
 
+def saved_under_hooks(fn):
+    """The tensors autograd saves while fn() runs (fn's backward included)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_saves_the_frozen_base_itself(backend, base_dtype, p):
+    """Under bf16 autocast backward keeps the model's own W (fp32 or bf16), never a bf16
+    cast of an fp32 W (a [out, in] tensor the model does not hold: ~1.2 MB per projection
+    at SmolLM width); dx's GEMM re-casts W.  Outputs and gradients stay the bits of the
+    pre-cast bf16 W call (test_autocast_casts_the_base_and_keeps_fp32_adapters)."""
+    x, w, a, b, bias = make(9, 24, 17, 4)
+    w, bias = w.to(base_dtype), bias.to(base_dtype)
+    saved = saved_under_hooks(lambda: run(backend, x, w, a, b, bias, 0.5, p, seed=1,
+                                          autocast=True))
+    kept = [(t.dtype, t.untyped_storage().data_ptr()) for t in saved
+            if t.shape in (w.shape, w.t().shape)]
+    assert kept == [(base_dtype, w.untyped_storage().data_ptr())]
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
 def test_autocast_is_declared_on_the_ops(backend):
     """torch.ops.pyengine.lora_linear itself (no Python wrapper) follows the autocast rule,
