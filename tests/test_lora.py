@@ -215,9 +215,12 @@ def test_batch_dims_and_no_bias():
 
 @needs_ext
 def test_opcheck():
+    """Also bf16 x with the fp32 W and bias: what the autocast rule hands the op."""
     x, w, a, b, bias = make(11, 24, 18, 4)
+    xb, bias_b = x.bfloat16(), bias.bfloat16()
     for args in [(x, w, a, b, bias, None, 0.5, 1.0, "cpu"),
-                 (x, w, a, b, None, dropout_mask(x, 0.2), 0.5, 1.25, "cpu")]:
+                 (x, w, a, b, None, dropout_mask(x, 0.2), 0.5, 1.25, "cpu"),
+                 (xb, w, a, b, bias_b, dropout_mask(x, 0.2), 0.5, 1.25, "cpu")]:
         args = (args[0].requires_grad_(),) + args[1:2] + (args[2].requires_grad_(),
                                                           args[3].requires_grad_()) + args[4:]
         torch.library.opcheck(_lora_fwd, args)

@@ -255,9 +255,13 @@ def test_lora_mlp_gradcheck_fp64(recompute):
 
 
 @needs_ext
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_lora_mlp_opcheck(adapter_dtype):
+@pytest.mark.parametrize("adapter_dtype,base_dtype", [(torch.float32, torch.bfloat16),
+                                                     (torch.bfloat16, torch.bfloat16),
+                                                     (torch.float32, torch.float32)])
+def test_lora_mlp_opcheck(adapter_dtype, base_dtype):
+    """bf16 x; fp32 base weights with bf16 x are what the autocast rule hands the op."""
     x, ws = mlp_tensors(9, 8, 12, (2, 3, 4), torch.bfloat16, adapter_dtype)
+    ws = [w.to(base_dtype) if i in (0, 3, 6) else w for i, w in enumerate(ws)]
     x.requires_grad_()
     for i in ADAPTERS:
         ws[i].requires_grad_()
