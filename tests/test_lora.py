@@ -215,9 +215,12 @@ def test_batch_dims_and_no_bias():
 
 @needs_ext
 def test_opcheck():
+    """Also bf16 x with the fp32 W and bias: what the autocast rule hands the op."""
     x, w, a, b, bias = make(11, 24, 18, 4)
+    xb, bias_b = x.bfloat16(), bias.bfloat16()
     for args in [(x, w, a, b, bias, None, 0.5, 1.0, "cpu"),
-                 (x, w, a, b, None, dropout_mask(x, 0.2), 0.5, 1.25, "cpu")]:
+                 (x, w, a, b, None, dropout_mask(x, 0.2), 0.5, 1.25, "cpu"),
+                 (xb, w, a, b, bias_b, dropout_mask(x, 0.2), 0.5, 1.25, "cpu")]:
         args = (args[0].requires_grad_(),) + args[1:2] + (args[2].requires_grad_(),
                                                           args[3].requires_grad_()) + args[4:]
         torch.library.opcheck(_lora_fwd, args)
@@ -259,6 +262,31 @@ def test_autocast_casts_the_base_and_keeps_fp32_adapters(backend, base_dtype, p)
         mixed = lora_linear(x.bfloat16(), w.float(), a, b, 0.5, backend=backend)
     torch.testing.assert_close(mixed, lora_linear(x.bfloat16(), w.bfloat16(), a, b, 0.5,
                                                   backend=backend), atol=0, rtol=0)
+
+
+def saved_under_hooks(fn):
+    """The tensors autograd saves while fn() runs (fn's backward included)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_autocast_saves_the_frozen_base_itself(backend, base_dtype, p):
+    """Under bf16 autocast backward keeps the model's own W (fp32 or bf16), never a bf16
+    cast of an fp32 W (a [out, in] tensor the model does not hold: ~1.2 MB per projection
+    at SmolLM width); dx's GEMM re-casts W.  Outputs and gradients stay the bits of the
+    pre-cast bf16 W call (test_autocast_casts_the_base_and_keeps_fp32_adapters)."""
+    x, w, a, b, bias = make(9, 24, 17, 4)
+    w, bias = w.to(base_dtype), bias.to(base_dtype)
+    saved = saved_under_hooks(lambda: run(backend, x, w, a, b, bias, 0.5, p, seed=1,
+                                          autocast=True))
+    kept = [(t.dtype, t.untyped_storage().data_ptr()) for t in saved
+            if t.shape in (w.shape, w.t().shape)]
+    assert kept == [(base_dtype, w.untyped_storage().data_ptr())]
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "ref"])

@@ -255,9 +255,13 @@ def test_lora_mlp_gradcheck_fp64(recompute):
 
 
 @needs_ext
-@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.bfloat16])
-def test_lora_mlp_opcheck(adapter_dtype):
+@pytest.mark.parametrize("adapter_dtype,base_dtype", [(torch.float32, torch.bfloat16),
+                                                     (torch.bfloat16, torch.bfloat16),
+                                                     (torch.float32, torch.float32)])
+def test_lora_mlp_opcheck(adapter_dtype, base_dtype):
+    """bf16 x; fp32 base weights with bf16 x are what the autocast rule hands the op."""
     x, ws = mlp_tensors(9, 8, 12, (2, 3, 4), torch.bfloat16, adapter_dtype)
+    ws = [w.to(base_dtype) if i in (0, 3, 6) else w for i, w in enumerate(ws)]
     x.requires_grad_()
     for i in ADAPTERS:
         ws[i].requires_grad_()
@@ -281,6 +285,42 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return storages
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_lora_mlp_autocast_saves_the_fp32_bases_not_bf16_copies(backend, recompute,
+                                                                 monkeypatch):
+    """Under bf16 autocast with fp32 base weights, backward keeps the model's three fp32
+    weights themselves, no bf16 cast of them (each GEMM re-casts its weight); outputs and
+    all gradients are the bits of the pre-cast bf16 base call, recomputed projections
+    included."""
+    if backend == "cpu" and _ext._C is None:
+        pytest.skip("extension not built")
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, ws = mlp_tensors(13, 16, 24, (4, 2, 3), torch.float32, torch.float32)
+    dy = torch.randn(13, 16, generator=torch.Generator().manual_seed(5)).bfloat16()
+    saved, bases = [], []
+
+    def in_autocast(*args, **kw):
+        bases.extend(args[i] for i in (1, 4, 7))  # run_with_grads' copies of the weights
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return lora_mlp(*args, **kw)
+
+    got = run_with_grads(in_autocast, x, ws, dy, 2.0, backend=backend,
+                         recompute_projections=recompute)
+    kept = {(t.dtype, t.untyped_storage().data_ptr()) for t in saved
+            if t.shape in ((24, 16), (16, 24))}
+    assert kept == {(torch.float32, w.untyped_storage().data_ptr()) for w in bases}
+    want = run_with_grads(lora_mlp, x.bfloat16(), [w.bfloat16() if i in (0, 3, 6) else w
+                                                   for i, w in enumerate(ws)], dy, 2.0,
+                          backend=backend, recompute_projections=recompute)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w.to(g.dtype), atol=0, rtol=0)
 
 
 @needs_ext

@@ -20,10 +20,14 @@ Backward: dx = dy @ W                            torch GEMM (W frozen: no dW GEM
 mask is the dropout keep-mask (bool [N, in], only when dropout_p > 0; keep = 1/(1-p));
 backward saves x, u (and the mask), never a dropped-out copy of x.
 
-Autocast: inside torch.autocast the frozen base (x, W, bias) is cast as F.linear's inputs
-are (to the autocast dtype), the adapters are not: they stay fp32 master weights, run the
+Autocast: inside torch.autocast the frozen base (x, W, bias) runs as F.linear's inputs
+would (in the autocast dtype), the adapters do not: they stay fp32 master weights, run the
 low-rank math in fp32 and get fp32 gradients; y comes back in the autocast dtype, as
-F.linear's would (`register_base_autocast`, also used by pyengine.ops.lora_mlp).
+F.linear's would (`register_base_autocast`, also used by pyengine.ops.lora_mlp).  x and
+bias are cast before the op; a dense W reaches the op in its own dtype and is cast to x's
+where each GEMM uses it (`base_linear`, `base_grad_x`): backward keeps the model's fp32 W,
+not a bf16 copy of it (F.linear's autograd keeps that copy), and re-casts it into a buffer
+freed after dx's GEMM: the same bits, one [out, in] bf16 tensor less per layer kept.
 
 Backends: "ref" (plain PyTorch autograd, upcast to fp32: the spec), "cpu" (the low-rank
 passes in C++, `low_rank_pass` -> csrc/lowrank_rows.h, the engine lora_mlp uses too; the
@@ -92,8 +96,9 @@ _AUTOCAST_LIB = torch.library.Library("pyengine", "IMPL")
 
 def register_base_autocast(op_name: str, base_args: tuple[int, ...] = ()) -> None:
     """Declare the autocast rule of pyengine::<op_name> (cpu and cuda): the arguments at
-    `base_args` (activations, frozen base weights, bias) are cast like F.linear's inputs,
-    the rest (fp32 adapters, masks) pass unchanged, and the op runs with autocast off.
+    `base_args` (activations, bias) are cast like F.linear's inputs, the rest (frozen
+    dense base weights, which the op casts to x's dtype itself where it uses them; fp32
+    adapters, masks) pass unchanged, and the op runs with autocast off.
     No base_args (the backward ops): autocast off, the saved dtypes kept."""
     for kind in ("cpu", "cuda"):
         def kernel(*args, kind=kind):
@@ -217,19 +222,21 @@ def _compute_dtype(x: Tensor, lora_a: Tensor) -> torch.dtype:
 
 def base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, qscales: Tensor | None,
                 fmt: str, backend: str) -> Tensor:
-    """x @ W.T + bias in x's dtype: F.linear for a dense W (fmt ""), quant_matmul's kernel
-    for backend when W is quantized (weight = its qs, qscales its scales, fmt its format)."""
+    """x @ W.T + bias in x's dtype: F.linear for a dense W (fmt ""; cast to x's dtype
+    first when it has another, as autocast would), quant_matmul's kernel for backend when W
+    is quantized (weight = its qs, qscales its scales, fmt its format)."""
     if not fmt:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight.to(x.dtype), bias)
     return QUANT_BACKENDS[backend](x, weight, qscales, fmt, bias)
 
 
 def base_grad_x(dy: Tensor, weight: Tensor, qscales: Tensor | None, fmt: str,
                 backend: str) -> Tensor:
-    """dy @ W (W dense, or quantized as in `base_linear`; quant_matmul's backward: on
-    "cpu" one C++ dequantize to dy's dtype and one GEMM, elsewhere row chunks in torch)."""
+    """dy @ W (W dense, cast to dy's dtype in a buffer freed after the GEMM; or quantized as
+    in `base_linear`; quant_matmul's backward: on "cpu" one C++ dequantize to dy's dtype and
+    one GEMM, elsewhere row chunks in torch)."""
     if not fmt:
-        return dy @ weight
+        return dy @ weight.to(dy.dtype)
     k = qscales.shape[1] * FORMATS[fmt].block
     if backend == "cpu":
         return dy @ dequantize_cpu(weight, qscales, fmt, k, dy.dtype)
@@ -241,7 +248,9 @@ def _lora_fwd(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: O
               mask: Optional[Tensor], scale: float, keep: float, backend: str,
               qscales: Optional[Tensor] = None, fmt: str = "") -> tuple[Tensor, Tensor]:
     """(y, u): x [N, in] contiguous; u = keep * (x * mask) @ A.T in the compute dtype.
-    fmt not "": weight is a quantized base's qs, qscales its scales (`base_linear`)."""
+    A dense weight in another dtype than x's is cast to x's where used (autocast: it is
+    saved uncast).  fmt not "": weight is a quantized base's qs, qscales its scales
+    (`base_linear`)."""
     ct = _compute_dtype(x, lora_a)
     y = base_linear(x, weight, bias, qscales, fmt, backend)
     u, _ = low_rank_pass(backend, x, src_mask=mask, proj_w=lora_a.to(ct), scale=keep, dst=y,
@@ -314,7 +323,7 @@ def _lora_grad(ctx, grad_y, _grad_u):
 
 
 _lora_fwd.register_autograd(_lora_grad, setup_context=_setup_context)
-register_base_autocast("lora_linear", base_args=(0, 1, 4))  # x, weight, bias
+register_base_autocast("lora_linear", base_args=(0, 4))  # x, bias (weight: cast in the op)
 register_base_autocast("lora_linear_backward")
 
 

@@ -29,8 +29,11 @@ low_rank_pass, the engine lora_linear uses too: csrc/lowrank_rows.h); all low-ra
 fp32, so a bf16 base needs no [N, *] dtype conversion.  "triton": torch GEMMs, the Triton
 SwiGLU, low_rank_pass's Triton kernels (pyengine.kernels.lora) for the [N, H] side.
 
-Autocast (as pyengine.ops.lora_linear): x and the base weights are cast like F.linear's
-inputs, the adapters stay fp32 (fp32 low-rank math and gradients); y in the autocast dtype.
+Autocast (as pyengine.ops.lora_linear): x and the base weights run as F.linear's inputs
+would, in the autocast dtype; the adapters stay fp32 (fp32 low-rank math and gradients); y
+in the autocast dtype.  x is cast before the op, the dense base weights inside it, each
+just before its GEMM (`_Bases`): backward keeps the model's fp32 weights, no bf16 copies,
+and re-casts each into a buffer freed after its GEMM (same bits).
 
 QLoRA: any base weight may be a pyengine.quant.QuantizedWeight (formats may differ).  The
 op then takes its qs and scales, and each base GEMM dequantizes its weight just before
@@ -145,9 +148,10 @@ def _middles(backend, dtype):
 
 class _Bases:
     """The three base weights as dense [out, in] tensors in x's dtype, one at a time:
-    `self[i]` (0 gate, 1 up, 2 down) is the weight itself, or for a quantized base (fmts[i]
-    not "": weights[i] is its qs, scales[i] its scales) a fresh dequantized buffer that the
-    caller drops after its GEMM."""
+    `self[i]` (0 gate, 1 up, 2 down) is the weight itself when it has x's dtype, else a
+    fresh buffer that the caller drops after its GEMM: the weight cast to x's dtype
+    (autocast: an fp32 weight, bf16 x), or for a quantized base (fmts[i] not "":
+    weights[i] is its qs, scales[i] its scales) dequantized."""
 
     def __init__(self, weights, scales, fmts: str, dtype, backend):
         self.weights, self.scales, self.fmts = weights, scales, fmts.split(",")
@@ -156,7 +160,7 @@ class _Bases:
     def __getitem__(self, i: int) -> Tensor:
         w, s, fmt = self.weights[i], self.scales[i], self.fmts[i]
         if not fmt:
-            return w
+            return w.to(self.dtype)
         k = s.shape[1] * FORMATS[fmt].block
         if self.backend == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
             return dequantize_cpu(w, s, fmt, k, self.dtype)
@@ -259,7 +263,7 @@ def _lora_mlp_grad(ctx, dy, *_unused):
 
 
 _lora_mlp.register_autograd(_lora_mlp_grad, setup_context=_setup_context)
-register_base_autocast("lora_mlp", base_args=(0, 1, 4, 7))  # x, w_gate, w_up, w_down
+register_base_autocast("lora_mlp", base_args=(0,))  # x (the base weights: cast in _Bases)
 register_base_autocast("lora_mlp_backward")
 
 
