@@ -111,15 +111,20 @@ def fp64_copy(model):
 
 
 class OpLog(TorchDispatchMode):
-    """Names of the ops dispatched inside the block."""
+    """How often each op is dispatched inside the block (`names`: which ones)."""
 
     def __init__(self):
         super().__init__()
-        self.names = set()
+        self.counts = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(str(func.overloadpacket))
+        name = str(func.overloadpacket)
+        self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self) -> set:
+        return set(self.counts)
 
 
 def check_against_fp64(build, dtype, lora, ids, mask, patch=patch_model):

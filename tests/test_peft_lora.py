@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 import transformers
-from torch.utils._python_dispatch import TorchDispatchMode
 
 peft = pytest.importorskip("peft")
 
 from pyengine.peft_lora import patch_peft_lora  # noqa: E402
 from tests.conftest import SLACK_ROUNDINGS, UNIT_ROUNDOFF  # noqa: E402
+from tests.test_patch import OpLog, batch  # noqa: E402
 
 CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config}  # qwen2: q/k/v carry a bias
@@ -41,28 +41,6 @@ def peft_model(family="llama", dtype=torch.float32, **lora):
     kw.update(lora)
     torch.manual_seed(1)
     return peft.get_peft_model(tiny(family, dtype), peft.LoraConfig(**kw))
-
-
-def batch(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(2, 61, (3, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    mask[2, 6:] = 0  # right padding
-    return ids, mask
-
-
-class OpLog(TorchDispatchMode):
-    """How often each op is dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def output_and_grads(model, ids, mask, autocast=False, seed=5):
