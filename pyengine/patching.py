@@ -30,6 +30,7 @@ removes every forward pyengine bound on an instance: state-dict keys never chang
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
@@ -98,8 +99,22 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
-def _decoder_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
-                     use_cache=False, position_embeddings=None, **kwargs):
+def _decoder_forward(self, *args, **kwargs):
+    """The decoder layer's forward (_decoder_layer), checkpointed when gradient
+    checkpointing is on, as transformers' GradientCheckpointingLayer does for the class
+    forward this instance-level forward bypasses (else checkpointing would silently stop)."""
+    if getattr(self, "gradient_checkpointing", False) and self.training \
+            and torch.is_grad_enabled():
+        kwargs["use_cache"] = False  # the replay in backward must not write the cache again
+        for name in ("cache", "past_key_values"):
+            kwargs.pop(name, None)
+        return self._gradient_checkpointing_func(functools.partial(_decoder_layer, self,
+                                                                   **kwargs), *args)
+    return _decoder_layer(self, *args, **kwargs)
+
+
+def _decoder_layer(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                   use_cache=False, position_embeddings=None, **kwargs):
     """HF's decoder layer forward; the residual add before post_attention_layernorm fused.
     Under autocast each norm's output is cast once to the autocast dtype: its consumers
     (q / k / v, gate / up: autocast linears or pyengine LoRA ops) would each cast it anyway,

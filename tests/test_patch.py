@@ -574,3 +574,24 @@ def test_norm_output_cast_once_for_its_consumers(autocast):
     assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
     assert seen["gate_proj"] is seen["up_proj"]
     assert seen["q_proj"].dtype == seen["gate_proj"].dtype == want
+
+
+def test_gradient_checkpointing_still_checkpoints_patched_decoder_layers():
+    """transformers checkpoints a decoder layer in its class forward; the patched layer's
+    instance forward must checkpoint too (it silently did not: every activation was kept),
+    with the same loss and gradients as without checkpointing."""
+    ids, mask = batch(3)
+    plain = patch_model(tiny_decoder("llama")).train()
+    ours = copy.deepcopy(plain)
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    for layer in ours.model.layers:
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = (
+            lambda fn, *a, checkpoint=checkpoint, **k: calls.append(1) or checkpoint(fn, *a, **k))
+    got, got_g = output_and_grads(ours, ids, mask)
+    want, want_g = output_and_grads(plain, ids, mask)
+    assert len(calls) == len(ours.model.layers)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name in want_g:
+        torch.testing.assert_close(got_g[name], want_g[name], rtol=1e-6, atol=1e-7)
