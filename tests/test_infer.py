@@ -296,3 +296,20 @@ def test_quantized_layers_with_ragged_k_stay_fp32(tmp_path, caplog):
     ids = torch.tensor(tok(PROMPT)["input_ids"])
     fp32 = load_model(tmp_path).forward(ids, 0)
     assert (model.forward(ids, 0) - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cli_threads_sets_the_count_generation_runs_with(tiny, monkeypatch, capsys, threads):
+    """--threads N: torch (and so pyengine's kernels) run generation on N threads."""
+    from pyengine.infer import __main__ as cli
+    seen = []
+    monkeypatch.setattr(cli, "generate", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["--model", str(tiny[0]), "--prompt", PROMPT, "--threads",
+                         str(threads)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads]
+    assert "must be >= 1" in cli_error(capsys, "--model", tiny[0], "--prompt", "x",
+                                       "--threads", 0)

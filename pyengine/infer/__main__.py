@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, help="sampling seed (random when not given)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                   help="threads for torch and pyengine's kernels (default: torch's count)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
@@ -76,6 +78,7 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)  # pyengine's kernels read torch's count
     try:
         return _run(args)
     except KeyboardInterrupt:
