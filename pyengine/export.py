@@ -1,6 +1,6 @@
 """Export a Llama-family Hugging Face directory to GGUF (llama.cpp's file format).
 
-    to_gguf("path/to/hf_dir", "model.gguf", "q8_0")     # fmt: f32 | q8_0 | q4_0
+    to_gguf("path/to/hf_dir", "model.gguf", "q8_0")     # fmt: f32 | f16 | bf16 | q8_0 | q4_0
     python -m pyengine.export HF_DIR OUT.gguf [--fmt q8_0] [--adapter DIR] [--force]
 
 An existing output file is replaced only with --force (overwrite=True); the file is written
@@ -11,9 +11,9 @@ Llama checkpoints: architecture "llama", tensors token_embd / blk.N.attn_q ... /
 q and k rows permuted per head into llama.cpp's rope layout (the same permutation our
 decoder uses, pyengine.infer.model.interleave_rope_rows), llama3 rope scaling as a
 rope_freqs tensor, a byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with its
-tokens, types and merges. 2-D weights are stored in `fmt` with the exact GGUF blocks of
-pyengine.quant (so llama.cpp and pyengine run identical weights); norms, and weights whose
-rows are not a multiple of the block (warned), stay F32. An optional PEFT adapter is merged
+tokens, types and merges. 2-D weights are stored in `fmt`: F16 / BF16 (rounded to nearest
+even), or the exact GGUF blocks of pyengine.quant (so llama.cpp and pyengine run identical
+weights); norms, and weights whose rows are not a multiple of the block (warned), stay F32. An optional PEFT adapter is merged
 in fp32 first (pyengine.lora.read_adapter; DoRA and other variants are refused).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ExportError(ValueError):
     """A GGUF export that cannot be done as asked (format, output path)."""
 
 
-GGUF_FORMATS = ("f32", "q8_0", "q4_0")
+GGUF_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 
@@ -105,6 +105,11 @@ def _tensor_data(name: str, weight: torch.Tensor, fmt: str):
 
     if weight.dim() == 1 or fmt == "f32":
         return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
+    if fmt == "f16":
+        return weight.half().contiguous().numpy(), gguf.GGMLQuantizationType.F16
+    if fmt == "bf16":  # numpy has no bf16: its bytes, which the writer reshapes by the type
+        return (weight.bfloat16().contiguous().view(torch.uint8).numpy(),
+                gguf.GGMLQuantizationType.BF16)
     block = format_spec(fmt).block
     if weight.shape[1] % block:
         log.warning("GGUF export: %s kept in F32: its rows (%d) are not a multiple of the %s "
@@ -157,7 +162,7 @@ def _check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) ->
 
 def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool = False) -> Path:
     """Write `model_dir` (HF Llama / Mistral) as a GGUF file at `path` with 2-D weights in
-    `fmt` (f32 | q8_0 | q4_0). Returns the path.
+    `fmt` (f32 | f16 | bf16 | q8_0 | q4_0). Returns the path.
 
     An existing file at `path` is replaced only with overwrite=True. The file is written
     under a temporary name in the same directory and renamed when complete, so a failed
@@ -191,7 +196,9 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     writer.add_vocab_size(cfg.vocab)
-    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                           "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[fmt])
     _add_tokenizer(writer, model_dir, cfg.vocab)
     for name, weight in _llama_tensors(cfg, state):

@@ -89,7 +89,7 @@ def expected_metadata(path, hf, tok, fmt):
     return {
         "GGUF.version": 3, "GGUF.tensor_count": len(expected_tensors(hf)), "GGUF.kv_count": 23,
         "general.architecture": "llama", "general.name": path.name,
-        "general.file_type": {"f32": 0, "q8_0": 7, "q4_0": 2}[fmt],
+        "general.file_type": {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[fmt],
         "llama.context_length": 256, "llama.embedding_length": 64, "llama.block_count": 2,
         "llama.feed_forward_length": cfg.intermediate_size, "llama.attention.head_count": 4,
         "llama.attention.head_count_kv": cfg.num_key_value_heads, "llama.attention.key_length": 16,
@@ -103,7 +103,7 @@ def expected_metadata(path, hf, tok, fmt):
     }
 
 
-@pytest.mark.parametrize("fmt", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_gguf_holds_exactly_the_expected_tensors_and_metadata(tiny, tmp_path, fmt):
     path, hf, tok = tiny
     reader = gguf.GGUFReader(to_gguf(path, tmp_path / f"m-{fmt}.gguf", fmt))
@@ -114,9 +114,14 @@ def test_gguf_holds_exactly_the_expected_tensors_and_metadata(tiny, tmp_path, fm
     for t in reader.tensors:
         w = want[t.name]
         assert list(t.shape) == list(reversed(w.shape)), t.name  # ggml lists ne0 (row length) first
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
+        if fmt in ("f16", "bf16") and w.dim() == 2:  # every 2-D weight, rounded to nearest even
+            assert t.tensor_type.name == fmt.upper(), t.name
+            rounded = w.to(torch.float16 if fmt == "f16" else torch.bfloat16).float()
+            torch.testing.assert_close(got, rounded, rtol=0, atol=0, msg=t.name)
+            continue
         quantized = w.dim() == 2 and fmt != "f32" and w.shape[1] % 32 == 0
         assert t.tensor_type.name == (fmt.upper() if quantized else "F32"), t.name
-        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
         ours = quantize(w, fmt).dequantize() if quantized else w.float()
         torch.testing.assert_close(got, ours, rtol=0 if quantized else 1e-6, atol=0, msg=t.name)
         if quantized:  # the very bytes of pyengine's blocks
@@ -224,10 +229,12 @@ def llama_cpp_logits(model, ids, out):
     return torch.from_numpy(np.load(out))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "q8_0"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8_0"])
 def test_llama_cpp_logits_match_ours(tiny, tmp_path, fmt):
     """llama.cpp runs our GGUF and gets our decoder's logits: f32 to rounding, q8_0 within
-    twice the error the format itself makes (llama.cpp also quantizes activations)."""
+    twice the error the format itself makes (llama.cpp also quantizes activations); f16 /
+    bf16 (llama.cpp also rounds activations to them) within 0.2 / 0.6 of our q8_0's error
+    (measured 0.05 / 0.29): a wrong layout or byte order gives unrelated logits."""
     try:
         import llama_cpp
     except ImportError:
@@ -241,6 +248,9 @@ def test_llama_cpp_logits_match_ours(tiny, tmp_path, fmt):
     fp32 = load_model(path).forward(torch.tensor(ids), 0, all_logits=True)
     if fmt == "f32":
         assert (theirs - fp32).abs().max() <= 1e-5 * fp32.abs().max()
+    elif fmt in ("f16", "bf16"):
+        q8 = load_model(path, quant="q8_0").forward(torch.tensor(ids), 0, all_logits=True)
+        assert (theirs - fp32).abs().max() <= (0.6 if fmt == "bf16" else 0.2) * (q8 - fp32).abs().max()
     else:
         ours = load_model(path, quant=fmt).forward(torch.tensor(ids), 0, all_logits=True)
         assert (theirs - ours).abs().max() <= 2 * (ours - fp32).abs().max()
