@@ -11,9 +11,11 @@ Llama checkpoints: architecture "llama", tensors token_embd / blk.N.attn_q ... /
 q and k rows permuted per head into llama.cpp's rope layout (the same permutation our
 decoder uses, pyengine.infer.model.interleave_rope_rows), llama3 rope scaling as a
 rope_freqs tensor, a byte-level BPE tokenizer as tokenizer.ggml.model "gpt2" with its
-tokens, types and merges. 2-D weights are stored in `fmt`: F16 / BF16 (rounded to nearest
-even), or the exact GGUF blocks of pyengine.quant (so llama.cpp and pyengine run identical
-weights); norms, and weights whose rows are not a multiple of the block (warned), stay F32. An optional PEFT adapter is merged
+tokens, types and merges.  Qwen2 checkpoints: architecture "qwen2", q and k rows as HF
+stores them (llama.cpp rotates halves for it) and the q / k / v biases.  2-D weights are
+stored in `fmt`: F16 / BF16 (rounded to nearest even), or the exact GGUF blocks of
+pyengine.quant (so llama.cpp and pyengine run identical weights); norms, and weights whose
+rows are not a multiple of the block (warned), stay F32.  An optional PEFT adapter is merged
 in fp32 first (pyengine.lora.read_adapter; DoRA and other variants are refused).
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ExportError(ValueError):
 
 
 GGUF_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # HF model_type -> GGUF
 # pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer
 LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
 
@@ -120,7 +123,9 @@ def _tensor_data(name: str, weight: torch.Tensor, fmt: str):
 
 
 def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
-    """(gguf name, weight in llama.cpp's orientation) pairs."""
+    """(gguf name, weight in llama.cpp's orientation) pairs.  Arch "llama" rotates adjacent
+    pairs, so its q / k rows are interleaved; "qwen2" rotates halves as HF does (rows kept)
+    and has q / k / v biases."""
     def get(name):
         if name not in state:
             raise ModelLoadError(f"weight '{name}' missing from the checkpoint")
@@ -142,7 +147,10 @@ def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
         yield f"blk.{i}.ffn_norm.weight", get(p + "post_attention_layernorm.weight")
         for short, hf in names.items():
             w = get(p + hf + ".weight")
-            if short == "attn_q":
+            if cfg.model_type == "qwen2":
+                if short in ("attn_q", "attn_k", "attn_v"):
+                    yield f"blk.{i}.{short}.bias", get(p + hf + ".bias")
+            elif short == "attn_q":
                 w = interleave_rope_rows(w, cfg.n_heads)
             elif short == "attn_k":
                 w = interleave_rope_rows(w, cfg.n_kv_heads)
@@ -161,7 +169,7 @@ def _check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) ->
 
 
 def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool = False) -> Path:
-    """Write `model_dir` (HF Llama / Mistral) as a GGUF file at `path` with 2-D weights in
+    """Write `model_dir` (HF Llama / Mistral / Qwen2) as a GGUF file at `path` with 2-D weights in
     `fmt` (f32 | f16 | bf16 | q8_0 | q4_0). Returns the path.
 
     An existing file at `path` is replaced only with overwrite=True. The file is written
@@ -175,11 +183,16 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
     inputs = (model_dir,) if adapter is None else (model_dir, Path(adapter))
     _check_output(path, overwrite, inputs)
     cfg, state = load_hf_state(model_dir, adapter)
-    if cfg.model_type not in ("llama", "mistral"):
-        raise ModelLoadError(f"GGUF export supports llama and mistral, not '{cfg.model_type}'")
-    if any(k.endswith("_proj.bias") for k in state):
-        raise ModelLoadError("GGUF export: projection biases are not supported for llama")
-    writer = gguf.GGUFWriter(None, "llama")
+    if cfg.model_type not in GGUF_ARCH:
+        raise ModelLoadError(f"GGUF export supports {', '.join(GGUF_ARCH)}, not "
+                             f"'{cfg.model_type}'")
+    arch = GGUF_ARCH[cfg.model_type]
+    allowed = ("q_proj.bias", "k_proj.bias", "v_proj.bias") if arch == "qwen2" else ()
+    extra = [k for k in state if k.endswith("_proj.bias") and not k.endswith(allowed)]
+    if extra:
+        raise ModelLoadError(f"GGUF export: projection biases are not supported for {arch} "
+                             f"(e.g. {extra[0]})")
+    writer = gguf.GGUFWriter(None, arch)
     writer.add_name(model_dir.name)
     writer.add_context_length(cfg.max_positions)
     writer.add_embedding_length(cfg.hidden)

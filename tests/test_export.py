@@ -181,10 +181,40 @@ def test_cli_errors_exit_2_and_keep_files(tiny, tmp_path, capsys):
 
 
 def test_cli_refuses_other_architectures(tmp_path, capsys):
-    save_tiny_model(tmp_path / "qwen", "Qwen2Config", tie_word_embeddings=False)
-    assert cli(capsys, tmp_path / "qwen", tmp_path / "q.gguf") == (
-        2, "error: GGUF export supports llama and mistral, not 'qwen2'\n")
+    save_tiny_model(tmp_path / "qwen3", "Qwen3Config", tie_word_embeddings=False)
+    assert cli(capsys, tmp_path / "qwen3", tmp_path / "q.gguf") == (
+        2, "error: unsupported architecture model_type='qwen3' (supported: llama, mistral, "
+           "qwen2)\n")
     assert not (tmp_path / "q.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    """A Qwen2 with random (non-zero) q / k / v biases, so a dropped or misplaced one shows."""
+    path = tmp_path_factory.mktemp("qwen2")
+    # (a Qwen2 directory loads its tokenizer as Qwen2's class, which adds <|endoftext|>:
+    # vocab rows to spare, as real Qwen2 checkpoints have)
+    hf, tok = save_tiny_model(path, "Qwen2Config", seed=3, tie_word_embeddings=False,
+                              vocab_size=336)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("_proj.bias"):
+                p.normal_(0, 0.5)
+    hf.save_pretrained(path)
+    return path, hf, tok
+
+
+def test_qwen2_gguf_keeps_hf_rows_and_biases(tiny_qwen2, tmp_path):
+    path, hf, _ = tiny_qwen2
+    reader = gguf.GGUFReader(to_gguf(path, tmp_path / "q.gguf", "f32"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    state = hf.state_dict()
+    for i in range(hf.config.num_hidden_layers):
+        for short, proj in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
+            for kind in ("weight", "bias"):
+                want = state[f"model.layers.{i}.self_attn.{proj}.{kind}"]
+                assert torch.equal(tensors[f"blk.{i}.{short}.{kind}"].reshape(want.shape), want)
 
 
 def test_failed_write_leaves_no_file(tiny, tmp_path, capsys, monkeypatch):
@@ -227,6 +257,20 @@ def llama_cpp_logits(model, ids, out):
                                "CMAKE_ARGS=-DGGML_NATIVE=OFF (make test-llamacpp does)")
     assert res.returncode == 0, res.stderr[-2000:]
     return torch.from_numpy(np.load(out))
+
+
+def test_llama_cpp_runs_our_qwen2_gguf(tiny_qwen2, tmp_path):
+    """llama.cpp's qwen2 architecture on our export gives our (transformers-equal) logits."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        skip_without_llama_cpp("llama-cpp-python is not installed (make test-llamacpp builds it)")
+    path, _, tok = tiny_qwen2
+    ids = tok(PROMPT)["input_ids"]
+    theirs = llama_cpp_logits(to_gguf(path, tmp_path / "q.gguf", "f32"), ids,
+                              tmp_path / "logits.npy")
+    fp32 = load_model(path).forward(torch.tensor(ids), 0, all_logits=True)
+    assert (theirs - fp32).abs().max() <= 1e-5 * fp32.abs().max()
 
 
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8_0"])
