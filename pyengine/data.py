@@ -222,16 +222,29 @@ def _seq_cls_example(rec, tokenizer, label2id, index_labels):
 
 
 def _token_cls_example(rec, tokenizer, label2id, index_labels):
-    tokens = _field(rec, "tokens", list, "token-cls needs tokens and tags")
+    tokens = words(rec, "token-cls needs tokens and tags")
     tags = _field(rec, "tags", list, "token-cls needs tokens and tags")
     if len(tokens) != len(tags):
         raise ValueError(f"{rec.where}: {len(tokens)} tokens but {len(tags)} tags")
+    tag_ids = [_class_id(rec, f"tags[{i}]", t, label2id, index_labels) for i, t in enumerate(tags)]
+    return label_first_subtokens(tokenizer, tokens, tag_ids)
+
+
+def words(rec: Record, what: str) -> list[str]:
+    """The row's non-empty "tokens" list of str (a token-cls row's words)."""
+    tokens = _field(rec, "tokens", list, what)
     if not tokens:
         raise ValueError(f"{rec.where}: field 'tokens' is empty")
     for i, t in enumerate(tokens):
         if not isinstance(t, str):
             raise ValueError(f"{rec.where}: tokens[{i}] must be str, got {type(t).__name__}")
-    tag_ids = [_class_id(rec, f"tags[{i}]", t, label2id, index_labels) for i, t in enumerate(tags)]
+    return tokens
+
+
+def label_first_subtokens(tokenizer, tokens: list[str], tag_ids: list[int]
+                          ) -> tuple[list[int], list[int]]:
+    """(input ids, labels): each word's first sub-token labelled with its tag id, the other
+    sub-tokens and special tokens IGNORE."""
     enc = tokenizer(tokens, is_split_into_words=True, truncation=False)
     labels, previous = [], None
     for word in enc.word_ids():

@@ -113,7 +113,8 @@ def load_model(path: str, task: str, labels: list[str] | None, pad_token_id: int
     return model
 
 
-TASK_TYPES = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls"}
+TASK_TYPES = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "seq-cls", "TOKEN_CLS": "token-cls"}  # PEFT's
+LABELS_NAME = "labels.json"  # id2label / label2id beside a seq-cls / token-cls adapter
 ARCHITECTURE_SUFFIXES = {"ForCausalLM": "causal-lm", "ForSequenceClassification": "seq-cls",
                          "ForTokenClassification": "token-cls"}
 
@@ -148,9 +149,9 @@ def saved_task(model_dir: str, adapter_dir: str | None = None
         adapter = Path(adapter_dir)
         config = _json_file(adapter / "adapter_config.json")
         task = TASK_TYPES.get(config.get("task_type"))
-        if (adapter / "labels.json").is_file():
-            labels = _id2label(_json_file(adapter / "labels.json").get("id2label"),
-                               adapter / "labels.json")
+        if (adapter / LABELS_NAME).is_file():
+            labels = _id2label(_json_file(adapter / LABELS_NAME).get("id2label"),
+                               adapter / LABELS_NAME)
     config_file = _check_dir(model_dir) / "config.json"
     config = _json_file(config_file)
     arch = (config.get("architectures") or [""])[0]

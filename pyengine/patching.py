@@ -24,7 +24,7 @@ the same HF modules, so it is patched the same way.  Parts, each a keyword of `p
 - attention: use_pyengine_attention on the model (skipped, with a warning, where it refuses,
   e.g. Gemma2's attention logit softcapping).
 - lora: pyengine.peft_lora.patch_peft_lora (PEFT LoRA layers through our LoRA ops), on a
-  model holding PEFT modules, when that module is present.
+  model holding PEFT modules.
 Idempotent.  unpatch puts back every replaced module (sharing the same Parameters) and
 removes every forward pyengine bound on an instance: state-dict keys never change.
 """

@@ -32,11 +32,10 @@ from torch import nn
 from pyengine.ops.lora import lora_linear
 from pyengine.nn.lora_mlp import PROJECTIONS
 from pyengine.ops.lora_mlp import lora_mlp
-from pyengine.patching import _is_silu, _set_forward
+from pyengine.patching import _is_silu, _kinds, _set_forward
 
 log = logging.getLogger("pyengine")
 BASE_DTYPES = (torch.float32, torch.bfloat16)  # lora_linear's x / base dtypes
-MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(silu(gate(x)) * up(x))
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -122,10 +121,9 @@ def patch_peft_lora(model: nn.Module) -> int:
             patched += 1
         else:
             skipped.append(path)
-    fused = 0
-    for m in model.modules():
-        if type(m).__name__ in MLP_CLASSES and type(m).__module__.startswith("transformers.") \
-                and _is_silu(getattr(m, "act_fn", None)) \
+    fused, kinds = 0, _kinds()
+    for m in model.modules():  # HF gated MLPs: down(act(gate(x)) * up(x)), act SiLU here
+        if kinds.get(type(m), (None,))[0] == "MLP" and _is_silu(getattr(m, "act_fn", None)) \
                 and all(type(getattr(m, n, None)) is layer_mod.Linear for n in PROJECTIONS) \
                 and _fusable(m) is not None and _set_forward(m, _mlp_forward):
             fused += 1

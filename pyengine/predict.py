@@ -76,18 +76,11 @@ def encode(records: list[D.Record], task: str, tokenizer, max_len: int) -> list[
             ids = tokenizer(text)["input_ids"]
             examples.append(D.Example(D.truncate(ids, max_len, tokenizer), 0))
             continue
-        tokens = D._field(rec, "tokens", list, "token-cls prediction needs tokens")
-        if not tokens or not all(isinstance(t, str) for t in tokens):
-            raise ValueError(f"{rec.where}: field 'tokens' must be a non-empty list of str")
-        enc = tokenizer(tokens, is_split_into_words=True, truncation=False)
-        if len(enc["input_ids"]) > max_len:
-            raise ValueError(f"{rec.where}: {len(enc['input_ids'])} tokens, more than "
-                             f"--max-seq-len {max_len}")
-        firsts, previous = [], None
-        for word in enc.word_ids():
-            firsts.append(D.IGNORE if word is None or word == previous else 0)
-            previous = word
-        examples.append(D.Example(enc["input_ids"], firsts))
+        tokens = D.words(rec, "token-cls prediction needs tokens")
+        ids, firsts = D.label_first_subtokens(tokenizer, tokens, [0] * len(tokens))
+        if len(ids) > max_len:
+            raise ValueError(f"{rec.where}: {len(ids)} tokens, more than --max-seq-len {max_len}")
+        examples.append(D.Example(ids, firsts))
     return examples
 
 

@@ -61,7 +61,6 @@ log = logging.getLogger("pyengine.finetune")
 CHECKPOINT_PREFIX = "checkpoint-"
 KEEP_CHECKPOINTS = 2
 TIMING_NAME = "timing.jsonl"  # tokens/s per logging window, kept out of metrics.jsonl
-LABELS_NAME = "labels.json"  # id2label / label2id of a seq-cls / token-cls adapter
 RUN_MARKER = ".pyengine-run"  # written first into every output: --overwrite clears only these
 STORED_DEFAULTS = {"world_size": 1}  # stored-config keys that older checkpoints lack
 
@@ -421,7 +420,7 @@ class Run:
             save_adapter(self.model, str(out))
             self.add_heads_to_adapter(out)
             if self.labels is not None:  # the class names, beside the adapter's head
-                (out / LABELS_NAME).write_text(json.dumps(dict(
+                (out / M.LABELS_NAME).write_text(json.dumps(dict(
                     id2label=dict(enumerate(self.labels)),
                     label2id={n: i for i, n in enumerate(self.labels)}), indent=2) + "\n")
         else:
@@ -445,8 +444,7 @@ class Run:
         base_model.model.<head>.<param>, listed in adapter_config's modules_to_save."""
         config_path = out / "adapter_config.json"
         config = json.loads(config_path.read_text())
-        config["task_type"] = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS",
-                               "token-cls": "TOKEN_CLS"}[self.cfg.task]
+        config["task_type"] = next(k for k, v in M.TASK_TYPES.items() if v == self.cfg.task)
         if self.heads:
             from safetensors.torch import load_file, save_file
             weights_path = out / "adapter_model.safetensors"
