@@ -177,13 +177,15 @@ def test_seq_cls_bert_two_ranks_equal_one_process(bert_no_dropout, cls_data, tmp
     assert metrics_of(tmp_path / "two")[-1]["epoch"] == 1.0
 
 
-def test_bad_input_fails_on_both_ranks_with_exit_2(llama, tmp_path):
+def test_bad_input_fails_with_exit_2_and_one_clear_error(llama, tmp_path):
     out = tmp_path / "out"
     r = torchrun(dict(model=llama, data=str(tmp_path / "missing.jsonl"), output=str(out)),
                  tmp_path, timeout=120)
     assert r.returncode != 0
+    # Every rank checks its input, but torchrun SIGTERMs the others as soon as the first rank
+    # exits, so one or both ranks get to print the (same) error line.
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1] and "missing.jsonl" in errors[0], r.stderr
+    assert errors and set(errors) == {errors[0]} and "missing.jsonl" in errors[0], r.stderr
     assert "exitcode  : 2" in r.stderr and "Traceback" not in r.stderr.split("error: ")[0]
     assert not out.exists()
 
