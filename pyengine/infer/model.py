@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyengine.infer.weights import (Checkpoint, ModelLoadError, WeightTable, interleave_rope_rows,
-                                    rope_heads)
+from pyengine.infer.weights import (Checkpoint, ModelLoadError, WeightTable, gather,
+                                    interleave_rope_rows)
 
 log = logging.getLogger("pyengine")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -210,20 +210,7 @@ class LlamaDecoder(nn.Module):
         table = WeightTable(cfg.n_layers)
 
         def load(ours: str) -> torch.Tensor | None:
-            """Our tensor `ours` from its HF tensors, in `dtype` (fp32 when quantized next)."""
-            parts = []
-            for w in table.by_ours[ours]:
-                if w.hf not in state:
-                    if w.optional:
-                        continue
-                    raise ModelLoadError(f"weight '{w.hf}' missing from the checkpoint")
-                t = state[w.hf]
-                heads = rope_heads(w, cfg.n_heads, cfg.n_kv_heads)
-                parts.append(t if heads is None else interleave_rope_rows(t, heads))
-            if not parts:
-                return None
-            t = parts[0] if len(parts) == 1 else torch.cat(parts)
-            return t.to(dtype).contiguous()
+            return gather(state, table.by_ours[ours], dtype, cfg.n_heads, cfg.n_kv_heads)
 
         def linear(ours: str) -> nn.Module:
             bias = load(ours + ".bias") if ours + ".bias" in table.by_ours else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,17 +96,69 @@ class WeightTable:
         return self.by_hf[hf_name]
 
 
+def _rope_pairs(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """w's rows as [heads, d/2, 2, ...]: (row j, row j + d/2) of each head side by side."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2)
+
+
 def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k projection rows (or bias) of each head from rotate-half order to adjacent
     (real, imag) pairs: row j of the half-split becomes row 2j, row j+d/2 becomes 2j+1.
     This is llama.cpp's permutation for HF Llama checkpoints."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    return _rope_pairs(w, n_heads).reshape(w.shape)
 
 
 def rope_heads(w: WeightName, n_heads: int, n_kv_heads: int) -> int | None:
     """How many heads' rows `w` permutes (None: rows kept)."""
     return {"q": n_heads, "k": n_kv_heads, None: None}[w.rope]
+
+
+def gather(state: Mapping[str, torch.Tensor], rows: list[WeightName], dtype: torch.dtype,
+           n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
+    """One of our tensors from its HF tensors `rows` (those present; None if none is):
+    concatenated along dim 0, q/k rows interleaved, in `dtype`.  Built in place, reading one
+    HF tensor at a time, so loading holds our tensor plus one HF tensor."""
+    present = []
+    for w in rows:
+        if w.hf in state:
+            present.append((w, tensor_shape(state, w.hf)))
+        elif not w.optional:
+            raise ModelLoadError(f"weight '{w.hf}' missing from the checkpoint")
+    if not present:
+        return None
+    inner = present[0][1][1:]
+    for w, shape in present:
+        if shape[1:] != inner:
+            raise ModelLoadError(f"weight '{w.hf}' has shape {list(shape)}; it is concatenated with "
+                                 f"'{present[0][0].hf}' {list(present[0][1])}, so its rows must be "
+                                 f"{list(inner)} long")
+    out = torch.empty(sum(shape[0] for _, shape in present), *inner, dtype=dtype)
+    row = 0
+    for w, shape in present:
+        dest = out[row:row + shape[0]]
+        heads = rope_heads(w, n_heads, n_kv_heads)
+        with _mapped(state, w.hf) as t:
+            if heads is None:
+                dest.copy_(t)
+            else:
+                dest.view(heads, shape[0] // heads // 2, 2, *inner).copy_(_rope_pairs(t, heads))
+        row += shape[0]
+    return out
+
+
+def tensor_shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """The shape of state[name] without reading it (a Checkpoint has it from the header)."""
+    return state.shapes[name] if isinstance(state, Checkpoint) else tuple(state[name].shape)
+
+
+@contextmanager
+def _mapped(state: Mapping[str, torch.Tensor], name: str):
+    if isinstance(state, Checkpoint):
+        with state.mapped(name) as t:
+            yield t
+    else:
+        yield state[name]
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,20 +245,30 @@ class Checkpoint(Mapping):
                                      f"{list(self.shapes[name])}")
         self.adapter, self.extra = adapter, adapter.extra
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    @contextmanager
+    def mapped(self, name: str):
+        """The tensor `name`, valid inside the with-block only: a view of the mapped file
+        (no copy), or the fp32 merge when the adapter changes it."""
         if name not in self.shapes:
             raise KeyError(name)
-        if name in self.extra:
-            t = self.extra[name].float()
-        else:
-            from safetensors import safe_open
-
-            with safe_open(str(self.files[name]), "pt") as f:
-                t = f.get_tensor(name).clone()  # the copy outlives the mapping
         module = name.removesuffix(".weight")
-        if self.adapter is not None and module in self.adapter.lora:
-            t = t.float() + self.adapter.delta(module)
-        return t
+        lora = self.adapter is not None and module in self.adapter.lora
+        if name in self.extra:
+            yield self.extra[name].float() + (self.adapter.delta(module) if lora else 0)
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), "pt") as f:
+            t = f.get_tensor(name)
+            yield t.float() + self.adapter.delta(module) if lora else t
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The tensor `name` (an owned copy)."""
+        with self.mapped(name) as t:
+            return t.clone()
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self.shapes
 
     def __iter__(self):
         return iter(self.shapes)
