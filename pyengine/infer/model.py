@@ -1,7 +1,8 @@
 """A lean Llama-family decoder for inference (Llama, Mistral, Qwen2 Hugging Face directories).
 
 The model is an nn.Module tree built from a DecoderConfig (gpt-fast style): embed
-(nn.Embedding), layers (Block: attn_norm, qkv, o, mlp_norm, gate_up, down), norm, lm_head,
+(nn.Embedding), layers (Block: RMSNorm weights attn_norm, mlp_norm; linears qkv, o, gate_up,
+down), the final RMSNorm weight norm, lm_head (nn.Linear, the embedding's Parameter when tied),
 so it has a state_dict, `.to(dtype)` and module swapping: quantization replaces each
 nn.Linear by a pyengine.nn.quant.QuantLinear (`quantize`).  The KV cache
 [layers, 2, kv_heads, max_len, head_dim] (model dtype) and the RoPE table (complex64, kept
@@ -33,6 +34,7 @@ so a decode step is kept to ~20 torch calls per layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -153,7 +155,8 @@ def open_checkpoint(model_dir: str | Path, adapter: str | Path | None = None):
 # The model
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t, requires_grad=False)
+    """`t` as a frozen Parameter (a Parameter stays itself, so a tied head stays tied)."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -181,13 +184,30 @@ def quantize_linear(linear: nn.Linear, fmt: str, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """One pre-norm decoder layer's modules (LlamaDecoder.forward runs them)."""
+    """One pre-norm decoder layer: RMSNorm weights attn_norm / mlp_norm [H] and the linears
+    qkv, o, gate_up, down (LlamaDecoder.forward_torch runs them)."""
 
-    def __init__(self, attn_norm: nn.RMSNorm, qkv: nn.Module, o: nn.Module, mlp_norm: nn.RMSNorm,
-                 gate_up: nn.Module, down: nn.Module):
+    def __init__(self, attn_norm: torch.Tensor, qkv: nn.Module, o: nn.Module,
+                 mlp_norm: torch.Tensor, gate_up: nn.Module, down: nn.Module):
         super().__init__()
-        self.attn_norm, self.qkv, self.o = attn_norm, qkv, o
-        self.mlp_norm, self.gate_up, self.down = mlp_norm, gate_up, down
+        self.attn_norm, self.mlp_norm = _frozen(attn_norm), _frozen(mlp_norm)
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self.__dict__.pop("steps", None)  # a swapped-in module or weight is the one that runs
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("steps", None)  # .to() may put new tensors in
+        return super()._apply(fn, recurse)
+
+    @functools.cached_property
+    def steps(self) -> tuple:
+        """(attn_norm, qkv, o, mlp_norm, gate_up, down): the norm weights and the linears'
+        forward methods, looked up once for the per-token loop (Module.__call__ and
+        __getattr__ cost ~1 us each: ~5-10% of a small model's decode step)."""
+        return (self.attn_norm, self.qkv.forward, self.o.forward, self.mlp_norm,
+                self.gate_up.forward, self.down.forward)
 
 
 class LlamaDecoder(nn.Module):
@@ -219,18 +239,13 @@ class LlamaDecoder(nn.Module):
                 return m
             return quantize_linear(m, quant, ", ".join(w.hf for w in table.by_ours[ours + ".weight"]))
 
-        def norm(ours: str) -> nn.RMSNorm:
-            m = nn.RMSNorm(cfg.hidden, cfg.rms_eps, device="meta")
-            m.weight = _frozen(load(ours))
-            return m
-
         self.embed = nn.Embedding.from_pretrained(load("embed.weight"), freeze=True)
         self.layers = nn.ModuleList(
-            Block(norm(f"layers.{i}.attn_norm.weight"), linear(f"layers.{i}.qkv"),
-                  linear(f"layers.{i}.o"), norm(f"layers.{i}.mlp_norm.weight"),
-                  linear(f"layers.{i}.gate_up"), linear(f"layers.{i}.down"))
+            Block(load(f"layers.{i}.attn_norm"), linear(f"layers.{i}.qkv"), linear(f"layers.{i}.o"),
+                  load(f"layers.{i}.mlp_norm"), linear(f"layers.{i}.gate_up"),
+                  linear(f"layers.{i}.down"))
             for i in range(cfg.n_layers))
-        self.norm = norm("norm.weight")
+        self.norm = _frozen(load("norm"))
         if not cfg.tied_embeddings and "lm_head.weight" in state:
             self.lm_head = linear("lm_head")
         else:  # tied: the embedding's Parameter (quantized: from it)
@@ -289,11 +304,12 @@ class LlamaDecoder(nn.Module):
         return self.forward_torch(tokens, start, all_logits)
 
     def forward_torch(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
-        """forward's torch body (any T; the KV cache must hold start + T positions)."""
+        """forward's torch body (any T; the KV cache must hold start + T positions). The
+        layers' linears run through Block.steps (their forward: no module hooks)."""
         T = tokens.shape[0]
         end = start + T
         c = self.cfg
-        nh, nkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        nh, nkv, hd, eps, hidden = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps, (c.hidden,)
         groups, qk_width, q_width = nh // nkv, (nh + nkv) * hd, nh * hd
         rope = self.rope[start:end, None, :]  # [T, 1, d/2]
         if T == 1:
@@ -306,7 +322,8 @@ class LlamaDecoder(nn.Module):
         x = self.embed(tokens)
         rope_in_fp32 = x.dtype != torch.float32
         for layer, kv in zip(self.layers, self.kv_cache):
-            qkv = layer.qkv(layer.attn_norm(x))
+            attn_norm, qkv_proj, o_proj, mlp_norm, gate_up_proj, down_proj = layer.steps
+            qkv = qkv_proj(F.rms_norm(x, hidden, attn_norm, eps))
             # rotate q and k in place inside qkv, then write k and v to the cache in one copy
             qk = qkv[:, :qk_width].view(T, nh + nkv, hd // 2, 2)
             if rope_in_fp32:
@@ -322,11 +339,10 @@ class LlamaDecoder(nn.Module):
                 q = qkv[:, :q_width].view(T, nh, hd).transpose(0, 1)[None]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                       enable_gqa=groups > 1)[0].transpose(0, 1)
-            x = x + layer.o(attn.reshape(T, q_width))
-            gate_up = layer.gate_up(layer.mlp_norm(x))
-            gate, up = gate_up.chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + o_proj(attn.reshape(T, q_width))
+            gate, up = gate_up_proj(F.rms_norm(x, hidden, mlp_norm, eps)).chunk(2, dim=-1)
+            x = x + down_proj(F.silu(gate) * up)
         if not all_logits:
             x = x[-1:]
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(F.rms_norm(x, hidden, self.norm, eps)).float()
         return logits if all_logits else logits[0]

@@ -39,17 +39,17 @@ class WeightName:
 
 GLOBAL_WEIGHTS = (
     WeightName("model.embed_tokens.weight", "embed.weight", "token_embd.weight"),
-    WeightName("model.norm.weight", "norm.weight", "output_norm.weight"),
+    WeightName("model.norm.weight", "norm", "output_norm.weight"),
     WeightName("lm_head.weight", "lm_head.weight", "output.weight", optional=True),
 )
 
 
 def _layer_weights() -> tuple[WeightName, ...]:
     """Per-layer rows ("{i}": the layer index) in GGUF tensor order."""
-    rows = [WeightName("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight",
+    rows = [WeightName("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm",
                        "blk.{i}.attn_norm.weight"),
             WeightName("model.layers.{i}.post_attention_layernorm.weight",
-                       "layers.{i}.mlp_norm.weight", "blk.{i}.ffn_norm.weight")]
+                       "layers.{i}.mlp_norm", "blk.{i}.ffn_norm.weight")]
     for hf, ours, gguf, rope in (("self_attn.q_proj", "qkv", "attn_q", "q"),
                                  ("self_attn.k_proj", "qkv", "attn_k", "k"),
                                  ("self_attn.v_proj", "qkv", "attn_v", None),
