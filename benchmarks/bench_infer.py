@@ -267,7 +267,8 @@ def measure(shapes, threads, engines, *, rounds=ROUNDS, new_tokens=NEW_TOKENS, p
         notes.append(f"llama.cpp not run: {llama_python} cannot import llama_cpp")
         engines = [e for e in engines if e != "llama.cpp"]
     result = {"engines": {}, "runs": [], "notes": notes, "settings": dict(
-        rounds=rounds, warmup_rounds=WARMUP_ROUNDS, new_tokens=new_tokens, env=list(PASSED_ENV))}
+        rounds=rounds, warmup_rounds=WARMUP_ROUNDS, new_tokens=new_tokens, env=list(PASSED_ENV),
+        start=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_start=os.getloadavg())}
     for shape in shapes:
         lengths = prompts or PROMPTS[shape]
         ctx = max(lengths) + new_tokens
@@ -305,6 +306,7 @@ def measure(shapes, threads, engines, *, rounds=ROUNDS, new_tokens=NEW_TOKENS, p
             finally:
                 for w in workers.values():
                     w.close()
+    result["settings"]["load_end"] = os.getloadavg()
     return result
 
 
@@ -337,8 +339,10 @@ def summarize(result: dict) -> list[dict]:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
-    lines = [f"{s['new_tokens']} new tokens, median of {s['rounds']} interleaved rounds "
-             f"after {s['warmup_rounds']} warm-up; ratios = median of per-round ours/peer.", "",
+    load = " -> ".join("/".join(f"{x:.1f}" for x in s[k]) for k in ("load_start", "load_end"))
+    lines = [f"{s['start']}, load average (1/5/15 min) {load}. {s['new_tokens']} new tokens, "
+             f"median of {s['rounds']} interleaved rounds after {s['warmup_rounds']} warm-up; "
+             "ratios = median of per-round ours/peer.", "",
              "| shape | threads | prompt | engine | weights | prefill tok/s | decode tok/s "
              "| peer | ours/peer prefill | ours/peer decode | same greedy ids |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -382,8 +386,11 @@ def main(argv=None) -> int:
     if a.prepare:
         print(json.dumps(prepare(a.prepare, a.formats, a.cache)))
         return 0
-    if min(a.threads) < 1 or a.rounds < 1 or a.new_tokens < 2 or min(a.prompt_tokens or [1]) < 1:
-        ap.error("--threads, --rounds, --prompt-tokens must be >= 1 and --new-tokens >= 2")
+    for flag, values, least in (("--threads", a.threads, 1), ("--rounds", [a.rounds], 1),
+                                ("--prompt-tokens", a.prompt_tokens or [], 1),
+                                ("--new-tokens", [a.new_tokens], 2)):
+        if any(v < least for v in values):
+            ap.error(f"{flag} must be >= {least}, got {' '.join(map(str, values))}")
     if a.quick:
         a.shape, a.new_tokens, a.rounds = ["135m"], 8, 1
     result = measure(a.shape or ["135m"], a.threads, a.engines, rounds=a.rounds,
