@@ -43,7 +43,8 @@ bench: setup build
 # The inference benchmark (benchmarks/bench_infer.py; every engine in its own process with a
 # clean environment). The peer, llama-cpp-python, gets its own venv, installed as a user
 # would get it from PyPI: a native build with the default CMAKE_ARGS, compiled once (~15-25
-# min on 2 cores) into a wheel kept in LLAMA_NATIVE_WHEELS (apart from the portable one).
+# min on 2 cores) into a wheel kept in LLAMA_NATIVE_WHEELS (apart from the portable one;
+# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a portable build).
 LLAMA_VENV ?= .venv-llamacpp
 LLAMA_NATIVE_WHEELS ?= $(HOME)/.cache/pyengine/wheels-native
 BENCH_INFER_ARGS ?= --shape 135m --shape 1b --threads 1 2
@@ -51,7 +52,7 @@ BENCH_INFER_ARGS ?= --shape 135m --shape 1b --threads 1 2
 $(LLAMA_VENV)/.setup-done:
 	test -x $(LLAMA_VENV)/bin/python || $(PY) -m venv $(LLAMA_VENV)
 	ls $(LLAMA_NATIVE_WHEELS)/$(LLAMA_WHEEL)-*.whl >/dev/null 2>&1 || \
-	  $(LLAMA_VENV)/bin/python -m pip wheel -q --no-deps -w $(LLAMA_NATIVE_WHEELS) $(LLAMA_CPP_PYTHON)
+	  $(LLAMA_VENV)/bin/python -m pip wheel -q --no-deps --no-cache-dir -w $(LLAMA_NATIVE_WHEELS) $(LLAMA_CPP_PYTHON)
 	$(LLAMA_VENV)/bin/python -m pip install -q --only-binary llama-cpp-python \
 	  --find-links $(LLAMA_NATIVE_WHEELS) $(LLAMA_CPP_PYTHON)
 	touch $@

@@ -48,6 +48,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -224,8 +225,11 @@ class Worker:
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the {self.label} worker exited (status {self.proc.wait()}); "
-                               "its stderr is above")
+            status = self.proc.wait()
+            how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited ({status})"
+            hint = (" (an instruction this CPU or VM refuses; see benchmarks/RESULTS_infer.md "
+                    "on native llama.cpp builds and AMX)" if status == -signal.SIGILL else "")
+            raise RuntimeError(f"the {self.label} worker {how}{hint}; its stderr is above")
         return json.loads(line)
 
     def generate(self, prompt: list[int], new_tokens: int) -> dict:
