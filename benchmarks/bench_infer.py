@@ -82,8 +82,10 @@ LLAMA_VENV_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 
 # ------------------------------------------------------------------ inputs (own process)
 def prepare(shape: str, formats: list[str], cache: Path) -> dict:
-    """The HF directory at `shape` (built once) and its GGUF files in `formats`, rewritten
-    when older than the directory or than pyengine/export.py."""
+    """The HF directory at `shape` (built once, complete or absent) and its GGUF files in
+    `formats`, rewritten when older than the directory or than any pyengine source file."""
+    import shutil
+
     import torch
     import transformers
     from pyengine.export import to_gguf
@@ -92,10 +94,10 @@ def prepare(shape: str, formats: list[str], cache: Path) -> dict:
     from tiny_llama import save_tiny_tokenizer
 
     model_dir = cache / shape
-    weights = model_dir / "config.json"  # written last by save_pretrained
-    if not weights.is_file():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_tiny_tokenizer(model_dir)
+    if not model_dir.is_dir():
+        partial = cache / f"{shape}.partial"  # ours: a build that was interrupted
+        shutil.rmtree(partial, ignore_errors=True)
+        save_tiny_tokenizer(partial)
         cfg = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True,
                                        max_position_embeddings=2048, rope_theta=10000.0,
                                        bos_token_id=0, eos_token_id=1)
@@ -103,8 +105,9 @@ def prepare(shape: str, formats: list[str], cache: Path) -> dict:
         model = transformers.LlamaForCausalLM(cfg)
         if shape == "1b":  # bf16 on disk halves the file; every engine reads the same numbers
             model = model.to(torch.bfloat16)
-        model.save_pretrained(model_dir)
-    newest_input = max(weights.stat().st_mtime, (ROOT / "pyengine" / "export.py").stat().st_mtime)
+        model.save_pretrained(partial)
+        partial.rename(model_dir)
+    newest_input = max(p.stat().st_mtime for p in [model_dir, *(ROOT / "pyengine").rglob("*.py")])
     ggufs = {}
     for fmt in formats:
         path = cache / f"{shape}-{fmt}.gguf"
