@@ -229,7 +229,8 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line:
             status = self.proc.wait()
-            how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"exited ({status})"
+            how = (f"was killed by {signal.Signals(-status).name}" if status < 0
+                   else f"exited ({status})")
             hint = (" (an instruction this CPU or VM refuses; see benchmarks/RESULTS_infer.md "
                     "on native llama.cpp builds and AMX)" if status == -signal.SIGILL else "")
             raise RuntimeError(f"the {self.label} worker {how}{hint}; its stderr is above")
@@ -378,11 +379,14 @@ def main(argv=None) -> int:
                     help=f"prompt lengths (default per shape: {PROMPTS})")
     ap.add_argument("--quick", action="store_true",
                     help="check the harness: 135m, 8 new tokens, 1 round")
-    ap.add_argument("--python", default=sys.executable, help="interpreter for pyengine and transformers")
-    ap.add_argument("--llama-python", help=f"interpreter for llama.cpp (default {LLAMA_VENV_PYTHON} "
-                    "if present, else this one)")
-    ap.add_argument("--cache", type=Path, default=CACHE, help="model directories and GGUF files")
-    ap.add_argument("--json", action="store_true", help="print JSON (every run) instead of markdown")
+    ap.add_argument("--python", default=sys.executable,
+                    help="interpreter for pyengine and transformers")
+    ap.add_argument("--llama-python", help="interpreter for llama.cpp (default "
+                    f"{LLAMA_VENV_PYTHON} if present, else this one)")
+    ap.add_argument("--cache", type=Path, default=CACHE,
+                    help="model directories and GGUF files")
+    ap.add_argument("--json", action="store_true",
+                    help="print JSON (every run) instead of markdown")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--prepare", choices=tuple(SHAPES), help=argparse.SUPPRESS)
     ap.add_argument("--formats", nargs="*", default=[], help=argparse.SUPPRESS)
@@ -443,6 +447,7 @@ def test_decode_135m_gates(benchmark):
                                 kwargs=dict(rounds=3, llama_python=llama_python),
                                 rounds=1, iterations=1)
     rows = {row["weights"]: row for row in summarize(result) if row["engine"] == "pyengine"}
-    benchmark.extra_info.update({f"decode_ratio_{v}": rows[v]["decode_ratio"] for v in ("q8_0", "q4_0")})
+    benchmark.extra_info.update({f"decode_ratio_{v}": rows[v]["decode_ratio"]
+                                 for v in ("q8_0", "q4_0")})
     for v in ("q8_0", "q4_0"):
         assert rows[v]["decode_ratio"] >= 1.0, (v, rows[v])
