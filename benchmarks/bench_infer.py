@@ -77,7 +77,14 @@ PASSED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "
               "TMPDIR", "TZ")
 NEW_TOKENS, ROUNDS, WARMUP_ROUNDS = 64, 5, 1
 CACHE = Path("/tmp/pyengine_bench_infer")
-LLAMA_VENV_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
+LLAMA_VENVS = (".venv-llamacpp-noamx", ".venv-llamacpp")  # made by make bench-infer
+
+
+def default_llama_python() -> str:
+    """The first peer venv `make bench-infer` made (the no-AMX one is only built where the
+    default one crashes), else this interpreter."""
+    found = [p for p in (ROOT / v / "bin" / "python" for v in LLAMA_VENVS) if p.is_file()]
+    return str(found[0]) if found else sys.executable
 
 
 # ------------------------------------------------------------------ inputs (own process)
@@ -267,8 +274,7 @@ def measure(shapes, threads, engines, *, rounds=ROUNDS, new_tokens=NEW_TOKENS, p
             python=sys.executable, llama_python=None, cache=CACHE) -> dict:
     """Run the interleaved rounds; returns {"engines": ..., "runs": [...]} (JSON-able).
     llama.cpp is left out, with a note, when `llama_python` cannot import llama_cpp."""
-    llama_python = llama_python or str(LLAMA_VENV_PYTHON if LLAMA_VENV_PYTHON.is_file()
-                                       else sys.executable)
+    llama_python = llama_python or default_llama_python()
     pythons = {"pyengine": python, "transformers": python, "llama.cpp": llama_python}
     notes = []
     if "llama.cpp" in engines and not has_llama_cpp(llama_python):
@@ -382,7 +388,7 @@ def main(argv=None) -> int:
     ap.add_argument("--python", default=sys.executable,
                     help="interpreter for pyengine and transformers")
     ap.add_argument("--llama-python", help="interpreter for llama.cpp (default "
-                    f"{LLAMA_VENV_PYTHON} if present, else this one)")
+                    f"{' or '.join(LLAMA_VENVS)} if present, else this one)")
     ap.add_argument("--cache", type=Path, default=CACHE,
                     help="model directories and GGUF files")
     ap.add_argument("--json", action="store_true",
@@ -440,7 +446,7 @@ def test_decode_135m_gates(benchmark):
     in this run. The timed body is the whole interleaved run (workers' load included)."""
     import pytest
 
-    llama_python = str(LLAMA_VENV_PYTHON if LLAMA_VENV_PYTHON.is_file() else sys.executable)
+    llama_python = default_llama_python()
     if not has_llama_cpp(llama_python):
         pytest.skip(f"llama.cpp is not installed for {llama_python}")
     result = benchmark.pedantic(measure, args=(["135m"], [2], ["pyengine", "llama.cpp"]),
