@@ -3,7 +3,7 @@ its own process, measured the same way, rounds interleaved.
 
     python benchmarks/bench_infer.py --shape 135m --shape 1b --threads 1 2   # the table
     python benchmarks/bench_infer.py --quick          # harness check: 135m, 8 tokens, 1 round
-    make bench-infer                                  # the peer in .venv-llamacpp, then the above
+    make bench-infer [LLAMA_NO_AMX=1]                 # the peer in .venv-llamacpp*, then the above
     pytest benchmarks/bench_infer.py                  # 135m gates + a tiny-shape harness test
 
 Model: a Llama with random weights at a given shape, written once as an HF directory
@@ -13,7 +13,7 @@ Model: a Llama with random weights at a given shape, written once as an HF direc
   1b   = 16 layers, H 2048, I 8192, 32 heads / 8 kv, V 49152, tied head.
 Engines (weights are the same numbers for every engine):
   pyengine      the library API: torch.set_num_threads(T); pyengine.infer.load_model(dir,
-                quant=q8_0|q4_0, or dtype fp32 at 135m) and generate_ids(...), greedy;
+                quant=q8_0 | q4_0 | none (fp32, 135m only)) and generate_ids(...), greedy;
   llama.cpp     llama-cpp-python's Llama(gguf, n_threads=T, n_threads_batch=T, other
                 settings default) and its generate(ids, temp=0) (greedy sampler chain,
                 its per-token Python included, as ours is), on the GGUF that
