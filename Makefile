@@ -32,7 +32,7 @@ LLAMA_WHEEL := $(subst ==,-,$(subst -,_,$(LLAMA_CPP_PYTHON)))
 test-llamacpp: setup build
 	$(PY) -c "import llama_cpp" 2>/dev/null || { \
 	  { ls $(LLAMA_WHEELS)/$(LLAMA_WHEEL)-*.whl >/dev/null 2>&1 || \
-	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel -q --no-deps -w $(LLAMA_WHEELS) $(LLAMA_CPP_PYTHON); } && \
+	    CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) wheel -q --no-cache-dir --no-deps -w $(LLAMA_WHEELS) $(LLAMA_CPP_PYTHON); } && \
 	  $(PIP) install -q diskcache jinja2 typing-extensions numpy && \
 	  $(PIP) install -q --no-index --no-deps --find-links $(LLAMA_WHEELS) $(LLAMA_CPP_PYTHON); }
 	PYENGINE_REQUIRE_LLAMA_CPP=1 $(PY) -m pytest -q tests/test_export.py -k llama_cpp
