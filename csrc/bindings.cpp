@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 
 #include "attention.h"
 #include "cpu_features.h"
@@ -194,6 +195,19 @@ PYBIND11_MODULE(_C, m) {
         quant_dequantize(w, row_begin, row_end, ptr<void>(out), out_dtype, num_threads);
       },
       "out[rows, k] (fp32 / bf16) = dequant(qs, scales) rows [row_begin, row_end) (csrc/quant.h).");
+  m.def(
+      "quant_formats",
+      [] {
+        py::dict out;
+        for (int i = 0; i < kNumQuantFmts; ++i) {
+          const QuantFormat& f = kQuantFormats[i];
+          std::vector<float> book(f.codebook, f.codebook + f.codebook_size);
+          out[f.name] = py::make_tuple(i, f.block, f.bits, f.is_signed, f.zero, book);
+        }
+        return out;
+      },
+      "The compiled format table {name: (code, block, bits, signed, zero, codebook)}: "
+      "pyengine/quant_formats.py as of the build.");
   m.def("quant_act_row_bytes", &quant_act_row_bytes,
         "Bytes of one token's quantized activations in the quant_matmul buffer layout.");
   m.def(

@@ -145,6 +145,17 @@ def test_gguf_blocks_and_file_round_trip(fmt, tmp_path):
     assert torch.equal(loaded.dequantize(), qw.dequantize())
 
 
+@needs_ext
+def test_compiled_format_table_is_the_python_table():
+    """The C++ templates take their constants from a header the build renders from
+    pyengine.quant_formats: the extension's compiled table must equal FORMATS (a stale
+    header, or constants typed into csrc/ again, would differ)."""
+    want = {name: (s.code, s.block, s.bits, s.signed, s.zero, list(s.codebook or ()))
+            for name, s in FORMATS.items()}
+    assert _ext._C.quant_formats() == want
+    assert FMT_CODES == {name: s.code for name, s in FORMATS.items()}
+
+
 # ------------------------------------------------------------------ errors
 def test_quantize_errors():
     with pytest.raises(ValueError, match="K=40 is not a multiple of the block size 32"):

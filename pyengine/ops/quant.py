@@ -31,7 +31,7 @@ from pyengine.quant import FORMATS, QuantizedWeight, dequantize_rows
 
 OP = "quant_matmul"
 register_op(OP, ("ref", "cpu", "triton"))
-FMT_CODES = {"q8_0": 0, "q4_0": 1, "nf4": 2}
+FMT_CODES = {name: spec.code for name, spec in FORMATS.items()}  # fmt of pyengine._C
 X_DTYPES = (torch.float32, torch.bfloat16)
 DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 weight rows dequantized at a time in backward (torch)
 # bf16 x with at least this many rows: dequantize + torch's bf16 GEMM beats the int8
@@ -72,7 +72,7 @@ def _cpu(x2, qs, scales, fmt, bias):
 
 def _triton(x2, qs, scales, fmt, bias):
     from pyengine.kernels.quant_matmul import quant_matmul as tq
-    return tq(x2, qs, scales, FMT_CODES[fmt], bias)
+    return tq(x2, qs, scales, fmt, bias)
 
 
 def _ref(x2, qs, scales, fmt, bias):
