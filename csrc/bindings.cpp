@@ -187,6 +187,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "y[m, n] = x[m, k] @ dequant(qs, scales).T + bias (see csrc/quant.h).");
   m.def(
+      "quant_matmul_amx",
+      [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, uintptr_t x, int64_t m,
+         uintptr_t bias, uintptr_t y, int num_threads) {
+        if (!amx_active()) throw std::runtime_error("quant_matmul_amx: AMX is not active");
+        QuantWeights w{fmt, ptr<const uint8_t>(qs), ptr<const uint16_t>(scales), n, k};
+        py::gil_scoped_release nogil;
+        quant_matmul_amx(w, ptr<const float>(x), m, ptr<const float>(bias), ptr<float>(y),
+                         num_threads);
+      },
+      "y[m, n] fp32 = bf16(x[m, k] fp32) @ bf16(dequant(qs, scales)).T + bias on AMX tiles "
+      "(the prefill GEMM; see csrc/quant_amx.cpp).");
+  m.def(
       "quant_dequantize",
       [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, int64_t row_begin,
          int64_t row_end, uintptr_t out, int out_dtype, int num_threads) {

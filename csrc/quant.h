@@ -55,6 +55,12 @@ void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
 void quant_dequantize(const QuantWeights& w, int64_t row_begin, int64_t row_end, void* out,
                       int out_dtype, int num_threads);
 
+// y [m, n] fp32 = bf16(x) @ bf16(dequant(w)).T + bias (x fp32 [m, k], bias fp32 [n] or null)
+// on AMX bf16 tiles, the weight dequantized a panel at a time (quant_amx.cpp): the prefill
+// GEMM.  Call only while amx_active() (cpu_features.h).
+void quant_matmul_amx(const QuantWeights& w, const float* x, int64_t m, const float* bias,
+                      float* y, int num_threads);
+
 #define PYENGINE_QUANT_DECLS                                                                \
   void quantize_act_rows(int fmt, const void* x, int x_dtype, int64_t k, int64_t row_begin, \
                          int64_t row_end, uint8_t* act);                                    \
