@@ -6,10 +6,12 @@
 //   so the [n, k] weight is never materialised; each row is dequantized once per call.
 //   x is rounded to bf16 once per call into B tiles (pairs of reduction elements
 //   interleaved, x rows m..mp zero).
-// Per panel: blocks of 32 weight rows x 32 x rows, four 16 x 16 fp32 accumulator tiles,
-// k in steps of 32 (two A tiles, two B tiles, four products); the block (y transposed) is
-// stored to a scratch tile and written to y with the bias.  Every output comes from one thread in a fixed
-// k order: the same bits for any thread count.
+// Per panel of up to 128 weight rows, k in chunks of 2048 (a chunk of the panel and of x
+// stay in L2): blocks of 32 weight rows x 32 x rows, four 16 x 16 fp32 accumulator tiles
+// (carried across chunks in a per-thread buffer), k in steps of 32 (two A tiles, two B
+// tiles, four products); after the last chunk the block (y transposed) is written to y
+// with the bias.  Every output comes from one thread in a fixed k order: the same bits
+// for any thread count.
 // Numerics: y is plain bf16 GEMM math (x and W rounded to bf16, exact products, fp32
 // sums), i.e. what torch's bf16 F.linear on dequantize(bfloat16) computes before its
 // final rounding to bf16; more exact in x than the int8 kernel (8 significant bits per
@@ -29,7 +31,7 @@ namespace amx {
 namespace {
 
 using bf16 = uint16_t;
-constexpr int64_t kBlk = 32;                       // x rows and weight rows per tile block
+constexpr int64_t kBlk = 32;                         // x rows, weight rows per block
 constexpr int64_t kChunk = 2048;                     // k per pass over a panel
 constexpr int64_t kPanelBytes = int64_t(512) << 10;  // a panel's k chunk stays in L2
 constexpr int64_t kMaxPanel = 128;                   // weight rows per panel
@@ -38,8 +40,9 @@ constexpr int64_t kMaxPanel = 128;                   // weight rows per panel
 // k order: tile (block, ks) at (block * nks + ks) * 1 KB, nks = k / 32.  A tile loads are
 // then sequential (no 4 KB-strided rows aliasing in L1).
 inline __m512i iota16(int step) {
-  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                            _mm512_set1_epi32(step));
+  return _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(step));
 }
 
 // x rows [b, e) (fp32 [m, k]) -> xp, B tiles of 16 x rows: row kk of tile (t / 16, ks) holds
