@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 
 #include "attention.h"
 #include "cpu_features.h"
@@ -186,6 +187,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "y[m, n] = x[m, k] @ dequant(qs, scales).T + bias (see csrc/quant.h).");
   m.def(
+      "quant_matmul_amx",
+      [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, uintptr_t x, int64_t m,
+         uintptr_t bias, uintptr_t y, int num_threads) {
+        if (!amx_active()) throw std::runtime_error("quant_matmul_amx: AMX is not active");
+        QuantWeights w{fmt, ptr<const uint8_t>(qs), ptr<const uint16_t>(scales), n, k};
+        py::gil_scoped_release nogil;
+        quant_matmul_amx(w, ptr<const float>(x), m, ptr<const float>(bias), ptr<float>(y),
+                         num_threads);
+      },
+      "y[m, n] fp32 = bf16(x[m, k] fp32) @ bf16(dequant(qs, scales)).T + bias on AMX tiles "
+      "(the prefill GEMM; see csrc/quant_amx.cpp).");
+  m.def(
       "quant_dequantize",
       [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, int64_t row_begin,
          int64_t row_end, uintptr_t out, int out_dtype, int num_threads) {
@@ -194,6 +207,19 @@ PYBIND11_MODULE(_C, m) {
         quant_dequantize(w, row_begin, row_end, ptr<void>(out), out_dtype, num_threads);
       },
       "out[rows, k] (fp32 / bf16) = dequant(qs, scales) rows [row_begin, row_end) (csrc/quant.h).");
+  m.def(
+      "quant_formats",
+      [] {
+        py::dict out;
+        for (int i = 0; i < kNumQuantFmts; ++i) {
+          const QuantFormat& f = kQuantFormats[i];
+          std::vector<float> book(f.codebook, f.codebook + f.codebook_size);
+          out[f.name] = py::make_tuple(i, f.block, f.bits, f.is_signed, f.zero, book);
+        }
+        return out;
+      },
+      "The compiled format table {name: (code, block, bits, signed, zero, codebook)}: "
+      "pyengine/quant_formats.py as of the build.");
   m.def("quant_act_row_bytes", &quant_act_row_bytes,
         "Bytes of one token's quantized activations in the quant_matmul buffer layout.");
   m.def(

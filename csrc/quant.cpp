@@ -34,7 +34,7 @@ struct FreeDeleter {
 }  // namespace
 
 int64_t quant_act_row_bytes(int fmt, int64_t k) {
-  const scalar::Layout& L = scalar::kLayouts[fmt];
+  const scalar::Layout L = scalar::layout_of(fmt);
   return scalar::n_groups(L, k) * L.group_bytes();
 }
 
