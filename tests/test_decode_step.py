@@ -13,9 +13,10 @@ O(1) of the logits.
 import pytest
 import torch
 
-from pyengine.infer import load_model
+from pyengine.infer import LlamaDecoder, load_model
 from pyengine.infer.decode_step import from_decoder
-from tests.conftest import num_threads, requires_ext
+from pyengine import _ext
+from tests.conftest import ISAS, num_threads, requires_ext
 from tests.tiny_llama import save_tiny_model
 
 pytestmark = requires_ext
@@ -93,17 +94,22 @@ def test_same_bits_on_one_and_two_threads(model_dir):
     assert torch.equal(runs[0], runs[1])
 
 
+def test_same_bits_on_every_isa(model_dir, restore_isa, one_thread):
+    """The step's GEMVs dispatch by ISA like quant_matmul (scalar / AVX2 / AVX-512 kernels
+    give the same integers and fp32 operations), the rest is baseline code: same logits."""
+    runs = []
+    for isa in ISAS[:ISAS.index(_ext._C.best_isa()) + 1]:
+        _ext._C.set_isa_cap(isa)
+        runs.append(greedy(load_model(model_dir, quant="q4_0", max_len=64), steps=6)[0])
+    for other in runs[1:]:
+        assert torch.equal(other, runs[0])
+
+
 def test_kv_cache_defaults_and_bad_kv_dtype(model_dir):
     assert load_model(model_dir, quant="q4_0", max_len=8).kv_cache.dtype == torch.bfloat16
     assert load_model(model_dir, max_len=8).kv_cache.dtype == torch.float32
     with pytest.raises(ValueError, match="kv_dtype must be float32 or bfloat16, got torch.float16"):
-        load_model(model_dir, max_len=8).__class__(
-            *_cfg_state(model_dir), kv_dtype=torch.float16)
-
-
-def _cfg_state(model_dir):
-    from pyengine.infer.model import load_hf_state
-    return load_hf_state(model_dir)
+        LlamaDecoder.from_pretrained(model_dir, max_len=8, kv_dtype=torch.float16)
 
 
 def test_cache_full_and_bad_token_are_clear_errors(model_dir, one_thread):
