@@ -1,7 +1,8 @@
-// The decode step of decode.h: the GEMVs are csrc/quant.h's kernels; the small ops
-// (rmsnorm, RoPE, attention over the cache, silu * up) are plain loops, a few microseconds
-// a layer next to the weight reads.
-#include "decode.h"
+// The decode step of decode.h: the GEMVs are csrc/quant.h's kernels, attention is
+// decode_impl.h (per ISA); the small ops (rmsnorm, RoPE, silu * up) are plain loops, a few
+// microseconds a layer next to the weight reads.  Also the scalar build of decode_impl.h.
+#define PYENGINE_ISA_NS scalar
+#include "decode_impl.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,6 +12,7 @@
 #include <string>
 
 #include "common.h"
+#include "cpu_features.h"
 #include "parallel.h"
 
 namespace pyengine {
@@ -33,39 +35,15 @@ void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-inline float load(float v) { return v; }
-inline float load(uint16_t v) { return bf16_to_f32(v); }
 inline void put(float* p, float v) { *p = v; }
 inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
 
-// One query head over positions [0, len) of its kv head: out = softmax(q k^T * scale) v.
-template <typename T>
-void attend(const float* q, const T* keys, const T* values, int64_t len, int64_t d, float scale,
-            float* scores, float* out) {
-  float mx = -INFINITY;
-  for (int64_t j = 0; j < len; ++j) {
-    const T* k = keys + j * d;
-    float acc[8] = {0.f};
-    for (int64_t i = 0; i < d; i += 8)
-      for (int l = 0; l < 8; ++l) acc[l] += q[i + l] * load(k[i + l]);
-    const float s = (((acc[0] + acc[4]) + (acc[1] + acc[5])) +
-                     ((acc[2] + acc[6]) + (acc[3] + acc[7]))) * scale;
-    scores[j] = s;
-    mx = std::max(mx, s);
+decltype(&scalar::decode_attend) attend_kernel() {
+  switch (active_isa()) {
+    case Isa::kAvx512: return avx512::decode_attend;
+    case Isa::kAvx2: return avx2::decode_attend;
+    default: return scalar::decode_attend;
   }
-  float sum = 0.f;
-  for (int64_t j = 0; j < len; ++j) {
-    scores[j] = std::exp(scores[j] - mx);
-    sum += scores[j];
-  }
-  std::fill(out, out + d, 0.f);
-  for (int64_t j = 0; j < len; ++j) {
-    const T* v = values + j * d;
-    const float p = scores[j];
-    for (int64_t i = 0; i < d; ++i) out[i] += p * load(v[i]);
-  }
-  const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < d; ++i) out[i] *= inv;
 }
 
 }  // namespace
@@ -87,9 +65,9 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
       kv_(kv_cache), rope_(rope), fmt_(head.w.fmt) {
   const int64_t H = c_.hidden, I = c_.intermediate, d = c_.head_dim, nh = c_.n_heads,
                 nkv = c_.n_kv_heads;
-  if (d <= 0 || d % 8 || nkv <= 0 || nh % nkv)
+  if (d <= 0 || d % 16 || nkv <= 0 || nh % nkv)
     throw std::invalid_argument("decode step: head_dim " + std::to_string(d) +
-                                " must be a positive multiple of 8 and n_heads " +
+                                " must be a positive multiple of 16 and n_heads " +
                                 std::to_string(nh) + " a multiple of n_kv_heads " +
                                 std::to_string(nkv));
   if (c_.kv_dtype != kF32 && c_.kv_dtype != kBF16)
@@ -131,18 +109,12 @@ void DecodeStep::attention(int64_t layer, int64_t pos, int num_threads) {
   const float* q = f32(qkv_);
   const int64_t elem = c_.kv_dtype == kF32 ? 4 : 2;
   const uint8_t* base = static_cast<const uint8_t*>(kv_) + layer * 2 * nkv * kv_stride * elem;
+  auto attend = attend_kernel();
   parallel_for(nh, num_threads, 1, [&](int64_t b, int64_t e) {
     for (int64_t h = b; h < e; ++h) {
       const uint8_t* k = base + (h / groups) * kv_stride * elem;
-      const uint8_t* v = k + nkv * kv_stride * elem;
-      float* scores = f32(scores_) + h * c_.max_len;
-      float* out = f32(attn_) + h * d;
-      if (c_.kv_dtype == kF32)
-        attend(q + h * d, reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v),
-               pos + 1, d, scale, scores, out);
-      else
-        attend(q + h * d, reinterpret_cast<const uint16_t*>(k),
-               reinterpret_cast<const uint16_t*>(v), pos + 1, d, scale, scores, out);
+      attend(q + h * d, k, k + nkv * kv_stride * elem, c_.kv_dtype, pos + 1, d, scale,
+             f32(scores_) + h * c_.max_len, f32(attn_) + h * d);
     }
   });
 }

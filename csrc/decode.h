@@ -20,7 +20,8 @@
 // (cos, sin) fp32; logits fp32 [V].
 // Threads: one pool job per GEMV (rows) and one for attention (query heads); the rest runs
 // on the caller.  Every output element is computed by one thread in a fixed order, so the
-// logits are bit-identical for any thread count.
+// logits are bit-identical for any thread count (attention is compiled per ISA, so ISAs
+// may differ in the last bits).
 // Floor per token: the quantized weight bytes once (LM head included) + 2 * layers * nkv *
 // (pos + 1) * d cache elements.
 #pragma once
@@ -81,5 +82,15 @@ class DecodeStep {
   // gate_up, mlp hidden, quantized activations, attention scores per query head
   Buffer x_, xn_, qkv_, attn_, out_, gu_, h_, act_, scores_;
 };
+
+// One query head's attention (decode_impl.h), compiled per ISA: out[d] = softmax(q k^T *
+// scale) v over cache rows [0, len) (kv_dtype fp32 / bf16); scores: [len] scratch.
+#define PYENGINE_DECODE_DECLS                                                                \
+  void decode_attend(const float* q, const void* keys, const void* values, int kv_dtype,   \
+                     int64_t len, int64_t d, float scale, float* scores, float* out);
+namespace scalar { PYENGINE_DECODE_DECLS }
+namespace avx2 { PYENGINE_DECODE_DECLS }
+namespace avx512 { PYENGINE_DECODE_DECLS }
+#undef PYENGINE_DECODE_DECLS
 
 }  // namespace pyengine

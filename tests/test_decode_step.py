@@ -62,6 +62,13 @@ def greedy(model, steps=STEPS):
     return torch.stack(out_logits), tokens
 
 
+def assert_close_logits(got, want):
+    """[steps, V] logits within the tolerance of the module doc."""
+    err = (got - want).abs().amax(1) / want.abs().amax(1)
+    assert (err <= 1e-5).float().mean() >= 0.9, f"relative logit errors {err}"
+    assert err.max() <= 1e-2, f"max relative logit error {err.max():.2e} at step {err.argmax()}"
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv_fp32", "kv_bf16"])
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "nf4"])
 def test_step_logits_equal_the_torch_path(model_dir, fmt, kv_dtype, one_thread):
@@ -76,9 +83,7 @@ def test_step_logits_equal_the_torch_path(model_dir, fmt, kv_dtype, one_thread):
     assert step._step, "the C++ step was not used"
     want, want_tokens = greedy(torch_path)
     assert got_tokens == want_tokens
-    err = (got - want).abs().amax(1) / want.abs().amax(1)
-    assert (err <= 1e-5).float().mean() >= 0.9, f"relative logit errors {err}"
-    assert err.max() <= 1e-2, f"max relative logit error {err.max():.2e} at step {err.argmax()}"
+    assert_close_logits(got, want)
     # the k, v the step wrote are the torch path's (to their fp32 rounding, then kv_dtype's)
     end = len(PROMPT) + STEPS
     torch.testing.assert_close(step.kv_cache[..., :end, :].float(),
@@ -94,15 +99,16 @@ def test_same_bits_on_one_and_two_threads(model_dir):
     assert torch.equal(runs[0], runs[1])
 
 
-def test_same_bits_on_every_isa(model_dir, restore_isa, one_thread):
-    """The step's GEMVs dispatch by ISA like quant_matmul (scalar / AVX2 / AVX-512 kernels
-    give the same integers and fp32 operations), the rest is baseline code: same logits."""
+def test_every_isa_agrees(model_dir, restore_isa, one_thread):
+    """Per ISA (GEMVs: the same integers and fp32 operations; attention: vectorized by the
+    compiler per ISA, so the last bits may differ): the same tokens, logits as above."""
     runs = []
     for isa in ISAS[:ISAS.index(_ext._C.best_isa()) + 1]:
         _ext._C.set_isa_cap(isa)
-        runs.append(greedy(load_model(model_dir, quant="q4_0", max_len=64), steps=6)[0])
-    for other in runs[1:]:
-        assert torch.equal(other, runs[0])
+        runs.append(greedy(load_model(model_dir, quant="q4_0", max_len=64), steps=10))
+    for logits, tokens in runs[:-1]:
+        assert tokens == runs[-1][1]
+        assert_close_logits(logits, runs[-1][0])
 
 
 def test_kv_cache_defaults_and_bad_kv_dtype(model_dir):

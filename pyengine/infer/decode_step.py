@@ -86,11 +86,12 @@ class DecodeStep:
 
 def from_decoder(model) -> DecodeStep | None:
     """The step for a LlamaDecoder whose every linear (LM head included) is quantized in one
-    format on the cpu backend, with fp32 embedding and norms; None otherwise."""
+    format on the cpu backend, with fp32 embedding and norms and head_dim a multiple of 16;
+    None otherwise."""
     layers = [{"attn_norm": l.attn_norm, "qkv": l.qkv, "o": l.o, "mlp_norm": l.mlp_norm,
                "gate_up": l.gate_up, "down": l.down} for l in model.layers]
     linears = [l[n] for l in layers for n in LAYER_LINEARS] + [model.lm_head]
-    if (_ext._C is None or not all(map(_is_c_quant, linears))
+    if (_ext._C is None or not all(map(_is_c_quant, linears)) or model.cfg.head_dim % 16
             or len({l.fmt for l in linears}) != 1 or model.embed.dtype != torch.float32):
         return None
     return DecodeStep(model.cfg, embed=model.embed, final_norm=model.final_norm, layers=layers,
