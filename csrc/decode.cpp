@@ -164,7 +164,7 @@ void DecodeStep::run(int64_t token, int64_t pos, float* logits, int num_threads)
     gemv(L.gate_up, xn, gu, num_threads);
     for (int64_t i = 0; i < I; ++i) {
       const float g = gu[i];
-      hid[i] = g / (1.0f + std::exp(-g)) * gu[I + i];
+      hid[i] = g / (1.0f + exp_approx(-g)) * gu[I + i];  // vectorizes
     }
     gemv(L.down, hid, out, num_threads);
     for (int64_t i = 0; i < H; ++i) x[i] += out[i];
