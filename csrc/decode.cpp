@@ -35,9 +35,6 @@ void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
   for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
-inline void put(float* p, float v) { *p = v; }
-inline void put(uint16_t* p, float v) { *p = f32_to_bf16(v); }
-
 decltype(&scalar::decode_attend) attend_kernel() {
   switch (active_isa()) {
     case Isa::kAvx512: return avx512::decode_attend;
@@ -153,7 +150,7 @@ void DecodeStep::run(int64_t token, int64_t pos, float* logits, int num_threads)
           std::memcpy(static_cast<float*>(kv_) + at, src + g * d, size_t(4 * d));
         } else {
           uint16_t* dst = static_cast<uint16_t*>(kv_) + at;
-          for (int64_t i = 0; i < d; ++i) put(dst + i, src[g * d + i]);
+          for (int64_t i = 0; i < d; ++i) dst[i] = f32_to_bf16(src[g * d + i]);
         }
       }
     }

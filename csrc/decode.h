@@ -12,8 +12,9 @@
 //
 // Every GEMV input is quantized per block to int8 once (quant_quantize_activations, the
 // same quantization as the torch path's quant_matmul calls).  Float math: fp32; rmsnorm
-// y = x * (1 / sqrt(mean(x^2) + eps)) * w; softmax with exp of (s - max); the KV cache is
-// fp32 or bf16 (k and v rounded to nearest even once, when written).
+// y = x * (1 / sqrt(mean(x^2) + eps)) * w (sum of squares in fp64); softmax and silu with
+// common.h's exp_approx (< 2 ulp); the KV cache is fp32 or bf16 (k and v rounded to
+// nearest even once, when written).
 // Shapes: embed fp32 [V, H]; norms fp32 [H]; qkv [(nh + 2 nkv) d, H] (q/k rows already in
 // adjacent (re, im) pair order), o [H, nh d], gate_up [2I, H] (gate rows, then up rows),
 // down [H, I], head [V, H]; cache [layers, 2, nkv, max_len, d]; rope [max_len, d/2, 2]
