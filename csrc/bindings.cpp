@@ -11,6 +11,7 @@
 #include "attention.h"
 #include "cpu_features.h"
 #include "cross_entropy.h"
+#include "decode.h"
 #include "lowrank_rows.h"
 #include "norms.h"
 #include "rope.h"
@@ -22,6 +23,14 @@ using namespace pyengine;
 
 template <typename T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// (fmt, qs, scales, n, k, bias) -> a quantized linear of the decode step
+using LinearArgs = std::tuple<int, uintptr_t, uintptr_t, int64_t, int64_t, uintptr_t>;
+static DecodeLinear decode_linear(const LinearArgs& a) {
+  return {{std::get<0>(a), ptr<const uint8_t>(std::get<1>(a)),
+           ptr<const uint16_t>(std::get<2>(a)), std::get<3>(a), std::get<4>(a)},
+          ptr<const float>(std::get<5>(a))};
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine C++ kernels (torch-free)";
@@ -280,4 +289,34 @@ PYBIND11_MODULE(_C, m) {
         else rope_forward(a, num_threads);
       },
       "RoPE on q and k in one pass, forward or backward (see csrc/rope.h).");
+
+  py::class_<DecodeStep>(m, "DecodeStep",
+                         "One decoded token through a whole quantized model (csrc/decode.h).")
+      .def(py::init([](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  float, int> c,
+                       const std::vector<std::tuple<uintptr_t, LinearArgs, LinearArgs, uintptr_t,
+                                                    LinearArgs, LinearArgs>>& layers,
+                       uintptr_t embed, uintptr_t final_norm, const LinearArgs& head,
+                       uintptr_t kv_cache, uintptr_t rope) {
+             const auto [hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype] = c;
+             std::vector<DecodeLayer> ls;
+             for (const auto& [an, qkv, o, mn, gu, down] : layers)
+               ls.push_back({ptr<const float>(an), decode_linear(qkv), decode_linear(o),
+                             ptr<const float>(mn), decode_linear(gu), decode_linear(down)});
+             return std::make_unique<DecodeStep>(
+                 DecodeConfig{hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype},
+                 std::move(ls), ptr<const float>(embed), ptr<const float>(final_norm),
+                 decode_linear(head), ptr<void>(kv_cache), ptr<const float>(rope));
+           }),
+           "config (hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len, eps, "
+           "kv_dtype), layers [(attn_norm, qkv, o, mlp_norm, gate_up, down)] with linears "
+           "(fmt, qs, scales, n, k, bias), embed, final_norm, head, kv_cache, rope: data "
+           "pointers the caller keeps alive.")
+      .def(
+          "run",
+          [](DecodeStep& s, int64_t token, int64_t pos, uintptr_t logits, int num_threads) {
+            py::gil_scoped_release nogil;
+            s.run(token, pos, ptr<float>(logits), num_threads);
+          },
+          "Decode `token` at `pos`: writes its k, v to the cache and logits [vocab] (fp32).");
 }

@@ -47,6 +47,11 @@ int64_t quant_act_row_bytes(int fmt, int64_t k);
 void quant_quantize_activations(int fmt, const void* x, int x_dtype, int64_t m, int64_t k,
                                 uint8_t* act, int num_threads);
 
+// y [m, n] (y_dtype fp32 / bf16) = act @ dequant(w).T + bias, act already quantized by
+// quant_quantize_activations (the decode step quantizes once per activation vector).
+void quant_matmul_act(const QuantWeights& w, const uint8_t* act, int64_t m, const float* bias,
+                      void* y, int y_dtype, int num_threads);
+
 // y [m, n] (dtype of x) = x @ dequant(w).T + bias (bias fp32 [n] or null).
 void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
                   const float* bias, void* y, int num_threads);

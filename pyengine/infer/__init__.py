@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 
 from pyengine.models import load_tokenizer
+from pyengine.nn.quant import QuantLinear
+from pyengine.ops.quant import BACKENDS as QUANT_BACKENDS
 from pyengine.infer.model import LlamaDecoder, ModelLoadError, dense_linear, load_hf_state
 
 log = logging.getLogger("pyengine")
@@ -25,17 +27,17 @@ __all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS",
 
 
 def quant_linear_factory(fmt: str):
-    """Linear layers on weights quantized to `fmt` with pyengine.quant.
-
-    Inference calls the chosen quant_matmul backend directly: the public op's checks and
-    dispatch cost microseconds per call, which add up at one token per forward.
+    """Linear layers on weights quantized to `fmt` with pyengine.quant: QuantLinear modules
+    (.qs, .scales, .fmt, .bias; the C++ decode step reads them) whose forward calls the
+    chosen quant_matmul backend directly: the public op's checks and dispatch cost
+    microseconds per call, which add up at one token per forward.
     A weight whose in_features is not a multiple of the format's block stays fp32, with a
     warning naming it (as finetune's quantize_base and the GGUF export do)."""
     from pyengine.backends import resolve
     from pyengine.ops import quant as quant_ops
     from pyengine.quant import format_spec, quantize
 
-    run = quant_ops.BACKENDS[resolve(quant_ops.OP, None, torch.device("cpu"))]
+    backend = resolve(quant_ops.OP, None, torch.device("cpu"))
     block = format_spec(fmt).block
 
     def make(weight, bias, name):
@@ -44,10 +46,15 @@ def quant_linear_factory(fmt: str):
                         name, weight.shape[1], fmt, block)
             return dense_linear(torch.float32)(weight, bias)
         qweight = quantize(weight.float().contiguous(), fmt)
-        qs, scales = qweight.qs.contiguous(), qweight.scales.contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        return lambda x: run(x.contiguous(), qs, scales, fmt, b)
+        return _InferQuantLinear(qweight, None if bias is None else bias.float(), backend)
     return make
+
+
+class _InferQuantLinear(QuantLinear):
+    """QuantLinear whose forward skips the public op's checks (inference, contiguous planes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QUANT_BACKENDS[self.backend](x.contiguous(), self.qs, self.scales, self.fmt, self.bias)
 
 
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pyengine.nn.quant import QuantLinear
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 Linear = Callable[[torch.Tensor], torch.Tensor]
 LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None", str], Linear]  # weight, bias, name
@@ -244,9 +246,10 @@ class LlamaDecoder:
 
     def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *,
                  dtype: torch.dtype = torch.float32, linear_factory: LinearFactory | None = None,
-                 max_len: int = 512):
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+                 max_len: int = 512, kv_dtype: torch.dtype | None = None):
+        for what, t in (("dtype", dtype), ("kv_dtype", kv_dtype or dtype)):
+            if t not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"{what} must be float32 or bfloat16, got {t}")
         self.cfg, self.dtype = cfg, dtype
         make = linear_factory or dense_linear(dtype)
         nh, nkv = cfg.n_heads, cfg.n_kv_heads
@@ -281,14 +284,20 @@ class LlamaDecoder:
         self.lm_head = (make(state["lm_head.weight"], None, "lm_head.weight") if untied
                         else make(embed, None, "model.embed_tokens.weight"))
         self.inv_freq = rope_inv_freq(cfg)
+        # KV cache: bf16 for quantized models (half the bytes; k, v rounded once), else dtype
+        quantized = all(isinstance(l, QuantLinear) for layer in self.layers
+                        for l in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.kv_dtype = kv_dtype or (torch.bfloat16 if quantized else dtype)
+        self.c_step = True  # one-token forwards may use the C++ decode step (False: torch path)
         self.max_len = 0
         self.reserve(max_len)
 
     @classmethod
     def from_pretrained(cls, model_dir, *, adapter=None, dtype=torch.float32,
-                        linear_factory=None, max_len=512) -> "LlamaDecoder":
+                        linear_factory=None, max_len=512, kv_dtype=None) -> "LlamaDecoder":
         cfg, state = load_hf_state(model_dir, adapter)
-        return cls(cfg, state, dtype=dtype, linear_factory=linear_factory, max_len=max_len)
+        return cls(cfg, state, dtype=dtype, linear_factory=linear_factory, max_len=max_len,
+                   kv_dtype=kv_dtype)
 
     def reserve(self, max_len: int) -> None:
         """Make room for `max_len` positions (KV cache and RoPE table); keeps nothing."""
@@ -296,7 +305,9 @@ class LlamaDecoder:
             return
         c = self.cfg
         self.max_len = max_len
-        self.kv_cache = torch.empty(c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim, dtype=self.dtype)
+        self.kv_cache = torch.empty(c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim,
+                                    dtype=self.kv_dtype)
+        self._step = None  # the C++ decode step points at the cache: rebuilt on first use
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), self.inv_freq)
         self.rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # [pos, d/2]
 
@@ -307,6 +318,13 @@ class LlamaDecoder:
         end = start + T
         if end > self.max_len:
             raise ValueError(f"position {end} exceeds the KV cache ({self.max_len}); call reserve()")
+        if T == 1 and self.c_step:  # every linear quantized for the C++ kernel: one C++ call
+            if self._step is None:
+                from pyengine.infer.decode_step import from_decoder
+                self._step = from_decoder(self) or False
+            if self._step:
+                logits = self._step(int(tokens[0]), start)
+                return logits[None] if all_logits else logits
         c = self.cfg
         nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
         groups, qk_width, q_width = nh // nkv, (nh + nkv) * hd, nh * hd
@@ -330,7 +348,7 @@ class LlamaDecoder:
             else:
                 torch.view_as_complex(qk).mul_(rope)
             kv[:, :, start:end].copy_(qkv[:, q_width:].view(T, 2, nkv, hd).permute(1, 2, 0, 3))
-            keys, values = kv[:, None, :, :end]  # [1, kv_heads, end, head_dim] each
+            keys, values = kv[:, None, :, :end].to(qkv.dtype)  # [1, kv_heads, end, head_dim] each
             if T == 1:  # the query heads of a kv group become that group's query rows
                 q = qkv[:, :q_width].view(1, nkv, groups, hd)
                 attn = F.scaled_dot_product_attention(q, keys, values)
