@@ -17,6 +17,7 @@
 
 #include <vector>
 
+#include "amx_tiles.h"
 #include "attention_tile.h"
 #include "parallel.h"
 
@@ -26,20 +27,6 @@ namespace {
 
 using bf16 = uint16_t;
 enum Layout { kRows, kCols, kPairs, kDPairs };
-
-// This thread's tile registers: 8 tiles of 16 rows x 64 bytes while alive.
-struct Tiles {
-  Tiles() {
-    alignas(64) uint8_t cfg[64] = {};
-    cfg[0] = 1;  // palette
-    for (int t = 0; t < 8; ++t) {
-      cfg[16 + 2 * t] = 64;  // bytes per row
-      cfg[48 + t] = 16;      // rows
-    }
-    _tile_loadconfig(cfg);
-  }
-  ~Tiles() { _tile_release(); }
-};
 
 // C[M, N] (fp32, ldc) = (zero ? 0 : C) + A B with A [M, K] bf16 rows lda apart and B in pair
 // layout (row kk of ldb elements interleaves B rows 2 kk and 2 kk + 1); M, N, K % 32 == 0.
@@ -179,7 +166,7 @@ int64_t num_q_blocks(const AttnArgs& a) { return (a.S + BQ - 1) / BQ; }
 void forward_range(const Packed& p, int64_t begin, int64_t end) {
   const AttnArgs& a = p.a;
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = num_q_blocks(a), nkb = Sp / BK;
-  const Tiles tiles;
+  const AmxTiles tiles;
   std::vector<float> buf(BQ * BK + 2 * BQ * Dp);
   std::vector<bf16> pb(BQ * BK);
   float m[BQ], l[BQ], alpha[BQ];
@@ -241,7 +228,7 @@ void store_transposed(bf16* dst, const float* src, int64_t keys, int64_t D, floa
 void backward_range(const Packed& p, int64_t begin, int64_t end) {
   const AttnArgs& a = p.a;
   const int64_t Sp = p.Sp, Dp = p.Dp, nqb = num_q_blocks(a), G = a.Hq / a.Hkv;
-  const Tiles tiles;
+  const AmxTiles tiles;
   std::vector<float> buf(2 * BQ * BK + 2 * BK * Dp), dq(G * Sp * Dp);
   std::vector<bf16> tiles_bf16(3 * BQ * BK);
   float* s = buf.data();

@@ -6,10 +6,12 @@
 #include <pybind11/stl.h>
 
 #include <array>
+#include <vector>
 
 #include "attention.h"
 #include "cpu_features.h"
 #include "cross_entropy.h"
+#include "decode.h"
 #include "lowrank_rows.h"
 #include "norms.h"
 #include "rope.h"
@@ -21,6 +23,14 @@ using namespace pyengine;
 
 template <typename T>
 static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// (fmt, qs, scales, n, k, bias) -> a quantized linear of the decode step
+using LinearArgs = std::tuple<int, uintptr_t, uintptr_t, int64_t, int64_t, uintptr_t>;
+static DecodeLinear decode_linear(const LinearArgs& a) {
+  return {{std::get<0>(a), ptr<const uint8_t>(std::get<1>(a)),
+           ptr<const uint16_t>(std::get<2>(a)), std::get<3>(a), std::get<4>(a)},
+          ptr<const float>(std::get<5>(a))};
+}
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine C++ kernels (torch-free)";
@@ -186,6 +196,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "y[m, n] = x[m, k] @ dequant(qs, scales).T + bias (see csrc/quant.h).");
   m.def(
+      "quant_matmul_amx",
+      [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, uintptr_t x, int64_t m,
+         uintptr_t bias, uintptr_t y, int num_threads) {
+        if (!amx_active()) throw std::runtime_error("quant_matmul_amx: AMX is not active");
+        QuantWeights w{fmt, ptr<const uint8_t>(qs), ptr<const uint16_t>(scales), n, k};
+        py::gil_scoped_release nogil;
+        quant_matmul_amx(w, ptr<const float>(x), m, ptr<const float>(bias), ptr<float>(y),
+                         num_threads);
+      },
+      "y[m, n] fp32 = bf16(x[m, k] fp32) @ bf16(dequant(qs, scales)).T + bias on AMX tiles "
+      "(the prefill GEMM; see csrc/quant_amx.cpp).");
+  m.def(
       "quant_dequantize",
       [](int fmt, uintptr_t qs, uintptr_t scales, int64_t n, int64_t k, int64_t row_begin,
          int64_t row_end, uintptr_t out, int out_dtype, int num_threads) {
@@ -194,6 +216,19 @@ PYBIND11_MODULE(_C, m) {
         quant_dequantize(w, row_begin, row_end, ptr<void>(out), out_dtype, num_threads);
       },
       "out[rows, k] (fp32 / bf16) = dequant(qs, scales) rows [row_begin, row_end) (csrc/quant.h).");
+  m.def(
+      "quant_formats",
+      [] {
+        py::dict out;
+        for (int i = 0; i < kNumQuantFmts; ++i) {
+          const QuantFormat& f = kQuantFormats[i];
+          std::vector<float> book(f.codebook, f.codebook + f.codebook_size);
+          out[f.name] = py::make_tuple(i, f.block, f.bits, f.is_signed, f.zero, book);
+        }
+        return out;
+      },
+      "The compiled format table {name: (code, block, bits, signed, zero, codebook)}: "
+      "pyengine/quant_formats.py as of the build.");
   m.def("quant_act_row_bytes", &quant_act_row_bytes,
         "Bytes of one token's quantized activations in the quant_matmul buffer layout.");
   m.def(
@@ -254,4 +289,34 @@ PYBIND11_MODULE(_C, m) {
         else rope_forward(a, num_threads);
       },
       "RoPE on q and k in one pass, forward or backward (see csrc/rope.h).");
+
+  py::class_<DecodeStep>(m, "DecodeStep",
+                         "One decoded token through a whole quantized model (csrc/decode.h).")
+      .def(py::init([](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                  float, int> c,
+                       const std::vector<std::tuple<uintptr_t, LinearArgs, LinearArgs, uintptr_t,
+                                                    LinearArgs, LinearArgs>>& layers,
+                       uintptr_t embed, uintptr_t final_norm, const LinearArgs& head,
+                       uintptr_t kv_cache, uintptr_t rope) {
+             const auto [hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype] = c;
+             std::vector<DecodeLayer> ls;
+             for (const auto& [an, qkv, o, mn, gu, down] : layers)
+               ls.push_back({ptr<const float>(an), decode_linear(qkv), decode_linear(o),
+                             ptr<const float>(mn), decode_linear(gu), decode_linear(down)});
+             return std::make_unique<DecodeStep>(
+                 DecodeConfig{hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype},
+                 std::move(ls), ptr<const float>(embed), ptr<const float>(final_norm),
+                 decode_linear(head), ptr<void>(kv_cache), ptr<const float>(rope));
+           }),
+           "config (hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len, eps, "
+           "kv_dtype), layers [(attn_norm, qkv, o, mlp_norm, gate_up, down)] with linears "
+           "(fmt, qs, scales, n, k, bias), embed, final_norm, head, kv_cache, rope: data "
+           "pointers the caller keeps alive.")
+      .def(
+          "run",
+          [](DecodeStep& s, int64_t token, int64_t pos, uintptr_t logits, int num_threads) {
+            py::gil_scoped_release nogil;
+            s.run(token, pos, ptr<float>(logits), num_threads);
+          },
+          "Decode `token` at `pos`: writes its k, v to the cache and logits [vocab] (fp32).");
 }

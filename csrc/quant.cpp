@@ -34,7 +34,7 @@ struct FreeDeleter {
 }  // namespace
 
 int64_t quant_act_row_bytes(int fmt, int64_t k) {
-  const scalar::Layout& L = scalar::kLayouts[fmt];
+  const scalar::Layout L = scalar::layout_of(fmt);
   return scalar::n_groups(L, k) * L.group_bytes();
 }
 
@@ -45,12 +45,8 @@ void quant_quantize_activations(int fmt, const void* x, int x_dtype, int64_t m, 
                [&](int64_t b, int64_t e) { quantize(fmt, x, x_dtype, k, b, e, act); });
 }
 
-void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
-                  const float* bias, void* y, int num_threads) {
-  const int64_t row_bytes = quant_act_row_bytes(w.fmt, w.k);
-  const size_t bytes = size_t(((m * row_bytes + 63) / 64) * 64);
-  std::unique_ptr<uint8_t, FreeDeleter> act(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
-  quant_quantize_activations(w.fmt, x, x_dtype, m, w.k, act.get(), num_threads);
+void quant_matmul_act(const QuantWeights& w, const uint8_t* act, int64_t m, const float* bias,
+                      void* y, int y_dtype, int num_threads) {
   auto matmul = kernels().matmul;
   // Threads take chunks of rows from a shared counter instead of fixed halves, so on a
   // shared machine a descheduled thread does not hold up the others.
@@ -59,8 +55,17 @@ void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
   std::atomic<int64_t> next{0};
   parallel_for(n_tasks, n_tasks, 1, [&](int64_t, int64_t) {
     for (int64_t r0; (r0 = next.fetch_add(chunk)) < w.n;)
-      matmul(w, act.get(), m, r0, std::min(w.n, r0 + chunk), bias, y, x_dtype);
+      matmul(w, act, m, r0, std::min(w.n, r0 + chunk), bias, y, y_dtype);
   });
+}
+
+void quant_matmul(const QuantWeights& w, const void* x, int x_dtype, int64_t m,
+                  const float* bias, void* y, int num_threads) {
+  const int64_t row_bytes = quant_act_row_bytes(w.fmt, w.k);
+  const size_t bytes = size_t(((m * row_bytes + 63) / 64) * 64);
+  std::unique_ptr<uint8_t, FreeDeleter> act(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
+  quant_quantize_activations(w.fmt, x, x_dtype, m, w.k, act.get(), num_threads);
+  quant_matmul_act(w, act.get(), m, bias, y, x_dtype, num_threads);
 }
 
 void quant_dequantize(const QuantWeights& w, int64_t row_begin, int64_t row_end, void* out,

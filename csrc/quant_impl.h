@@ -38,6 +38,9 @@ namespace pyengine {
 namespace PYENGINE_ISA_NS {
 namespace {
 
+// A format's kernel layout, derived from its row of kQuantFormats (quant_formats.h):
+// quants become unsigned bytes u = value + offset for vpdpbusd (signed quants and int8
+// codebook values: + 128; unsigned quants already are value + zero).
 struct Layout {
   int block, qbytes, offset;
   bool nibbles;
@@ -47,15 +50,31 @@ struct Layout {
   constexpr int64_t group_bytes() const { return 128 + int64_t(steps()) * step_bytes(); }
 };
 
-constexpr Layout kLayouts[3] = {
-    {32, 32, 128, false, 1.0f},          // q8_0
-    {32, 16, 8, true, 1.0f},             // q4_0
-    {64, 32, 128, true, 1.0f / 127.0f},  // nf4
-};
+constexpr Layout layout_of(int fmt) {
+  const QuantFormat f = kQuantFormats[fmt];
+  const bool to_int8 = f.is_signed || f.codebook != nullptr;
+  return {f.block, f.block * f.bits / 8, to_int8 ? 128 : f.zero, f.bits == 4,
+          f.codebook != nullptr ? 1.0f / 127.0f : 1.0f};
+}
 
-// round(127 * NF4[i]) + 128: the nf4 codes as unsigned bytes for u8 x s8 dot products.
-constexpr uint8_t kNf4Code8[16] = {1,   40,  61,  78,  92,  105, 116, 128,
-                                   138, 148, 159, 171, 184, 199, 220, 255};
+// The nf4 code values: fp32 (dequantize) and round(127 * NF4[i]) (ties away from zero) as
+// int8 and as unsigned bytes (+ 128), for integer dot products.
+constexpr const float* kNf4Code = kQuantFormats[kNF4].codebook;
+struct Code8 {
+  int8_t s[16];
+  uint8_t u[16];
+};
+constexpr Code8 make_code8() {
+  Code8 c{};
+  for (int i = 0; i < 16; ++i) {
+    const float v = 127.0f * kNf4Code[i];
+    c.s[i] = int8_t(v < 0 ? int(v - 0.5f) : int(v + 0.5f));
+    c.u[i] = uint8_t(c.s[i] + 128);
+  }
+  return c;
+}
+constexpr Code8 kNf4Code8 = make_code8();
+static_assert(kQuantFormats[kNF4].codebook_size == 16, "nf4 kernels index 16 codes");
 
 inline int64_t n_groups(const Layout& L, int64_t k) { return (k / L.block + 15) / 16; }
 
@@ -146,7 +165,7 @@ inline float tree_sum16(const float* a) {
 
 template <int FMT>
 float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   const int64_t nb = w.k / L.block;
   const uint8_t* qrow = w.qs + n * nb * L.qbytes;
   const uint16_t* srow = w.scales + n * nb;
@@ -167,7 +186,8 @@ float dot_row_portable(const QuantWeights& w, const uint8_t* act_row, int64_t n)
           } else if (FMT == kQ4_0) {
             isum[l] += int32_t(b & 15) * a[p] + int32_t(b >> 4) * a[64 + p];
           } else {
-            isum[l] += int32_t(kNf4Code8[b & 15]) * a[p] + int32_t(kNf4Code8[b >> 4]) * a[64 + p];
+            isum[l] += int32_t(kNf4Code8.u[b & 15]) * a[p] +
+                       int32_t(kNf4Code8.u[b >> 4]) * a[64 + p];
           }
         }
       }
@@ -190,7 +210,7 @@ inline void store(void* y, int y_dtype, int64_t i, float v) {
 template <int FMT>
 void matmul_rows_portable(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                           int64_t r1, const float* bias, void* y, int y_dtype) {
-  const int64_t act_row = n_groups(kLayouts[FMT], w.k) * kLayouts[FMT].group_bytes();
+  const int64_t act_row = n_groups(layout_of(FMT), w.k) * layout_of(FMT).group_bytes();
   for (int64_t n = r0; n < r1; ++n)
     for (int64_t t = 0; t < m; ++t)
       store(y, y_dtype, t * w.n + n,
@@ -203,9 +223,6 @@ void matmul_rows_portable(const QuantWeights& w, const uint8_t* act, int64_t m, 
 // q4_0 nibbles are <= 15; q8_0 weights and nf4 codes use the abs/sign trick on signed
 // values) and vpmaddwd by ones to int32.  The signed forms give sum(w * a) directly, the
 // same integer as the offset form minus osum, so results match the other ISAs exactly.
-constexpr int8_t kNf4Code8Signed[16] = {-127, -88, -67, -50, -36, -23, -12, 0,
-                                        10,   20,  31,  43,  56,  71,  92, 127};
-
 inline __m256i dot_s8(__m256i w, __m256i a, __m256i ones) {  // signed w in [-127, 127]
   return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), ones);
 }
@@ -213,12 +230,12 @@ inline __m256i dot_s8(__m256i w, __m256i a, __m256i ones) {  // signed w in [-12
 template <int FMT, int T>
 void tile_avx2(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t n,
                int64_t t0, const float* bias, void* y, int y_dtype) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   const int64_t nb = w.k / L.block;
   const uint8_t* qrow = w.qs + n * nb * L.qbytes;
   const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   const __m256i code = _mm256_broadcastsi128_si256(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8Signed)));
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8.s)));
   __m256 acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
   alignas(32) uint8_t wtmp[64];
@@ -286,7 +303,7 @@ void tile_avx2(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64
 template <int FMT>
 void matmul_rows_avx2(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                       int64_t r1, const float* bias, void* y, int y_dtype) {
-  const int64_t act_row = n_groups(kLayouts[FMT], w.k) * kLayouts[FMT].group_bytes();
+  const int64_t act_row = n_groups(layout_of(FMT), w.k) * layout_of(FMT).group_bytes();
   for (int64_t n = r0; n < r1; ++n) {
     int64_t t = 0;
     for (; t + 2 <= m; t += 2) tile_avx2<FMT, 2>(w, act, act_row, n, t, bias, y, y_dtype);
@@ -309,11 +326,11 @@ inline float tree_sum16(__m512 v) {
 template <int FMT, int R, int T>
 void tile_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, int64_t n0,
                  int64_t t0, const float* bias, void* y, int y_dtype) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   const int64_t nb = w.k / L.block, row_qbytes = nb * L.qbytes;
   const __m512i nib_mask = _mm512_set1_epi8(0x0f), flip = _mm512_set1_epi8(char(0x80));
   const __m512i code8 = _mm512_broadcast_i32x4(
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8)));
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(kNf4Code8.u)));
   __m512 acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
@@ -397,7 +414,7 @@ void panel_avx512(const QuantWeights& w, const uint8_t* act, int64_t act_row, in
 template <int FMT>
 void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, int64_t r0,
                         int64_t r1, const float* bias, void* y, int y_dtype) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   const int64_t act_row = n_groups(L, w.k) * L.group_bytes();
   const int64_t row_bytes = w.k / L.block * (L.qbytes + 2);
   // ~256 KB of weight rows and ~256 KB of activation rows: both stay in L2
@@ -418,23 +435,11 @@ void matmul_rows_avx512(const QuantWeights& w, const uint8_t* act, int64_t m, in
 #endif  // __AVX512F__
 
 // ------------------------------------------------------------------ dequantize
-// fp32 bit patterns of pyengine.quant.NF4_CODEBOOK (torch.tensor(..., dtype=float32)).
-constexpr uint32_t kNf4Bits[16] = {
-    0xbf800000, 0xbf3239b1, 0xbf066b30, 0xbeca32a0, 0xbe91a24d, 0xbe3d353f,
-    0xbdba7871, 0x00000000, 0x3da2faff, 0x3e24cae3, 0x3e7c04dd, 0x3ead033a,
-    0x3ee1a4b8, 0x3f1007ab, 0x3f3913b3, 0x3f800000};
-
-inline float nf4_code(int i) {
-  float f;
-  std::memcpy(&f, &kNf4Bits[i], 4);
-  return f;
-}
-
 // Block l of an interleaved group of nblk blocks (grp: the group's first quant byte) ->
 // out[B] fp32: word c of the block sits at (c * nblk + l) * 4.  The spec (and scalar/avx2).
 template <int FMT>
 void dequant_block(const uint8_t* grp, int nblk, int l, float d, float* out) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   uint8_t q[32];
   for (int c = 0; c < L.steps(); ++c) std::memcpy(q + 4 * c, grp + (c * nblk + l) * 4, 4);
   const int half = L.block / 2;
@@ -445,8 +450,8 @@ void dequant_block(const uint8_t* grp, int nblk, int l, float d, float* out) {
       out[j] = float(int(q[j] & 15) - 8) * d;
       out[j + half] = float(int(q[j] >> 4) - 8) * d;
     } else {
-      out[j] = nf4_code(q[j] & 15) * d;
-      out[j + half] = nf4_code(q[j] >> 4) * d;
+      out[j] = kNf4Code[q[j] & 15] * d;
+      out[j + half] = kNf4Code[q[j] >> 4] * d;
     }
   }
 }
@@ -471,10 +476,10 @@ inline void store_lut(float* o, __m512 tab, __m512i idx) {
 // interleaved words (from L1); q8_0: int8 -> fp32, times d; nibble formats: the table above.
 template <int FMT, typename OutT>
 void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, OutT* out) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   constexpr bool bf16 = std::is_same_v<OutT, uint16_t>;
   const __m512 values = FMT == kNF4
-      ? _mm512_castsi512_ps(_mm512_loadu_si512(kNf4Bits))
+      ? _mm512_loadu_ps(kNf4Code)
       : _mm512_cvtepi32_ps(_mm512_setr_epi32(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7));
   const __m512i nib32 = _mm512_set1_epi32(15), nib16 = _mm512_set1_epi16(15);
   for (int64_t g = 0; g < n_groups(L, nb * L.block); ++g) {
@@ -530,7 +535,7 @@ void dequant_row_avx512(const uint8_t* qrow, const uint16_t* srow, int64_t nb, O
 
 template <int FMT>
 void dequantize_rows_fmt(const QuantWeights& w, int64_t r0, int64_t r1, void* out, int out_dtype) {
-  constexpr Layout L = kLayouts[FMT];
+  constexpr Layout L = layout_of(FMT);
   const int64_t nb = w.k / L.block;
   for (int64_t n = r0; n < r1; ++n) {
     const uint8_t* qrow = w.qs + n * nb * L.qbytes;
@@ -570,7 +575,7 @@ void matmul_rows_fmt(const QuantWeights& w, const uint8_t* act, int64_t m, int64
 
 void quantize_act_rows(int fmt, const void* x, int x_dtype, int64_t k, int64_t r0, int64_t r1,
                        uint8_t* act) {
-  const Layout& L = kLayouts[fmt];
+  const Layout L = layout_of(fmt);
   const int64_t row_bytes = n_groups(L, k) * L.group_bytes();
   for (int64_t i = r0; i < r1; ++i) {
     if (x_dtype == kF32) {

@@ -20,43 +20,23 @@ once, at quantize / load time): `scales` fp16 [N, K / block] and `qs` uint8
 holds word c of 16 blocks, so a SIMD lane accumulates one block's integer dot product.
 `gguf_blocks()` / `from_gguf_blocks()` convert losslessly to and from the GGUF bytes.
 Files: safetensors with tensors "qs" and "scales" and metadata {fmt, shape}.
+The format table (block, bits, zero point, codebook) is pyengine.quant_formats.FORMATS,
+the one definition the Python, Triton and C++ code all read.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from pyengine.quant_formats import FORMATS, NF4_CODEBOOK, FormatSpec  # noqa: F401 (re-exported)
+
 log = logging.getLogger("pyengine")
 
 
-@dataclass(frozen=True)
-class FormatSpec:
-    block: int           # weights per block
-    bits: int            # bits per quant
-    scale_bytes: int = 2  # fp16 scale per block
-
-    @property
-    def quant_bytes(self) -> int:  # quant bytes per block
-        return self.block * self.bits // 8
-
-    @property
-    def block_bytes(self) -> int:  # GGUF bytes per block
-        return self.scale_bytes + self.quant_bytes
-
-
-FORMATS = {"q8_0": FormatSpec(32, 8), "q4_0": FormatSpec(32, 4), "nf4": FormatSpec(64, 4)}
-
-# QLoRA's NormalFloat4 code values (Dettmers et al. 2023, Appendix E), ascending.
-NF4_CODEBOOK = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
-                0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-                0.7229568362236023, 1.0)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -84,6 +64,13 @@ def _pack_nibbles(q: Tensor, half: int) -> Tensor:
 
 def _unpack_nibbles(b: Tensor) -> Tensor:
     return torch.cat([b & 15, b >> 4], dim=-1)
+
+
+def _quants(spec: FormatSpec, q: Tensor) -> Tensor:
+    """Quant bytes [..., nb, quant_bytes] in block order -> the quants [..., nb, block]."""
+    if spec.bits == 8:
+        return q.view(torch.int8) if spec.signed else q
+    return _unpack_nibbles(q)
 
 
 def _check_weight(weight: Tensor, spec: FormatSpec, fmt: str) -> None:
@@ -174,10 +161,7 @@ class QuantizedWeight:
     # ------------------------------------------------------------------ values
     def codes(self) -> Tensor:
         """The integer quants [N, K/block, block] in weight order (int8 for q8_0, else uint8)."""
-        qs = block_order(self.qs, self.spec.quant_bytes)
-        if self.fmt == "q8_0":
-            return qs.view(torch.int8)
-        return _unpack_nibbles(qs)
+        return _quants(self.spec, block_order(self.qs, self.spec.quant_bytes))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_rows(self.fmt, self.qs, self.scales, self.shape[1]).to(dtype)
@@ -288,15 +272,12 @@ def dequantize_rows(fmt: str, qs: Tensor, scales: Tensor, k: int) -> Tensor:
     spec = format_spec(fmt)
     n = qs.shape[0]
     nb = k // spec.block
-    q = block_order(qs, spec.quant_bytes)
+    q = _quants(spec, block_order(qs, spec.quant_bytes))
     d = scales.reshape(n, nb, 1).float()
-    if fmt == "q8_0":
-        w = q.view(torch.int8).float()
-    elif fmt == "q4_0":
-        w = _unpack_nibbles(q).float() - 8
+    if spec.codebook is not None:
+        w = torch.tensor(spec.codebook, dtype=torch.float32, device=qs.device)[q.long()]
     else:
-        code = torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=qs.device)
-        w = code[_unpack_nibbles(q).long()]
+        w = q.float() - spec.zero
     return (w * d).reshape(n, k)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyengine.infer import ModelLoadError, load_model
+from pyengine.infer import LlamaDecoder, ModelLoadError, load_model
 from pyengine.infer.weights import weight_names
 from pyengine.nn.quant import InferenceQuantLinear, QuantLinear
 from tests.tiny_llama import save_tiny_model
@@ -75,16 +75,16 @@ def test_tied_head_shares_the_embedding_parameter(tmp_path):
 
 
 def test_to_bf16_is_loading_in_bf16(qwen2):
-    """.to(bfloat16) casts weights and KV cache like dtype=bf16 at load (same bits); the RoPE
-    table stays complex64."""
+    """.to(bfloat16) casts the weights like dtype=bf16 at load (same bits); the RoPE table
+    (complex64) and the KV cache (kv_dtype) keep their dtypes."""
     model = load_model(qwen2, max_len=16)
     run(model)
     model.to(torch.bfloat16)
-    assert model.rope.dtype == torch.complex64 and model.kv_cache.dtype == torch.bfloat16
+    assert model.rope.dtype == torch.complex64 and model.kv_cache.dtype == torch.float32
     assert model.layers[0].qkv.bias.dtype == torch.bfloat16
     assert torch.equal(run(model), run(load_model(qwen2, dtype=torch.bfloat16, max_len=16)))
     back = model.to(torch.float32)
-    assert back.kv_cache.dtype == torch.float32 and back.rope.dtype == torch.complex64
+    assert back.embed.weight.dtype == torch.float32 and back.rope.dtype == torch.complex64
 
 
 def test_quant_linear_to_dtype_keeps_its_fp16_scales():
@@ -102,8 +102,13 @@ def test_quant_linear_to_dtype_keeps_its_fp16_scales():
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "nf4"])
 def test_quantize_swaps_every_linear_for_a_quant_linear(qwen2, fmt):
     """model.quantize(fmt) == load_model(quant=fmt) (quantized per tensor while loading) ==
-    the public quant_matmul op on each weight (QuantLinear), bit for bit."""
-    swapped = load_model(qwen2)
+    the public quant_matmul op on each weight (QuantLinear), bit for bit (the torch path, an
+    fp32 KV cache everywhere; the C++ decode step has its own tests)."""
+    def torch_path(model):
+        model.c_step = False
+        return model
+
+    swapped = torch_path(load_model(qwen2))
     fp32 = run(swapped)  # the layers' cached steps must follow the swap
     swapped.quantize(fmt)
     assert not torch.equal(run(swapped), fp32)
@@ -112,18 +117,18 @@ def test_quantize_swaps_every_linear_for_a_quant_linear(qwen2, fmt):
                                                     for p in ("qkv", "o", "gate_up", "down")])
     assert all(type(m) is InferenceQuantLinear and m.fmt == fmt for m in linears.values())
     assert linears["layers.0.qkv"].bias is not None  # Qwen2's q/k/v biases came along
-    loaded = load_model(qwen2, quant=fmt)
+    loaded = torch_path(LlamaDecoder.from_pretrained(qwen2, quant=fmt, kv_dtype=torch.float32))
     assert torch.equal(run(swapped), run(loaded))
-    public = load_model(qwen2)
+    public = torch_path(load_model(qwen2))
     for name in linears:
         parent, _, child = name.rpartition(".")
         owner = public.get_submodule(parent) if parent else public
         setattr(owner, child, QuantLinear.from_linear(getattr(owner, child), fmt))
     assert torch.equal(run(public), run(loaded))
-    other = load_model(qwen2, quant=fmt)  # a quantized state_dict loads into a quantized model
+    other = torch_path(LlamaDecoder.from_pretrained(qwen2, quant=fmt, kv_dtype=torch.float32))
     with torch.no_grad():
         other.layers[0].qkv.scales.zero_()
-    other.load_state_dict(loaded.state_dict())
+    other.load_state_dict(loaded.state_dict())  # a quantized state_dict loads into a quantized model
     assert torch.equal(run(other), run(loaded))
 
 

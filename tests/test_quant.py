@@ -145,6 +145,17 @@ def test_gguf_blocks_and_file_round_trip(fmt, tmp_path):
     assert torch.equal(loaded.dequantize(), qw.dequantize())
 
 
+@needs_ext
+def test_compiled_format_table_is_the_python_table():
+    """The C++ templates take their constants from a header the build renders from
+    pyengine.quant_formats: the extension's compiled table must equal FORMATS (a stale
+    header, or constants typed into csrc/ again, would differ)."""
+    want = {name: (s.code, s.block, s.bits, s.signed, s.zero, list(s.codebook or ()))
+            for name, s in FORMATS.items()}
+    assert _ext._C.quant_formats() == want
+    assert FMT_CODES == {name: s.code for name, s in FORMATS.items()}
+
+
 # ------------------------------------------------------------------ errors
 def test_quantize_errors():
     with pytest.raises(ValueError, match="K=40 is not a multiple of the block size 32"):
@@ -224,6 +235,16 @@ def assert_matches_emulation(y, x, qw, bias=None):
     """Per element, |y - emulation| within fp32 rounding of the sum of |terms|."""
     want = emulate_cpu(x, qw, bias)
     mag = x.abs().double() @ qw.dequantize().abs().double().T
+    err = (y.double() - want).abs()
+    assert torch.all(err <= 2e-6 * mag), (err / mag).max()
+
+
+def assert_matches_bf16_product(y, x, qw, bias=None):
+    """The AMX prefill kernel: y = bf16(x) @ bf16(dequant(W)).T + bias with fp32 sums; per
+    element within fp32 rounding of the sum of |terms| of the fp64 product."""
+    xb, wb = x.bfloat16().double(), qw.dequantize(torch.bfloat16).double()
+    want = xb @ wb.T + (0 if bias is None else bias.double())
+    mag = xb.abs() @ wb.abs().T
     err = (y.double() - want).abs()
     assert torch.all(err <= 2e-6 * mag), (err / mag).max()
 
@@ -377,7 +398,8 @@ def test_cpu_dequantize_bits_equal_torch_every_isa(fmt, dtype, isa_cap, threads)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_cpu_gemm_path_is_plain_torch_on_the_dequantized_weight(fmt, dtype):
     """bf16 x with >= GEMM_MIN_ROWS rows: y is F.linear on dequantize(bf16), bit for bit;
-    fewer rows (and fp32 x) stay on the int8 kernel.  grad_x is dy @ dequantize(dy's dtype)
+    fp32 x with as many rows takes the AMX kernel where AMX is on; fewer rows (and fp32 x
+    without AMX) stay on the int8 kernel.  grad_x is dy @ dequantize(dy's dtype)
     bit for bit (one GEMM in dy's dtype, as plain torch computes it)."""
     from pyengine.ops.quant import GEMM_MIN_ROWS
     qw = quantize(rand_weight(37, 192, seed=14), fmt)
@@ -391,11 +413,38 @@ def test_cpu_gemm_path_is_plain_torch_on_the_dequantized_weight(fmt, dtype):
         assert torch.equal(x.grad, dy @ w)
         if dtype == torch.bfloat16 and m >= GEMM_MIN_ROWS:
             assert torch.equal(y, F.linear(x, w, bias))
+        elif m >= GEMM_MIN_ROWS and _ext._C.amx_active():  # fp32 x: the AMX kernel
+            assert_matches_bf16_product(y, x.detach(), qw, bias)
         else:  # the int8 kernel: its emulation, to fp32 rounding (then y's own rounding)
             want = emulate_cpu(x.detach(), qw, bias.float())
             mag = x.detach().abs().double() @ w.abs().double().T
             rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
             assert torch.all((y.double() - want).abs() <= 2e-6 * mag + rounding * want.abs())
+
+
+@needs_ext
+@pytest.mark.skipif(not (HAS_EXT and _ext._C.has_amx()), reason="needs AMX")
+@pytest.mark.parametrize("fmt", FMTS)
+def test_cpu_amx_prefill(fmt, restore_isa):
+    """fp32 x with >= GEMM_MIN_ROWS rows on AMX: the bf16 product of x and W in fp32, per
+    element; ragged everywhere: M not a multiple of 32, N = a 128-row panel + a partial one
+    (not a multiple of 32), K = a 2048 chunk + one of 64; the same bits at 1, 2, 3 threads;
+    more exact than the int8 kernel (set_amx(False)) it replaces."""
+    from pyengine.ops.quant import GEMM_MIN_ROWS
+    m, n, k = GEMM_MIN_ROWS + 5, 150, 2112
+    qw = quantize(rand_weight(n, k, seed=16), fmt)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    outs = []
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            outs.append(quant_matmul(x, qw, bias=bias, backend="cpu"))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert_matches_bf16_product(outs[0], x, qw, bias)
+    _ext._C.set_amx(False)
+    int8 = quant_matmul(x, qw, bias=bias, backend="cpu")
+    ref = reference_quant_matmul(x, qw, bias)
+    assert rel_err(outs[0], ref) < 0.5 * rel_err(int8, ref)
 
 
 @needs_ext

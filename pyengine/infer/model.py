@@ -5,8 +5,9 @@ The model is an nn.Module tree built from a DecoderConfig (gpt-fast style): embe
 down), the final RMSNorm weight norm, lm_head (nn.Linear, the embedding's Parameter when tied),
 so it has a state_dict, `.to(dtype)` and module swapping: quantization replaces each
 nn.Linear by a pyengine.nn.quant.QuantLinear (`quantize`).  The KV cache
-[layers, 2, kv_heads, max_len, head_dim] (model dtype) and the RoPE table (complex64, kept
-so by `.to()`) are non-persistent buffers.
+[layers, 2, kv_heads, max_len, head_dim] (kv_dtype: bf16 for quantized models, else the
+model dtype) and the RoPE table (complex64) are non-persistent buffers that `.to()` moves but
+never casts.
 
 Loading (from_pretrained): config.json + safetensors read lazily, one tensor at a time in
 its stored dtype (pyengine.infer.weights: the HF <-> ours <-> GGUF name table, and an
@@ -219,10 +220,12 @@ class LlamaDecoder(nn.Module):
     `quant` (q8_0 | q4_0 | nf4; fp32 activations), quantized right away."""
 
     def __init__(self, cfg: DecoderConfig, state: Mapping[str, torch.Tensor], *,
-                 dtype: torch.dtype = torch.float32, quant: str = "none", max_len: int = 512):
+                 dtype: torch.dtype = torch.float32, quant: str = "none", max_len: int = 512,
+                 kv_dtype: torch.dtype | None = None):
         super().__init__()
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        for what, t in (("dtype", dtype), ("kv_dtype", kv_dtype or dtype)):
+            if t not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"{what} must be float32 or bfloat16, got {t}")
         if quant != "none" and dtype != torch.float32:
             raise ValueError(f"quant={quant!r} runs fp32 activations: dtype must be float32, "
                              f"got {dtype}")
@@ -252,16 +255,20 @@ class LlamaDecoder(nn.Module):
             self.lm_head = _linear(self.embed.weight, None)
             if quant != "none":
                 self.lm_head = quantize_linear(self.lm_head, quant, "model.embed_tokens.weight")
+        # KV cache: bf16 for quantized models (half the bytes; k, v rounded once), else dtype
+        self.kv_dtype = kv_dtype or (dtype if quant == "none" else torch.bfloat16)
         self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
-        self.register_buffer("kv_cache", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_buffer("kv_cache", torch.empty(0, dtype=self.kv_dtype), persistent=False)
+        self.c_step = True  # one-token forwards may use the C++ decode step (False: torch path)
+        self._step = None  # built on first use; dropped when tensors move (reserve, .to, quantize)
         self.max_len = 0
         self.reserve(max_len)
 
     @classmethod
     def from_pretrained(cls, model_dir, *, adapter=None, dtype=torch.float32, quant: str = "none",
-                        max_len=512) -> "LlamaDecoder":
+                        max_len=512, kv_dtype=None) -> "LlamaDecoder":
         cfg, ckpt = open_checkpoint(model_dir, adapter)
-        return cls(cfg, ckpt, dtype=dtype, quant=quant, max_len=max_len)
+        return cls(cfg, ckpt, dtype=dtype, quant=quant, max_len=max_len, kv_dtype=kv_dtype)
 
     def quantize(self, fmt: str) -> "LlamaDecoder":
         """Replace every nn.Linear (the LM head included) by a QuantLinear in `fmt`, in place
@@ -273,6 +280,7 @@ class LlamaDecoder(nn.Module):
             if type(m) is nn.Linear:
                 parent, _, child = name.rpartition(".")
                 setattr(self.get_submodule(parent), child, quantize_linear(m, fmt, name + ".weight"))
+        self._step = None
         return self
 
     def reserve(self, max_len: int) -> None:
@@ -282,17 +290,20 @@ class LlamaDecoder(nn.Module):
         c = self.cfg
         self.max_len = max_len
         self.kv_cache = torch.empty(c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim,
-                                    dtype=self.embed.weight.dtype, device=self.embed.weight.device)
+                                    dtype=self.kv_dtype, device=self.embed.weight.device)
+        self._step = None  # the C++ decode step points at the cache
         angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(c))
         self.rope = torch.polar(torch.ones_like(angles), angles).to(self.kv_cache.device,
                                                                     torch.complex64)  # [pos, d/2]
 
     def _apply(self, fn, recurse=True):
-        """`.to(dtype)` and the like cast the weights and the KV cache; the RoPE table stays
-        complex64 (only moved)."""
-        rope = self._buffers.pop("rope")
+        """`.to(dtype)` and the like cast the weights; the RoPE table (complex64) and the KV
+        cache (kv_dtype) keep their dtypes (only moved)."""
+        kept = {name: self._buffers.pop(name) for name in ("rope", "kv_cache")}
         super()._apply(fn, recurse)
-        self.register_buffer("rope", rope.to(self.embed.weight.device), persistent=False)
+        for name, t in kept.items():
+            self.register_buffer(name, t.to(self.embed.weight.device), persistent=False)
+        self._step = None
         return self
 
     @torch.inference_mode()
@@ -301,6 +312,13 @@ class LlamaDecoder(nn.Module):
         end = start + tokens.shape[0]
         if end > self.max_len:
             raise ValueError(f"position {end} exceeds the KV cache ({self.max_len}); call reserve()")
+        if tokens.shape[0] == 1 and self.c_step:  # every linear quantized for the C++ kernel
+            if self._step is None:
+                from pyengine.infer.decode_step import from_decoder
+                self._step = from_decoder(self) or False
+            if self._step:
+                logits = self._step(int(tokens[0]), start)
+                return logits[None] if all_logits else logits
         return self.forward_torch(tokens, start, all_logits)
 
     def forward_torch(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
@@ -331,7 +349,7 @@ class LlamaDecoder(nn.Module):
             else:
                 torch.view_as_complex(qk).mul_(rope)
             kv[:, :, start:end].copy_(qkv[:, q_width:].view(T, 2, nkv, hd).permute(1, 2, 0, 3))
-            keys, values = kv[:, None, :, :end]  # [1, kv_heads, end, head_dim] each
+            keys, values = kv[:, None, :, :end].to(qkv.dtype)  # [1, kv_heads, end, head_dim] each
             if T == 1:  # the query heads of a kv group become that group's query rows
                 q = qkv[:, :q_width].view(1, nkv, groups, hd)
                 attn = F.scaled_dot_product_attention(q, keys, values)

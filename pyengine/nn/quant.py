@@ -59,8 +59,8 @@ class InferenceQuantLinear(QuantLinear):
 
     def __init__(self, qweight: QuantizedWeight, bias: Tensor | None = None,
                  backend: str | None = None):
-        super().__init__(qweight, bias, backend)
-        self.kernel = quant_ops.BACKENDS[resolve(quant_ops.OP, backend, qweight.qs.device)]
+        super().__init__(qweight, bias, resolve(quant_ops.OP, backend, qweight.qs.device))
+        self.kernel = quant_ops.BACKENDS[self.backend]
 
     def forward(self, x: Tensor) -> Tensor:
         buffers = self._buffers  # directly: Module.__getattr__ costs ~1 us a call

@@ -3,11 +3,15 @@
 x [..., K] fp32 or bf16; W [N, K] in q8_0 / q4_0 / nf4 (pyengine.quant); bias [N]; y
 [..., N] in x's dtype.  Backends:
   ref    dequantize to fp32 + F.linear (the spec; exact weights, fp32 math).
-  cpu    decode-sized inputs (fewer than GEMM_MIN_ROWS rows) and fp32 x: C++ (csrc/quant.h),
-         x quantized per block to int8 (the llama.cpp approach), integer dot products
-         (AVX-512 VNNI), fp32 scale math; error vs ref: the int8 rounding of x (~0.4% of
-         each block's absmax) and, for nf4, int8 code values.  bf16 x with more rows
-         (training, prefill): W dequantized in C++ to bf16 (bit-identical to
+  cpu    decode-sized inputs (fewer than GEMM_MIN_ROWS rows), and fp32 x without AMX: C++
+         (csrc/quant.h), x quantized per block to int8 (the llama.cpp approach), integer dot
+         products (AVX-512 VNNI), fp32 scale math; error vs ref: the int8 rounding of x
+         (~0.4% of each block's absmax) and, for nf4, int8 code values.
+         fp32 x with more rows (prefill) on AMX: C++ (csrc/quant_amx.cpp), W dequantized a
+         panel of rows at a time into a cache-resident bf16 buffer, x rounded to bf16, AMX
+         bf16 tile products, fp32 sums and output; error vs ref: the bf16 rounding of x and
+         W (2^-9 of each element: more exact in x than the int8 kernel), no [N, K] buffer.
+         bf16 x with more rows (training): W dequantized in C++ to bf16 (bit-identical to
          dequantize().to(bfloat16)) + torch's bf16 GEMM (AMX), i.e. exactly plain torch on
          the dequantized weight.  The dequantized weight is a transient [N, K] buffer.
   triton dequantize-in-kernel + tl.dot (pyengine.kernels.quant_matmul).
@@ -31,12 +35,13 @@ from pyengine.quant import FORMATS, QuantizedWeight, dequantize_rows
 
 OP = "quant_matmul"
 register_op(OP, ("ref", "cpu", "triton"))
-FMT_CODES = {"q8_0": 0, "q4_0": 1, "nf4": 2}
+FMT_CODES = {name: spec.code for name, spec in FORMATS.items()}  # fmt of pyengine._C
 X_DTYPES = (torch.float32, torch.bfloat16)
 DEQUANT_CHUNK_BYTES = 16 << 20  # fp32 weight rows dequantized at a time in backward (torch)
-# bf16 x with at least this many rows: dequantize + torch's bf16 GEMM beats the int8
-# kernel (2048 x 2048, 2 threads: the int8 kernel wins at 64 rows, the GEMM at 96 and up;
-# see benchmarks/RESULTS_qlora.md).  fp32 x stays on the int8 kernel: an fp32 GEMM is slower.
+# x with at least this many rows takes a GEMM path: bf16 x dequantize + torch's bf16 GEMM
+# (2048 x 2048, 2 threads: the int8 kernel wins at 64 rows, the GEMM at 96 and up; see
+# benchmarks/RESULTS_qlora.md); fp32 x the AMX kernel (1B-model shapes, 2 threads: it
+# ties the int8 kernel at 32-64 rows and is 1.5-3x faster at 128-512).
 GEMM_MIN_ROWS = 96
 
 
@@ -58,12 +63,18 @@ def dequantize_cpu(qs: Tensor, scales: Tensor, fmt: str, k: int, dtype: torch.dt
 
 
 def _cpu(x2, qs, scales, fmt, bias):
-    if x2.dtype == torch.bfloat16 and x2.shape[0] >= GEMM_MIN_ROWS:
+    gemm = x2.shape[0] >= GEMM_MIN_ROWS
+    if gemm and x2.dtype == torch.bfloat16:
         w = dequantize_cpu(qs, scales, fmt, x2.shape[1], x2.dtype)
         return F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     n = qs.shape[0]
     y = torch.empty(x2.shape[0], n, dtype=x2.dtype)
     bias32 = None if bias is None else bias.float().contiguous()
+    if gemm and _ext._C.amx_active():  # fp32 x: the AMX bf16 kernel
+        _ext._C.quant_matmul_amx(FMT_CODES[fmt], qs.data_ptr(), scales.data_ptr(), n,
+                                 x2.shape[1], x2.data_ptr(), x2.shape[0], _ext.ptr(bias32),
+                                 y.data_ptr(), _ext.num_threads())
+        return y
     _ext._C.quant_matmul(FMT_CODES[fmt], qs.data_ptr(), scales.data_ptr(), n, x2.shape[1],
                          x2.data_ptr(), _ext.dtype_code(x2), x2.shape[0], _ext.ptr(bias32),
                          y.data_ptr(), _ext.num_threads())
@@ -72,7 +83,7 @@ def _cpu(x2, qs, scales, fmt, bias):
 
 def _triton(x2, qs, scales, fmt, bias):
     from pyengine.kernels.quant_matmul import quant_matmul as tq
-    return tq(x2, qs, scales, FMT_CODES[fmt], bias)
+    return tq(x2, qs, scales, fmt, bias)
 
 
 def _ref(x2, qs, scales, fmt, bias):
