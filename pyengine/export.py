@@ -228,7 +228,8 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
     for name, shape, read in _gguf_tensors(cfg, ckpt, arch):
         ggml_type = _gguf_type(name, shape, fmt)
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
-        writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape), raw_dtype=ggml_type)
+        writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape),
+                               raw_dtype=ggml_type)
         tensors.append((read, ggml_type))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -112,7 +112,8 @@ def test_quantize_swaps_every_linear_for_a_quant_linear(qwen2, fmt):
     fp32 = run(swapped)  # the layers' cached steps must follow the swap
     swapped.quantize(fmt)
     assert not torch.equal(run(swapped), fp32)
-    linears = {n: m for n, m in swapped.named_modules() if isinstance(m, (QuantLinear, torch.nn.Linear))}
+    linears = {n: m for n, m in swapped.named_modules()
+               if isinstance(m, (QuantLinear, torch.nn.Linear))}
     assert sorted(linears) == sorted(["lm_head"] + [f"layers.{i}.{p}" for i in range(2)
                                                     for p in ("qkv", "o", "gate_up", "down")])
     assert all(type(m) is InferenceQuantLinear and m.fmt == fmt for m in linears.values())
@@ -128,7 +129,7 @@ def test_quantize_swaps_every_linear_for_a_quant_linear(qwen2, fmt):
     other = torch_path(LlamaDecoder.from_pretrained(qwen2, quant=fmt, kv_dtype=torch.float32))
     with torch.no_grad():
         other.layers[0].qkv.scales.zero_()
-    other.load_state_dict(loaded.state_dict())  # a quantized state_dict loads into a quantized model
+    other.load_state_dict(loaded.state_dict())  # a quantized state_dict into a quantized model
     assert torch.equal(run(other), run(loaded))
 
 
@@ -149,7 +150,8 @@ def test_every_hf_name_maps_to_one_of_ours_and_one_gguf_name(request, tmp_path, 
     table = {w.hf: w for w in weight_names(2)}
     assert len(table) == len(weight_names(2))  # no HF name twice
     ours = set(load_model(path).state_dict())
-    gguf_names = [t.name for t in gguf.GGUFReader(to_gguf(path, tmp_path / "m.gguf", "f32")).tensors]
+    reader = gguf.GGUFReader(to_gguf(path, tmp_path / "m.gguf", "f32"))
+    gguf_names = [t.name for t in reader.tensors]
     for name in hf_names:
         assert table[name].ours in ours, name
     assert sorted(table[n].gguf for n in hf_names) == sorted(gguf_names)  # one each, all of them
@@ -185,10 +187,11 @@ def test_missing_and_misshapen_weights_are_errors(untied, tmp_path):
     save_file({k: v for k, v in tensors.items() if k != name}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=f"weight '{name}' missing from the checkpoint"):
         load_model(tmp_path)
-    save_file({**tensors, name: tensors[name][:, :48].contiguous()}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match=rf"weight '{name}' has shape \[32, 48\]; it is "
-                                             r"concatenated with 'model.layers.1.self_attn.q_proj"
-                                             r".weight' \[64, 64\], so its rows must be \[64\] long"):
+    narrow = tensors[name][:, :48].contiguous()
+    save_file({**tensors, name: narrow}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=re.escape(
+            f"weight '{name}' has shape [32, 48]; it is concatenated with "
+            "'model.layers.1.self_attn.q_proj.weight' [64, 64], so its rows must be [64] long")):
         load_model(tmp_path)
 
 
@@ -213,14 +216,17 @@ def test_adapter_targeting_what_the_model_lacks_is_an_error(untied, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     key = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
     weights = tmp_path / "adapter_model.safetensors"
-    save_file({key.format(5, "A"): torch.ones(2, 64), key.format(5, "B"): torch.ones(64, 2)}, str(weights))
+    save_file({key.format(5, "A"): torch.ones(2, 64), key.format(5, "B"): torch.ones(64, 2)},
+              str(weights))
     with pytest.raises(ModelLoadError, match=re.escape(
             f"{weights}: {key.format(5, 'A')} targets model.layers.5.self_attn.q_proj.weight, "
             "which the model does not have")):
         load_model(untied, adapter=tmp_path)
-    save_file({key.format(0, "A"): torch.ones(2, 48), key.format(0, "B"): torch.ones(64, 2)}, str(weights))
-    with pytest.raises(ModelLoadError, match=r"LoRA delta for model.layers.0.self_attn.q_proj.weight "
-                                             r"has shape \[64, 48\], the weight has \[64, 64\]"):
+    save_file({key.format(0, "A"): torch.ones(2, 48), key.format(0, "B"): torch.ones(64, 2)},
+              str(weights))
+    with pytest.raises(ModelLoadError, match=re.escape(
+            "LoRA delta for model.layers.0.self_attn.q_proj.weight has shape [64, 48], the "
+            "weight has [64, 64]")):
         load_model(untied, adapter=tmp_path)
 
 
@@ -247,7 +253,8 @@ def test_bf16_checkpoint_loads_in_bf16_without_copies_of_the_file(tmp_path):
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
     cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=512, intermediate_size=1536,
-                                   num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=2)
+                                   num_hidden_layers=6, num_attention_heads=8,
+                                   num_key_value_heads=2)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").stat().st_size > 30e6

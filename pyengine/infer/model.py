@@ -240,7 +240,8 @@ class LlamaDecoder(nn.Module):
             m = _linear(load(ours + ".weight"), bias)
             if quant == "none":
                 return m
-            return quantize_linear(m, quant, ", ".join(w.hf for w in table.by_ours[ours + ".weight"]))
+            hf_names = ", ".join(w.hf for w in table.by_ours[ours + ".weight"])
+            return quantize_linear(m, quant, hf_names)
 
         self.embed = nn.Embedding.from_pretrained(load("embed.weight"), freeze=True)
         self.layers = nn.ModuleList(
@@ -272,14 +273,16 @@ class LlamaDecoder(nn.Module):
 
     def quantize(self, fmt: str) -> "LlamaDecoder":
         """Replace every nn.Linear (the LM head included) by a QuantLinear in `fmt`, in place
-        (ragged ones stay, warned: quantize_linear). Needs fp32 weights."""
+        (ragged ones stay, warned: quantize_linear). Needs fp32 weights; the KV cache keeps
+        its kv_dtype."""
         if self.embed.weight.dtype != torch.float32:
             raise ValueError(f"quantize: the model is {self.embed.weight.dtype}; quantized "
                              "layers run fp32 activations (quantize an fp32 model)")
         for name, m in list(self.named_modules()):
             if type(m) is nn.Linear:
                 parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, quantize_linear(m, fmt, name + ".weight"))
+                quantized = quantize_linear(m, fmt, name + ".weight")
+                setattr(self.get_submodule(parent), child, quantized)
         self._step = None
         return self
 

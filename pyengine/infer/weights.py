@@ -15,6 +15,7 @@ into each tensor it changes as that tensor is read, in fp32.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -117,8 +118,8 @@ def rope_heads(w: WeightName, n_heads: int, n_kv_heads: int) -> int | None:
 def gather(state: Mapping[str, torch.Tensor], rows: list[WeightName], dtype: torch.dtype,
            n_heads: int, n_kv_heads: int) -> torch.Tensor | None:
     """One of our tensors from its HF tensors `rows` (those present; None if none is):
-    concatenated along dim 0, q/k rows interleaved, in `dtype`.  Built in place, reading one
-    HF tensor at a time, so loading holds our tensor plus one HF tensor."""
+    concatenated along dim 0, q/k rows interleaved, in `dtype`.  Built in place, copied from
+    one mapped HF tensor at a time (no other copy)."""
     present = []
     for w in rows:
         if w.hf in state:
@@ -130,8 +131,9 @@ def gather(state: Mapping[str, torch.Tensor], rows: list[WeightName], dtype: tor
     inner = present[0][1][1:]
     for w, shape in present:
         if shape[1:] != inner:
-            raise ModelLoadError(f"weight '{w.hf}' has shape {list(shape)}; it is concatenated with "
-                                 f"'{present[0][0].hf}' {list(present[0][1])}, so its rows must be "
+            first, first_shape = present[0]
+            raise ModelLoadError(f"weight '{w.hf}' has shape {list(shape)}; it is concatenated "
+                                 f"with '{first.hf}' {list(first_shape)}, so its rows must be "
                                  f"{list(inner)} long")
     out = torch.empty(sum(shape[0] for _, shape in present), *inner, dtype=dtype)
     row = 0
@@ -165,8 +167,6 @@ def _mapped(state: Mapping[str, torch.Tensor], name: str):
 # Reading
 
 def safetensors_files(model_dir: Path) -> list[Path]:
-    import json
-
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
