@@ -16,13 +16,16 @@ stores them (llama.cpp rotates halves for it) and the q / k / v biases.  2-D wei
 stored in `fmt`: F16 / BF16 (rounded to nearest even), or the exact GGUF blocks of
 pyengine.quant (so llama.cpp and pyengine run identical weights); norms, and weights whose
 rows are not a multiple of the block (warned), stay F32.  An optional PEFT adapter is merged
-in fp32 first (pyengine.lora.read_adapter; DoRA and other variants are refused).
+in fp32 (pyengine.lora.read_adapter; DoRA and other variants are refused).  Names come from
+pyengine.infer.weights' table (the one the loader uses); the checkpoint is read one tensor at
+a time and each tensor is written as soon as it is converted, so memory holds one tensor.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -30,8 +33,9 @@ from pathlib import Path
 
 import torch
 
-from pyengine.infer.model import (DecoderConfig, ModelLoadError, interleave_rope_rows,
-                                  load_hf_state, rope_inv_freq)
+from pyengine.infer.model import DecoderConfig, open_checkpoint, rope_inv_freq
+from pyengine.infer.weights import (GLOBAL_WEIGHTS, ModelLoadError, WeightName,
+                                    interleave_rope_rows, rope_heads, weight_names)
 
 log = logging.getLogger("pyengine")
 
@@ -99,62 +103,66 @@ def _add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer)
 
 
-def _tensor_data(name: str, weight: torch.Tensor, fmt: str):
-    """(numpy array, GGML type) of one weight; 1-D tensors, fmt f32 and weights whose row
-    length is not a multiple of the format's block stay F32 (with a warning naming them,
-    as pyengine.infer and finetune's quantize_base do)."""
+def _gguf_type(name: str, shape: tuple[int, ...], fmt: str):
+    """The GGML type a weight is stored in: 1-D tensors, fmt f32 and weights whose row length
+    is not a multiple of the format's block stay F32 (with a warning naming them, as
+    pyengine.infer and finetune's quantize_base do)."""
     import gguf
-    from pyengine.quant import format_spec, quantize
+    from pyengine.quant import format_spec
 
-    if weight.dim() == 1 or fmt == "f32":
-        return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
-    if fmt == "f16":
-        return weight.half().contiguous().numpy(), gguf.GGMLQuantizationType.F16
-    if fmt == "bf16":  # numpy has no bf16: its bytes, which the writer reshapes by the type
-        return (weight.bfloat16().contiguous().view(torch.uint8).numpy(),
-                gguf.GGMLQuantizationType.BF16)
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or fmt == "f32":
+        return T.F32
+    if fmt in ("f16", "bf16"):
+        return T[fmt.upper()]
     block = format_spec(fmt).block
-    if weight.shape[1] % block:
+    if shape[1] % block:
         log.warning("GGUF export: %s kept in F32: its rows (%d) are not a multiple of the %s "
-                    "block (%d)", name, weight.shape[1], fmt, block)
-        return weight.float().contiguous().numpy(), gguf.GGMLQuantizationType.F32
-    blocks = quantize(weight.float().contiguous(), fmt).gguf_blocks()
-    return blocks.numpy(), gguf.GGMLQuantizationType[fmt.upper()]
+                    "block (%d)", name, shape[1], fmt, block)
+        return T.F32
+    return T[fmt.upper()]
 
 
-def _llama_tensors(cfg: DecoderConfig, state: dict[str, torch.Tensor]):
-    """(gguf name, weight in llama.cpp's orientation) pairs.  Arch "llama" rotates adjacent
+def _tensor_data(weight: torch.Tensor, ggml_type):
+    """The bytes (numpy array) of `weight` as `ggml_type`: F16 / BF16 rounded to nearest
+    even, Q8_0 / Q4_0 pyengine.quant's exact GGUF blocks."""
+    from pyengine.quant import quantize
+
+    weight = weight.float().contiguous()
+    name = ggml_type.name
+    if name == "F32":
+        return weight.numpy()
+    if name == "F16":
+        return weight.half().numpy()
+    if name == "BF16":  # numpy has no bf16: its bytes
+        return weight.bfloat16().view(torch.uint8).numpy()
+    return quantize(weight, name.lower()).gguf_blocks().numpy()
+
+
+def _gguf_tensors(cfg: DecoderConfig, ckpt, arch: str):
+    """(gguf name, shape, read) of every tensor in file order, read() giving the weight in
+    llama.cpp's orientation (pyengine.infer.weights' table).  Arch "llama" rotates adjacent
     pairs, so its q / k rows are interleaved; "qwen2" rotates halves as HF does (rows kept)
     and has q / k / v biases."""
-    def get(name):
-        if name not in state:
-            raise ModelLoadError(f"weight '{name}' missing from the checkpoint")
-        return state[name]
+    def read(w: WeightName):
+        heads = rope_heads(w, cfg.n_heads, cfg.n_kv_heads) if arch == "llama" else None
+        return lambda: ckpt[w.hf] if heads is None else interleave_rope_rows(ckpt[w.hf], heads)
 
-    yield "token_embd.weight", get("model.embed_tokens.weight")
-    yield "output_norm.weight", get("model.norm.weight")
-    if not cfg.tied_embeddings and "lm_head.weight" in state:
-        yield "output.weight", state["lm_head.weight"]
+    def present(rows):
+        for w in rows:
+            if w.hf not in ckpt:
+                if not w.optional:
+                    raise ModelLoadError(f"weight '{w.hf}' missing from the checkpoint")
+            elif not (w.hf == "lm_head.weight" and cfg.tied_embeddings):
+                yield w.gguf, ckpt.shapes[w.hf], read(w)
+
+    rows = weight_names(cfg.n_layers)
+    yield from present(rows[:len(GLOBAL_WEIGHTS)])
     if cfg.rope_scaling is not None and cfg.rope_scaling.get("rope_type") == "llama3":
         plain = rope_inv_freq(DecoderConfig(**{**cfg.__dict__, "rope_scaling": None}))
-        yield "rope_freqs.weight", (plain / rope_inv_freq(cfg)).float()
-    names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        yield f"blk.{i}.attn_norm.weight", get(p + "input_layernorm.weight")
-        yield f"blk.{i}.ffn_norm.weight", get(p + "post_attention_layernorm.weight")
-        for short, hf in names.items():
-            w = get(p + hf + ".weight")
-            if cfg.model_type == "qwen2":
-                if short in ("attn_q", "attn_k", "attn_v"):
-                    yield f"blk.{i}.{short}.bias", get(p + hf + ".bias")
-            elif short == "attn_q":
-                w = interleave_rope_rows(w, cfg.n_heads)
-            elif short == "attn_k":
-                w = interleave_rope_rows(w, cfg.n_kv_heads)
-            yield f"blk.{i}.{short}.weight", w
+        freqs = (plain / rope_inv_freq(cfg)).float()
+        yield "rope_freqs.weight", tuple(freqs.shape), lambda: freqs
+    yield from present(rows[len(GLOBAL_WEIGHTS):])
 
 
 def _check_output(path: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
@@ -182,13 +190,13 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
     model_dir, path = Path(model_dir), Path(path)
     inputs = (model_dir,) if adapter is None else (model_dir, Path(adapter))
     _check_output(path, overwrite, inputs)
-    cfg, state = load_hf_state(model_dir, adapter)
+    cfg, ckpt = open_checkpoint(model_dir, adapter)
     if cfg.model_type not in GGUF_ARCH:
         raise ModelLoadError(f"GGUF export supports {', '.join(GGUF_ARCH)}, not "
                              f"'{cfg.model_type}'")
     arch = GGUF_ARCH[cfg.model_type]
     allowed = ("q_proj.bias", "k_proj.bias", "v_proj.bias") if arch == "qwen2" else ()
-    extra = [k for k in state if k.endswith("_proj.bias") and not k.endswith(allowed)]
+    extra = [k for k in ckpt if k.endswith("_proj.bias") and not k.endswith(allowed)]
     if extra:
         raise ModelLoadError(f"GGUF export: projection biases are not supported for {arch} "
                              f"(e.g. {extra[0]})")
@@ -214,16 +222,24 @@ def to_gguf(model_dir, path, fmt: str = "q8_0", *, adapter=None, overwrite: bool
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
                           "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[fmt])
     _add_tokenizer(writer, model_dir, cfg.vocab)
-    for name, weight in _llama_tensors(cfg, state):
-        data, ggml_type = _tensor_data(name, weight, fmt)
-        writer.add_tensor(name, data, raw_dtype=ggml_type)
+    import numpy as np
+
+    tensors = []  # header first (shapes and types), then each tensor read, converted, written
+    for name, shape, read in _gguf_tensors(cfg, ckpt, arch):
+        ggml_type = _gguf_type(name, shape, fmt)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, ggml_type)
+        writer.add_tensor_info(name, byte_shape, np.uint8, math.prod(byte_shape),
+                               raw_dtype=ggml_type)
+        tensors.append((read, ggml_type))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for read, ggml_type in tensors:
+            writer.write_tensor_data(_tensor_data(read(), ggml_type))
         writer.close()
         _check_output(path, overwrite)  # a file that appeared meanwhile is not replaced either
         umask = os.umask(0)

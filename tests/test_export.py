@@ -221,7 +221,7 @@ def test_failed_write_leaves_no_file(tiny, tmp_path, capsys, monkeypatch):
     def disk_full(self, *args, **kwargs):
         self.fout[0].write(b"\0" * 100)  # part of the file is out when the disk fills up
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", disk_full)
     code, err = cli(capsys, tiny[0], tmp_path / "m.gguf")
     assert (code, err) == (2, "error: [Errno 28] No space left on device\n")
     assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pyengine.infer import ModelLoadError, generate, generate_ids, load_model, sample_next
+from pyengine.nn.quant import QuantLinear
 from tests.tiny_llama import save_tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -291,8 +292,9 @@ def test_quantized_layers_with_ragged_k_stay_fp32(tmp_path, caplog):
         "of the q8_0 block (32)" for i in range(2)]
     sd = hf.state_dict()
     for i, layer in enumerate(model.layers):
-        assert torch.equal(layer.down.keywords["weight"], sd[f"model.layers.{i}.mlp.down_proj.weight"])
-        assert not hasattr(layer.gate_up, "keywords")  # quantized
+        assert type(layer.down) is torch.nn.Linear
+        assert torch.equal(layer.down.weight, sd[f"model.layers.{i}.mlp.down_proj.weight"])
+        assert isinstance(layer.gate_up, QuantLinear) and layer.gate_up.fmt == "q8_0"
     ids = torch.tensor(tok(PROMPT)["input_ids"])
     fp32 = load_model(tmp_path).forward(ids, 0)
     assert (model.forward(ids, 0) - fp32).abs().max() < 0.1 * fp32.abs().max()

@@ -15,9 +15,7 @@ from typing import Callable
 import torch
 
 from pyengine.models import load_tokenizer
-from pyengine.nn.quant import QuantLinear
-from pyengine.ops.quant import BACKENDS as QUANT_BACKENDS
-from pyengine.infer.model import LlamaDecoder, ModelLoadError, dense_linear, load_hf_state
+from pyengine.infer.model import LlamaDecoder, ModelLoadError
 
 log = logging.getLogger("pyengine")
 QUANT_FORMATS = ("none", "q8_0", "q4_0", "nf4")
@@ -26,48 +24,17 @@ __all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS",
            "generate_ids", "load_model", "load_tokenizer", "sample_next"]
 
 
-def quant_linear_factory(fmt: str):
-    """Linear layers on weights quantized to `fmt` with pyengine.quant: QuantLinear modules
-    (.qs, .scales, .fmt, .bias; the C++ decode step reads them) whose forward calls the
-    chosen quant_matmul backend directly: the public op's checks and dispatch cost
-    microseconds per call, which add up at one token per forward.
-    A weight whose in_features is not a multiple of the format's block stays fp32, with a
-    warning naming it (as finetune's quantize_base and the GGUF export do)."""
-    from pyengine.backends import resolve
-    from pyengine.ops import quant as quant_ops
-    from pyengine.quant import format_spec, quantize
-
-    backend = resolve(quant_ops.OP, None, torch.device("cpu"))
-    block = format_spec(fmt).block
-
-    def make(weight, bias, name):
-        if weight.shape[1] % block:
-            log.warning("%s kept in fp32: in_features %d is not a multiple of the %s block (%d)",
-                        name, weight.shape[1], fmt, block)
-            return dense_linear(torch.float32)(weight, bias)
-        qweight = quantize(weight.float().contiguous(), fmt)
-        return _InferQuantLinear(qweight, None if bias is None else bias.float(), backend)
-    return make
-
-
-class _InferQuantLinear(QuantLinear):
-    """QuantLinear whose forward skips the public op's checks (inference, contiguous planes)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return QUANT_BACKENDS[self.backend](x.contiguous(), self.qs, self.scales, self.fmt, self.bias)
-
-
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,
                max_len: int = 512) -> LlamaDecoder:
-    """Load an HF Llama/Mistral/Qwen2 directory; merge `adapter` (PEFT dir) in fp32, then
-    quantize the linear weights to `quant` (activations stay fp32) or cast them to `dtype`."""
+    """Load an HF Llama/Mistral/Qwen2 directory (tensor by tensor); merge `adapter` (PEFT
+    dir) in fp32, then quantize the linear weights to `quant` (activations stay fp32) or cast
+    them to `dtype`."""
     if quant not in QUANT_FORMATS:
         raise ValueError(f"quant must be one of {', '.join(QUANT_FORMATS)}, got '{quant}'")
-    cfg, state = load_hf_state(model_dir, adapter)
-    factory = None if quant == "none" else quant_linear_factory(quant)
-    if factory is not None:
+    if quant != "none":
         dtype = torch.float32
-    return LlamaDecoder(cfg, state, dtype=dtype, linear_factory=factory, max_len=max_len)
+    return LlamaDecoder.from_pretrained(model_dir, adapter=adapter, dtype=dtype, quant=quant,
+                                        max_len=max_len)
 
 
 @dataclass

@@ -91,8 +91,9 @@ def from_decoder(model) -> DecodeStep | None:
     layers = [{"attn_norm": l.attn_norm, "qkv": l.qkv, "o": l.o, "mlp_norm": l.mlp_norm,
                "gate_up": l.gate_up, "down": l.down} for l in model.layers]
     linears = [l[n] for l in layers for n in LAYER_LINEARS] + [model.lm_head]
+    embed = model.embed.weight
     if (_ext._C is None or not all(map(_is_c_quant, linears)) or model.cfg.head_dim % 16
-            or len({l.fmt for l in linears}) != 1 or model.embed.dtype != torch.float32):
+            or len({l.fmt for l in linears}) != 1 or embed.dtype != torch.float32):
         return None
-    return DecodeStep(model.cfg, embed=model.embed, final_norm=model.final_norm, layers=layers,
+    return DecodeStep(model.cfg, embed=embed, final_norm=model.norm, layers=layers,
                       lm_head=model.lm_head, kv_cache=model.kv_cache, rope=model.rope)

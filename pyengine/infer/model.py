@@ -1,8 +1,19 @@
 """A lean Llama-family decoder for inference (Llama, Mistral, Qwen2 Hugging Face directories).
 
-What it does: loads config.json + safetensors (optionally merging a PEFT LoRA adapter in
-fp32), concatenates q/k/v and gate/up weights into one matrix each, and runs the forward
-pass with a preallocated static KV cache [layers, 2, kv_heads, max_len, head_dim].
+The model is an nn.Module tree built from a DecoderConfig (gpt-fast style): embed
+(nn.Embedding), layers (Block: RMSNorm weights attn_norm, mlp_norm; linears qkv, o, gate_up,
+down), the final RMSNorm weight norm, lm_head (nn.Linear, the embedding's Parameter when tied),
+so it has a state_dict, `.to(dtype)` and module swapping: quantization replaces each
+nn.Linear by a pyengine.nn.quant.QuantLinear (`quantize`).  The KV cache
+[layers, 2, kv_heads, max_len, head_dim] (kv_dtype: bf16 for quantized models, else the
+model dtype) and the RoPE table (complex64) are non-persistent buffers that `.to()` moves but
+never casts.
+
+Loading (from_pretrained): config.json + safetensors read lazily, one tensor at a time in
+its stored dtype (pyengine.infer.weights: the HF <-> ours <-> GGUF name table, and an
+optional PEFT LoRA adapter merged per tensor in fp32); q/k/v and gate/up are concatenated
+into one matrix each; with `quant`, each linear is quantized as soon as it is read (fp32
+for that tensor only), so loading never holds more than the model plus a layer's tensors.
 
 Math per layer (pre-norm):  h = x + o(attn(rope(q), rope(k), v)) with q,k,v = split(qkv(rms(x)))
                             y = h + down(silu(gate) * up) with gate,up = split(gate_up(rms(h)))
@@ -13,10 +24,9 @@ Attention scores are unchanged because q and k are permuted alike. GQA: at decod
 token) the query heads of a kv group are folded into the query length, so attention runs
 without expanding K/V.
 
-Dtypes: fp32 or bf16 weights/activations (F.linear), or quantized weights through a
-pluggable callable per linear (`linear_factory(weight, bias, name) -> callable(x)`; name:
-the checkpoint weight(s), for messages), which the quantized path supplies. Batch size is
-one stream (tokens shape [T]).
+Dtypes: fp32 or bf16 weights/activations (F.linear), or q8_0 / q4_0 / nf4 weights with fp32
+activations (QuantLinear's inference forward: the quant_matmul kernel called directly).
+Batch size is one stream (tokens shape [T]).
 
 Floor per decoded token: read every linear weight once (bytes of the weights; ~35 GB/s
 here) plus the KV cache, and ~2 * params FLOPs. At small models Python dispatch dominates,
@@ -26,24 +36,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from pyengine.nn.quant import QuantLinear
+from pyengine.infer.weights import (Checkpoint, ModelLoadError, WeightTable, gather,
+                                    interleave_rope_rows)
 
+log = logging.getLogger("pyengine")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-Linear = Callable[[torch.Tensor], torch.Tensor]
-LinearFactory = Callable[[torch.Tensor, "torch.Tensor | None", str], Linear]  # weight, bias, name
-
-
-class ModelLoadError(ValueError):
-    """The model directory (or adapter) is missing, corrupt or unsupported."""
+__all__ = ["Block", "DecoderConfig", "LlamaDecoder", "ModelLoadError", "interleave_rope_rows",
+           "open_checkpoint", "quantize_linear", "rope_inv_freq"]
 
 
 @dataclass(frozen=True)
@@ -119,85 +128,9 @@ def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     return torch.where(mid, blended, out)
 
 
-def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k projection rows (or bias) of each head from rotate-half order to adjacent
-    (real, imag) pairs: row j of the half-split becomes row 2j, row j+d/2 becomes 2j+1.
-    This is llama.cpp's permutation for HF Llama checkpoints."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading: safetensors (+ optional PEFT adapter merged in fp32)
-
-def _read_safetensors_dir(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ModelLoadError(f"{index}: corrupt index ({e})") from e
-    elif (model_dir / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ModelLoadError(f"{model_dir}: no model.safetensors (or sharded index) found")
-    tensors = {}
-    for name in files:
-        path = model_dir / name
-        try:
-            tensors.update(load_file(str(path)))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ModelLoadError(f"{path}: cannot read safetensors ({e})") from e
-    return tensors
-
-
-def merge_adapter(cfg: DecoderConfig, state: dict[str, torch.Tensor], adapter_dir: str | Path):
-    """Merge a PEFT LoRA adapter into the fp32 `state` in place (pyengine.lora.read_adapter:
-    PEFT's rank / alpha pattern rules; DoRA and other variants refused). modules_to_save
-    tensors replace the weight they name; one for lm_head unties a tied head (PEFT trains a
-    copy). Returns the config (untied when that happened)."""
-    from pyengine.lora import AdapterError, read_adapter
-
-    try:
-        adapter = read_adapter(adapter_dir)
-    except (AdapterError, FileNotFoundError) as e:
-        raise ModelLoadError(str(e)) from e
-    where = adapter.weights_file
-    head = "lm_head.weight"
-    if cfg.tied_embeddings:
-        if "lm_head" in adapter.lora:
-            raise ModelLoadError(f"{where}: LoRA on lm_head, which shares its weight with "
-                                 "model.embed_tokens (tie_word_embeddings): not supported")
-        if "model.embed_tokens.weight" in adapter.extra:
-            raise ModelLoadError(f"{where}: modules_to_save replaces model.embed_tokens, which "
-                                 "is tied to lm_head (tie_word_embeddings): not supported")
-        if head in adapter.extra:  # set below
-            state[head] = state["model.embed_tokens.weight"]
-            cfg = dataclasses.replace(cfg, tied_embeddings=False)
-    for name, t in adapter.extra.items():
-        if name not in state or state[name].shape != t.shape:
-            have = list(state[name].shape) if name in state else "no such weight in the model"
-            raise ModelLoadError(f"{where}: {adapter.keys[name]} {list(t.shape)} cannot be placed "
-                                 f"in this causal-LM decoder ({name}: {have})")
-        state[name] = t.float()
-    for path in adapter.lora:
-        name = path + ".weight"
-        if name not in state:
-            raise ModelLoadError(f"{where}: {adapter.keys[path]} targets {name}, which the model "
-                                 "does not have")
-        delta = adapter.delta(path)
-        if state[name].shape != delta.shape:
-            raise ModelLoadError(f"{where}: LoRA delta for {name} has shape {list(delta.shape)}, "
-                                 f"the weight has {list(state[name].shape)}")
-        state[name] = state[name] + delta
-    return cfg
-
-
-def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
-    """(DecoderConfig, fp32 state dict with the adapter merged) from an HF directory."""
+def open_checkpoint(model_dir: str | Path, adapter: str | Path | None = None):
+    """(DecoderConfig, Checkpoint) of an HF directory: the config checked, the tensors not
+    read yet (a PEFT `adapter` checked now and merged as tensors are read)."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
@@ -213,91 +146,145 @@ def load_hf_state(model_dir: str | Path, adapter: str | Path | None = None):
     except (ValueError, OSError, KeyError) as e:
         raise ModelLoadError(f"{model_dir}/config.json: cannot parse ({e})") from e
     cfg = DecoderConfig.from_hf(hf_cfg)
-    state = {k: v.float() for k, v in _read_safetensors_dir(model_dir).items()}
-    if adapter is not None:
-        cfg = merge_adapter(cfg, state, adapter)
-    return cfg, state
+    ckpt = Checkpoint(model_dir, cfg.n_layers, cfg.tied_embeddings, adapter)
+    if ckpt.untied_head:
+        cfg = dataclasses.replace(cfg, tied_embeddings=False)
+    return cfg, ckpt
 
 
 # ---------------------------------------------------------------------------------------
 # The model
 
-def dense_linear(dtype: torch.dtype) -> LinearFactory:
-    """Factory of plain F.linear layers with weights cast to `dtype`."""
-    def make(weight, bias, name=""):
-        return functools.partial(F.linear, weight=weight.to(dtype).contiguous(),
-                                 bias=None if bias is None else bias.to(dtype))
-    return make
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """`t` as a frozen Parameter (a Parameter stays itself, so a tied head stays tied)."""
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
 
 
-@dataclass
-class _Layer:
-    attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
-    mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding these very tensors (no init, no copy)."""
+    m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    m.weight = _frozen(weight)
+    if bias is not None:
+        m.bias = _frozen(bias)
+    return m
 
 
-class LlamaDecoder:
+def quantize_linear(linear: nn.Linear, fmt: str, name: str) -> nn.Module:
+    """A QuantLinear (inference forward) holding `linear`'s weight in `fmt`, or `linear`
+    itself when its in_features is not a multiple of the format's block (a warning naming
+    it, as finetune's quantize_base and the GGUF export do)."""
+    from pyengine.nn.quant import InferenceQuantLinear
+    from pyengine.quant import format_spec, quantize
+
+    block = format_spec(fmt).block
+    if linear.in_features % block:
+        log.warning("%s kept in fp32: in_features %d is not a multiple of the %s block (%d)",
+                    name, linear.in_features, fmt, block)
+        return linear
+    return InferenceQuantLinear(quantize(linear.weight.float().contiguous(), fmt), linear.bias)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: RMSNorm weights attn_norm / mlp_norm [H] and the linears
+    qkv, o, gate_up, down (LlamaDecoder.forward_torch runs them)."""
+
+    def __init__(self, attn_norm: torch.Tensor, qkv: nn.Module, o: nn.Module,
+                 mlp_norm: torch.Tensor, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = _frozen(attn_norm), _frozen(mlp_norm)
+        self.qkv, self.o, self.gate_up, self.down = qkv, o, gate_up, down
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        self.__dict__.pop("steps", None)  # a swapped-in module or weight is the one that runs
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("steps", None)  # .to() may put new tensors in
+        return super()._apply(fn, recurse)
+
+    @functools.cached_property
+    def steps(self) -> tuple:
+        """(attn_norm, qkv, o, mlp_norm, gate_up, down): the norm weights and the linears'
+        forward methods, looked up once for the per-token loop (Module.__call__ and
+        __getattr__ cost ~1 us each: ~5-10% of a small model's decode step)."""
+        return (self.attn_norm, self.qkv.forward, self.o.forward, self.mlp_norm,
+                self.gate_up.forward, self.down.forward)
+
+
+class LlamaDecoder(nn.Module):
     """Inference-only decoder. `forward(tokens, start)` appends to the KV cache and returns
-    the logits of the last position (or all positions with all_logits=True)."""
+    the logits of the last position (or all positions with all_logits=True).
 
-    def __init__(self, cfg: DecoderConfig, state: dict[str, torch.Tensor], *,
-                 dtype: torch.dtype = torch.float32, linear_factory: LinearFactory | None = None,
-                 max_len: int = 512, kv_dtype: torch.dtype | None = None):
+    `state` maps HF checkpoint names to tensors (a dict, or a lazy Checkpoint); each of our
+    tensors is built from its HF ones (pyengine.infer.weights) and cast to `dtype`, or, with
+    `quant` (q8_0 | q4_0 | nf4; fp32 activations), quantized right away."""
+
+    def __init__(self, cfg: DecoderConfig, state: Mapping[str, torch.Tensor], *,
+                 dtype: torch.dtype = torch.float32, quant: str = "none", max_len: int = 512,
+                 kv_dtype: torch.dtype | None = None):
+        super().__init__()
         for what, t in (("dtype", dtype), ("kv_dtype", kv_dtype or dtype)):
             if t not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"{what} must be float32 or bfloat16, got {t}")
-        self.cfg, self.dtype = cfg, dtype
-        make = linear_factory or dense_linear(dtype)
-        nh, nkv = cfg.n_heads, cfg.n_kv_heads
+        if quant != "none" and dtype != torch.float32:
+            raise ValueError(f"quant={quant!r} runs fp32 activations: dtype must be float32, "
+                             f"got {dtype}")
+        self.cfg = cfg
+        table = WeightTable(cfg.n_layers)
 
-        def get(name):
-            if name not in state:
-                raise ModelLoadError(f"weight '{name}' missing from the checkpoint")
-            return state[name]
+        def load(ours: str) -> torch.Tensor | None:
+            return gather(state, table.by_ours[ours], dtype, cfg.n_heads, cfg.n_kv_heads)
 
-        self.layers = []
-        for i in range(cfg.n_layers):
-            p = f"model.layers.{i}."
-            attn, mlp = p + "self_attn.", p + "mlp."
-            q, k, v = (get(attn + f"{n}_proj.weight") for n in "qkv")
-            qkv_w = torch.cat([interleave_rope_rows(q, nh), interleave_rope_rows(k, nkv), v])
-            qkv_b = None
-            if p + "self_attn.q_proj.bias" in state:
-                qb, kb, vb = (get(p + f"self_attn.{n}_proj.bias") for n in "qkv")
-                qkv_b = torch.cat([interleave_rope_rows(qb, nh), interleave_rope_rows(kb, nkv), vb])
-            gate_up_w = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-            self.layers.append(_Layer(
-                attn_norm=get(p + "input_layernorm.weight").to(dtype),
-                qkv=make(qkv_w, qkv_b, attn + "{q,k,v}_proj.weight"),
-                o=make(get(attn + "o_proj.weight"), state.get(attn + "o_proj.bias"), attn + "o_proj.weight"),
-                mlp_norm=get(p + "post_attention_layernorm.weight").to(dtype),
-                gate_up=make(gate_up_w, None, mlp + "{gate,up}_proj.weight"),
-                down=make(get(mlp + "down_proj.weight"), None, mlp + "down_proj.weight")))
-        embed = get("model.embed_tokens.weight")
-        self.embed = embed.to(dtype)
-        self.final_norm = get("model.norm.weight").to(dtype)
-        untied = not cfg.tied_embeddings and "lm_head.weight" in state
-        self.lm_head = (make(state["lm_head.weight"], None, "lm_head.weight") if untied
-                        else make(embed, None, "model.embed_tokens.weight"))
-        self.inv_freq = rope_inv_freq(cfg)
+        def linear(ours: str) -> nn.Module:
+            bias = load(ours + ".bias") if ours + ".bias" in table.by_ours else None
+            m = _linear(load(ours + ".weight"), bias)
+            if quant == "none":
+                return m
+            hf_names = ", ".join(w.hf for w in table.by_ours[ours + ".weight"])
+            return quantize_linear(m, quant, hf_names)
+
+        self.embed = nn.Embedding.from_pretrained(load("embed.weight"), freeze=True)
+        self.layers = nn.ModuleList(
+            Block(load(f"layers.{i}.attn_norm"), linear(f"layers.{i}.qkv"), linear(f"layers.{i}.o"),
+                  load(f"layers.{i}.mlp_norm"), linear(f"layers.{i}.gate_up"),
+                  linear(f"layers.{i}.down"))
+            for i in range(cfg.n_layers))
+        self.norm = _frozen(load("norm"))
+        if not cfg.tied_embeddings and "lm_head.weight" in state:
+            self.lm_head = linear("lm_head")
+        else:  # tied: the embedding's Parameter (quantized: from it)
+            self.lm_head = _linear(self.embed.weight, None)
+            if quant != "none":
+                self.lm_head = quantize_linear(self.lm_head, quant, "model.embed_tokens.weight")
         # KV cache: bf16 for quantized models (half the bytes; k, v rounded once), else dtype
-        quantized = all(isinstance(l, QuantLinear) for layer in self.layers
-                        for l in (layer.qkv, layer.o, layer.gate_up, layer.down))
-        self.kv_dtype = kv_dtype or (torch.bfloat16 if quantized else dtype)
+        self.kv_dtype = kv_dtype or (dtype if quant == "none" else torch.bfloat16)
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
+        self.register_buffer("kv_cache", torch.empty(0, dtype=self.kv_dtype), persistent=False)
         self.c_step = True  # one-token forwards may use the C++ decode step (False: torch path)
+        self._step = None  # built on first use; dropped when tensors move (reserve, .to, quantize)
         self.max_len = 0
         self.reserve(max_len)
 
     @classmethod
-    def from_pretrained(cls, model_dir, *, adapter=None, dtype=torch.float32,
-                        linear_factory=None, max_len=512, kv_dtype=None) -> "LlamaDecoder":
-        cfg, state = load_hf_state(model_dir, adapter)
-        return cls(cfg, state, dtype=dtype, linear_factory=linear_factory, max_len=max_len,
-                   kv_dtype=kv_dtype)
+    def from_pretrained(cls, model_dir, *, adapter=None, dtype=torch.float32, quant: str = "none",
+                        max_len=512, kv_dtype=None) -> "LlamaDecoder":
+        cfg, ckpt = open_checkpoint(model_dir, adapter)
+        return cls(cfg, ckpt, dtype=dtype, quant=quant, max_len=max_len, kv_dtype=kv_dtype)
+
+    def quantize(self, fmt: str) -> "LlamaDecoder":
+        """Replace every nn.Linear (the LM head included) by a QuantLinear in `fmt`, in place
+        (ragged ones stay, warned: quantize_linear). Needs fp32 weights; the KV cache keeps
+        its kv_dtype."""
+        if self.embed.weight.dtype != torch.float32:
+            raise ValueError(f"quantize: the model is {self.embed.weight.dtype}; quantized "
+                             "layers run fp32 activations (quantize an fp32 model)")
+        for name, m in list(self.named_modules()):
+            if type(m) is nn.Linear:
+                parent, _, child = name.rpartition(".")
+                quantized = quantize_linear(m, fmt, name + ".weight")
+                setattr(self.get_submodule(parent), child, quantized)
+        self._step = None
+        return self
 
     def reserve(self, max_len: int) -> None:
         """Make room for `max_len` positions (KV cache and RoPE table); keeps nothing."""
@@ -306,31 +293,46 @@ class LlamaDecoder:
         c = self.cfg
         self.max_len = max_len
         self.kv_cache = torch.empty(c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim,
-                                    dtype=self.kv_dtype)
-        self._step = None  # the C++ decode step points at the cache: rebuilt on first use
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), self.inv_freq)
-        self.rope = torch.polar(torch.ones_like(angles), angles).to(torch.complex64)  # [pos, d/2]
+                                    dtype=self.kv_dtype, device=self.embed.weight.device)
+        self._step = None  # the C++ decode step points at the cache
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), rope_inv_freq(c))
+        self.rope = torch.polar(torch.ones_like(angles), angles).to(self.kv_cache.device,
+                                                                    torch.complex64)  # [pos, d/2]
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` and the like cast the weights; the RoPE table (complex64) and the KV
+        cache (kv_dtype) keep their dtypes (only moved)."""
+        kept = {name: self._buffers.pop(name) for name in ("rope", "kv_cache")}
+        super()._apply(fn, recurse)
+        for name, t in kept.items():
+            self.register_buffer(name, t.to(self.embed.weight.device), persistent=False)
+        self._step = None
+        return self
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start: int, all_logits: bool = False) -> torch.Tensor:
         """tokens [T] int64 at positions start..start+T-1 -> logits [V] (or [T, V]) in fp32."""
-        T = tokens.shape[0]
-        end = start + T
+        end = start + tokens.shape[0]
         if end > self.max_len:
             raise ValueError(f"position {end} exceeds the KV cache ({self.max_len}); call reserve()")
-        if T == 1 and self.c_step:  # every linear quantized for the C++ kernel: one C++ call
+        if tokens.shape[0] == 1 and self.c_step:  # every linear quantized for the C++ kernel
             if self._step is None:
                 from pyengine.infer.decode_step import from_decoder
                 self._step = from_decoder(self) or False
             if self._step:
                 logits = self._step(int(tokens[0]), start)
                 return logits[None] if all_logits else logits
+        return self.forward_torch(tokens, start, all_logits)
+
+    def forward_torch(self, tokens: torch.Tensor, start: int, all_logits: bool) -> torch.Tensor:
+        """forward's torch body (any T; the KV cache must hold start + T positions). The
+        layers' linears run through Block.steps (their forward: no module hooks)."""
+        T = tokens.shape[0]
+        end = start + T
         c = self.cfg
-        nh, nkv, hd, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps
+        nh, nkv, hd, eps, hidden = c.n_heads, c.n_kv_heads, c.head_dim, c.rms_eps, (c.hidden,)
         groups, qk_width, q_width = nh // nkv, (nh + nkv) * hd, nh * hd
-        hidden = (c.hidden,)
         rope = self.rope[start:end, None, :]  # [T, 1, d/2]
-        rope_in_fp32 = self.dtype != torch.float32
         if T == 1:
             mask, causal = None, False
         elif start == 0:
@@ -338,9 +340,11 @@ class LlamaDecoder:
         else:
             mask = torch.ones(T, end, dtype=torch.bool).tril_(start)
             causal = False
-        x = F.embedding(tokens, self.embed)
+        x = self.embed(tokens)
+        rope_in_fp32 = x.dtype != torch.float32
         for layer, kv in zip(self.layers, self.kv_cache):
-            qkv = layer.qkv(F.rms_norm(x, hidden, layer.attn_norm, eps))
+            attn_norm, qkv_proj, o_proj, mlp_norm, gate_up_proj, down_proj = layer.steps
+            qkv = qkv_proj(F.rms_norm(x, hidden, attn_norm, eps))
             # rotate q and k in place inside qkv, then write k and v to the cache in one copy
             qk = qkv[:, :qk_width].view(T, nh + nkv, hd // 2, 2)
             if rope_in_fp32:
@@ -356,11 +360,10 @@ class LlamaDecoder:
                 q = qkv[:, :q_width].view(T, nh, hd).transpose(0, 1)[None]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
                                                       enable_gqa=groups > 1)[0].transpose(0, 1)
-            x = x + layer.o(attn.reshape(T, q_width))
-            gate_up = layer.gate_up(F.rms_norm(x, hidden, layer.mlp_norm, eps))
-            gate, up = gate_up.chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + o_proj(attn.reshape(T, q_width))
+            gate, up = gate_up_proj(F.rms_norm(x, hidden, mlp_norm, eps)).chunk(2, dim=-1)
+            x = x + down_proj(F.silu(gate) * up)
         if not all_logits:
             x = x[-1:]
-        logits = self.lm_head(F.rms_norm(x, hidden, self.final_norm, eps)).float()
+        logits = self.lm_head(F.rms_norm(x, hidden, self.norm, eps)).float()
         return logits if all_logits else logits[0]
