@@ -23,4 +23,27 @@ struct AmxTiles {
   AmxTiles& operator=(const AmxTiles&) = delete;
 };
 
+// Tiles 0-3 accumulate a 32 x 32 fp32 block of C (rows ldc floats apart) as 2 x 2 tiles of
+// 16 x 16: start it at zero or from C, and store it back.
+inline void c_block_start(float* c, int64_t ldc, bool zero) {
+  if (zero) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, ldc * 4);
+    _tile_loadd(1, c + 16, ldc * 4);
+    _tile_loadd(2, c + 16 * ldc, ldc * 4);
+    _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+  }
+}
+
+inline void c_block_store(float* c, int64_t ldc) {
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+
 }  // namespace pyengine

@@ -35,17 +35,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf1
   for (int64_t m = 0; m < M; m += 32)
     for (int64_t n = 0; n < N; n += 32) {
       float* c = C + m * ldc + n;
-      if (zero) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      } else {
-        _tile_loadd(0, c, ldc * 4);
-        _tile_loadd(1, c + 16, ldc * 4);
-        _tile_loadd(2, c + 16 * ldc, ldc * 4);
-        _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
-      }
+      c_block_start(c, ldc, zero);
       for (int64_t k = 0; k < K; k += 32) {
         const bf16* b = B + k / 2 * ldb + 2 * n;
         _tile_loadd(4, A + m * lda + k, lda * 2);
@@ -57,10 +47,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const bf16* A, int64_t lda, const bf1
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, c, ldc * 4);
-      _tile_stored(1, c + 16, ldc * 4);
-      _tile_stored(2, c + 16 * ldc, ldc * 4);
-      _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+      c_block_store(c, ldc);
     }
 }
 

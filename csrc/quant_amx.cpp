@@ -86,17 +86,7 @@ void panel_gemm(const uint32_t* xp, int64_t m, int64_t mp, int64_t k, int64_t kc
     for (int64_t m0 = 0; m0 < mp; m0 += kBlk) {
       for (int64_t s = 0; s < npp; s += kBlk) {
         float* c = acc + (m0 / kBlk * npp + s) * kBlk;  // [32][32]
-        if (k0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          _tile_loadd(0, c, kBlk * 4);
-          _tile_loadd(1, c + 16, kBlk * 4);
-          _tile_loadd(2, c + 16 * kBlk, kBlk * 4);
-          _tile_loadd(3, c + 16 * kBlk + 16, kBlk * 4);
-        }
+        c_block_start(c, kBlk, k0 == 0);
         const bf16* a = panel + s / 16 * nks * 512;     // tiles of rows s.., s + 16..
         const uint32_t* b = xp + m0 / 16 * nks * 256;  // tiles of x rows m0.., m0 + 16..
         for (int64_t ks = k0 / 32; ks < k1 / 32; ++ks) {
@@ -109,10 +99,7 @@ void panel_gemm(const uint32_t* xp, int64_t m, int64_t mp, int64_t k, int64_t kc
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
         }
-        _tile_stored(0, c, kBlk * 4);
-        _tile_stored(1, c + 16, kBlk * 4);
-        _tile_stored(2, c + 16 * kBlk, kBlk * 4);
-        _tile_stored(3, c + 16 * kBlk + 16, kBlk * 4);
+        c_block_store(c, kBlk);
         if (k1 < k) continue;
         const int64_t cols = std::min(kBlk, np - s), rows = std::min(kBlk, m - m0);
         for (int h = 0; h < 2; ++h) {  // y[m0 + r][n0 + s + 16 h + i] = c[16 h + i][r] + bias
