@@ -29,8 +29,10 @@ activations (QuantLinear's inference forward: the quant_matmul kernel called dir
 Batch size is one stream (tokens shape [T]).
 
 Floor per decoded token: read every linear weight once (bytes of the weights; ~35 GB/s
-here) plus the KV cache, and ~2 * params FLOPs. At small models Python dispatch dominates,
-so a decode step is kept to ~20 torch calls per layer.
+here) plus the KV cache, and ~2 * params FLOPs. A one-token forward of a quantized model is
+one C++ call (pyengine.infer.decode_step, csrc/decode.h); forward_torch (the spec, prefill,
+fp32/bf16 models) keeps a decode step to ~20 torch calls per layer, since at small models
+Python dispatch dominates.
 """
 from __future__ import annotations
 
