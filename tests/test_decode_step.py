@@ -72,12 +72,9 @@ def assert_close_logits(got, want):
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv_fp32", "kv_bf16"])
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "nf4"])
 def test_step_logits_equal_the_torch_path(model_dir, fmt, kv_dtype, one_thread):
-    step = load_model(model_dir, quant=fmt, max_len=64)
-    torch_path = load_model(model_dir, quant=fmt, max_len=64)
-    for m in (step, torch_path):
-        m.kv_dtype = kv_dtype
-        m.max_len = 0
-        m.reserve(64)
+    step, torch_path = (LlamaDecoder.from_pretrained(model_dir, quant=fmt, max_len=64,
+                                                     kv_dtype=kv_dtype) for _ in range(2))
+    assert step.kv_cache.dtype == torch_path.kv_cache.dtype == kv_dtype
     torch_path.c_step = False
     got, got_tokens = greedy(step)
     assert step._step, "the C++ step was not used"
