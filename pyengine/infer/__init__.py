@@ -21,7 +21,7 @@ log = logging.getLogger("pyengine")
 QUANT_FORMATS = ("none", "q8_0", "q4_0", "nf4")
 
 __all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS", "generate",
-           "generate_ids", "load_model", "load_tokenizer", "sample_next"]
+           "generate_ids", "load_model", "load_tokenizer", "sample_next", "TextStreamer"]
 
 
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,
@@ -126,23 +126,39 @@ def generate_ids(model: LlamaDecoder, prompt_ids: list[int], *, max_new_tokens: 
     return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
 
 
-class _TextStreamer:
-    """Turns generated ids into text pieces; holds back an incomplete UTF-8 sequence."""
+class TextStreamer:
+    """Turns generated ids into text pieces for `sink`. Holds back an incomplete UTF-8
+    sequence and, with `stop` strings, a tail that may begin one; once the text reaches a
+    stop string it is cut before it and `stopped` is set (the server's `stop`)."""
 
-    def __init__(self, tokenizer, sink: Callable[[str], None]):
-        self.tokenizer, self.sink, self.ids, self.sent = tokenizer, sink, [], 0
+    def __init__(self, tokenizer, sink: Callable[[str], None], stop: tuple[str, ...] = ()):
+        self.tokenizer, self.sink, self.stop = tokenizer, sink, tuple(s for s in stop if s)
+        self.ids, self.sent, self.text, self.stopped = [], 0, "", False
 
     def __call__(self, token: int) -> None:
         self.ids.append(token)
         self.flush(final=False)
 
     def flush(self, final: bool = True) -> None:
+        if self.stopped:
+            return
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd") and not final:
             return
-        if len(text) > self.sent:
-            self.sink(text[self.sent:])
-            self.sent = len(text)
+        end = len(text)
+        if self.stop:
+            longest = max(map(len, self.stop))
+            start = max(0, self.sent - longest + 1)  # a stop string may straddle `sent`
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                end, self.stopped = min(hits), True
+            elif not final:  # hold back the longest tail that begins a stop string
+                end -= max((n for n in range(1, min(longest, end) + 1)
+                            if any(s.startswith(text[-n:]) for s in self.stop)), default=0)
+        self.text = text[:end] if self.stopped else text
+        if end > self.sent:
+            self.sink(text[self.sent:end])
+            self.sent = end
 
 
 def _print_piece(piece: str) -> None:
@@ -174,7 +190,7 @@ def generate(model: LlamaDecoder, tokenizer, prompt: str, max_new_tokens: int = 
         stop.add(tokenizer.eos_token_id)
     on_token = None
     if stream:
-        on_token = _TextStreamer(tokenizer, _print_piece if stream is True else stream)
+        on_token = TextStreamer(tokenizer, _print_piece if stream is True else stream)
     ids, stats = generate_ids(model, encode_prompt(tokenizer, prompt, chat),
                               max_new_tokens=max_new_tokens, temperature=temperature,
                               top_p=top_p, seed=seed, stop_ids=tuple(stop), on_token=on_token)

@@ -1,0 +1,9 @@
+"""An OpenAI-compatible HTTP server over continuous batching with per-request LoRA adapters
+(`python -m pyengine.serve`; needs the `serve` extra: fastapi, uvicorn, prometheus_client).
+
+    app = create_app(BatchDecoder(model, slots=8, max_len=2048), tokenizer,
+                     model_name="my-model", max_len=2048, max_batch=8)
+"""
+from pyengine.serve.app import create_app
+
+__all__ = ["create_app"]
