@@ -31,10 +31,10 @@ PROMPTS = ["hello world, the quick", "the lazy dog", "pyengine runs", "café and
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny Llama with a 4096-position context (the slow server uses it all) and three
+    """A tiny Llama with a 32768-position context (the slow server uses it all) and three
     PEFT adapters of different targets."""
     root = tmp_path_factory.mktemp("serve")
-    hf, _ = save_tiny_model(root / "tiny", max_position_embeddings=4096)
+    hf, _ = save_tiny_model(root / "tiny", max_position_embeddings=32768)
     _peft_adapter(root / "a1", hf, ["q_proj", "v_proj", "down_proj"], seed=1)
     _peft_adapter(root / "a2", hf, ["k_proj", "o_proj", "gate_proj", "up_proj"], seed=2, r=8)
     _peft_adapter(root / "a3", hf, ["q_proj", "up_proj"], seed=3)
@@ -101,7 +101,7 @@ def server(files, tmp_path_factory):
 def slow(files, tmp_path_factory):
     """One slot, one waiting request at most, a long context (long streams), an API key."""
     s = Server(tmp_path_factory.mktemp("log") / "slow.log", "--model", str(files / "tiny"),
-               "--max-batch", "1", "--max-queue", "1", "--max-len", "4096", "--api-key", KEY,
+               "--max-batch", "1", "--max-queue", "1", "--max-len", "32768", "--api-key", KEY,
                key=KEY)
     yield s
     s.stop()
@@ -255,13 +255,21 @@ def test_eight_concurrent_streams_equal_their_solo_outputs(server):
     assert rows / steps > 1.5, "the streams did not share engine steps"
 
 
-def test_a_client_that_disconnects_frees_its_slot(slow):
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_slot(slow, stream):
     aborted = slow.metric('pyengine_finished_requests_total{reason="abort"}')
-    stream = slow.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4000,
-                                            temperature=0, stream=True)
-    for _, _ in zip(range(2), stream):
-        pass
-    stream.close()
+    if stream:
+        chunks = slow.client.completions.create(model="tiny", prompt=PROMPTS[0],
+                                                max_tokens=30000, temperature=0, stream=True,
+                                                extra_body={"ignore_eos": True})
+        for _, _ in zip(range(2), chunks):
+            pass
+        chunks.close()
+    else:  # gives up waiting for the whole reply
+        with pytest.raises(httpx.ReadTimeout):
+            slow.http.post("/v1/completions", timeout=1.0, json=dict(
+                model="tiny", prompt=PROMPTS[0], max_tokens=30000, temperature=0,
+                ignore_eos=True))
     slow.wait_health(running=0, waiting=0)
     assert slow.metric('pyengine_finished_requests_total{reason="abort"}') == aborted + 1
     r = slow.client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=4)
@@ -269,8 +277,9 @@ def test_a_client_that_disconnects_frees_its_slot(slow):
 
 
 def test_full_queue_answers_429_and_serves_the_others(slow):
-    running = slow.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4000,
-                                             temperature=0, stream=True)
+    running = slow.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30000,
+                                             temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
     next(iter(running))  # it holds the only slot
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         queued = pool.submit(slow.client.completions.create, model="tiny", prompt=PROMPTS[1],

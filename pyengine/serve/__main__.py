@@ -24,6 +24,8 @@ def _adapter(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got '{text}'")
+    if "/" in name or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f"NAME '{name}' may hold no '/' and no spaces")
     return name, path
 
 

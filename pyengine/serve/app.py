@@ -94,6 +94,12 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     err = exc.errors()[0]
     if err["type"] == "json_invalid":
@@ -161,10 +167,11 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
         """The adapter that `model` names (None: the base), or 404."""
         if name == model_name:
             return None
-        if name in scheduler.adapters:
+        names = scheduler.adapter_names()
+        if name in names:
             return name
         raise APIError(404, f"model '{name}' does not exist; available: "
-                            f"{', '.join([model_name, *sorted(scheduler.adapters)])}",
+                            f"{', '.join([model_name, *names])}",
                        param="model", code="model_not_found")
 
     def prompt_ids(body) -> tuple[list[int], str]:
@@ -189,7 +196,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
             prompt = prompt[0]
         return tokenizer(prompt)["input_ids"], "prompt"
 
-    async def generate(body):
+    async def generate(body, request: Request):
         for name, value in body.unsupported():
             raise APIError(400, f"{name}={value!r} is not supported by this server",
                            param=name)
@@ -214,7 +221,8 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
                                 f"tokens; use {field} <= {max_len - len(ids)}",
                            param=field, code="context_length_exceeded")
         seq = Sequence(ids, adapter, max_tokens, body.temperature, body.top_p, body.seed,
-                       tuple(body.stop_strings()), asyncio.get_running_loop())
+                       tuple(body.stop_strings()), asyncio.get_running_loop(),
+                       body.ignore_eos)
         try:
             scheduler.submit(seq)
         except QueueFull as e:
@@ -227,10 +235,15 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(stream(seq, reply, include_usage),
                                      media_type="text/event-stream")
-        pieces = []
+        pieces, gone = [], asyncio.ensure_future(_disconnected(request))
         try:
             while True:
-                event = await seq.events.get()
+                event = asyncio.ensure_future(seq.events.get())
+                await asyncio.wait((event, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():  # the client went away: nobody reads a reply
+                    event.cancel()
+                    return Response(status_code=499)
+                event = event.result()
                 pieces.append(event.text)
                 if event.error:
                     raise APIError(500, event.error, type="server_error")
@@ -238,6 +251,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
                     return reply.whole("".join(pieces), event.finish,
                                        usage(len(ids), len(seq.out)))
         finally:
+            gone.cancel()
             scheduler.cancel(seq)  # no-op when it finished
 
     async def stream(seq: Sequence, reply: Reply, include_usage: bool):
@@ -261,21 +275,21 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
             scheduler.cancel(seq)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await generate(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await generate(body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        return await generate(body)
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await generate(body, request)
 
     @app.get("/v1/models")
     async def models():
-        names = [model_name, *sorted(scheduler.adapters)]
+        names = [model_name, *scheduler.adapter_names()]
         return {"object": "list", "data": [model_card(n, created) for n in names]}
 
     @app.post("/v1/adapters", status_code=201)
     async def add_adapter(body: AdapterRequest):
-        if body.name == model_name or body.name in scheduler.adapters:
+        if body.name == model_name or body.name in scheduler.adapter_names():
             raise APIError(409, f"model '{body.name}' already exists", param="name",
                            code="adapter_exists")
         try:
@@ -283,7 +297,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
         except (ModelLoadError, ValueError, OSError) as e:
             raise APIError(400, f"adapter '{body.name}' from {body.path}: {e}",
                            param="path") from None
-        return model_card(body.name, int(time.time()))
+        return model_card(body.name, created)
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str):

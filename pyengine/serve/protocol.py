@@ -45,6 +45,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens (benchmarks)
 
     def stop_strings(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -93,7 +94,7 @@ class ChatRequest(_Sampling):
 
 
 class AdapterRequest(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(pattern=r"^[^/\s]+$")  # DELETE /v1/adapters/{name} must reach it
     path: str = Field(min_length=1)
 
 

@@ -57,6 +57,7 @@ class Sequence:
     seed: int | None
     stop: tuple[str, ...]
     loop: asyncio.AbstractEventLoop
+    ignore_eos: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the asyncio side; the engine thread drops it next step
     slot: int = -1
@@ -119,6 +120,11 @@ class Scheduler:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def adapter_names(self) -> list[str]:
+        """The adapters new requests may use, sorted."""
+        with self._cond:
+            return sorted(self.adapters)
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) sequences."""
@@ -256,7 +262,7 @@ class Scheduler:
             self.metrics.token(now - (seq.last_token or seq.submitted), first=not seq.out)
         seq.last_token = now
         seq.out.append(token)
-        if token in self.stop_ids:
+        if token in self.stop_ids and not seq.ignore_eos:
             seq.streamer.flush()
             finish = "stop"
         else:
