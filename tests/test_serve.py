@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from pyengine.infer import TextStreamer, generate_ids, load_model, load_tokenizer
 from tests.test_batch import _peft_adapter
@@ -52,7 +51,8 @@ class Server:
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         deadline = time.monotonic() + 120
-        while not (m := re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())):
+        ready = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+        while not (m := ready.search(log.read_text())):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the server did not start:\n{log.read_text()}")
@@ -466,3 +466,29 @@ def test_an_engine_error_ends_that_request_only(app_client, files, tok):
         ids = tok(PROMPTS[0])["input_ids"]
         assert good.result().json()["choices"][0]["text"] == reference(files, tok, ids, 10)[0]
         assert client.get("/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+
+
+def test_cli_errors_exit_2_naming_the_problem(files, tmp_path, capsys):
+    from pyengine.serve.__main__ import main
+    tiny = str(files / "tiny")
+    cases = [
+        (["--model", str(tmp_path / "none")], f"error: model directory {tmp_path / 'none'} "
+                                              "does not exist\n"),
+        (["--model", tiny, "--max-len", "40000"],
+         "error: --max-len 40000 exceeds the model's context of 32768 tokens "
+         "(max_position_embeddings)\n"),
+        (["--model", tiny, "--adapter", "tiny=" + str(files / "a1")],
+         "error: --adapter tiny: the base model is served as 'tiny'; pick another NAME (or "
+         "--served-name)\n"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert capsys.readouterr().err == message
+    assert main(["--model", tiny, "--adapter", f"x={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --adapter x={tmp_path}: ") and "adapter_config.json" in err
+    for bad in (["--adapter", "a1"], ["--adapter", "a/b=dir"], ["--adapter", "a=x", "--adapter",
+                                                                  "a=y"], ["--port", "70000"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--model", tiny, *bad])
+        assert e.value.code == 2
