@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pyengine.infer import TextStreamer, generate_ids, load_model, load_tokenizer
 from tests.test_batch import _peft_adapter
@@ -232,6 +233,36 @@ def test_text_streamer_holds_back_a_possible_stop_string(tok):
     streamer.flush()
     assert "".join(pieces) == streamer.text == text[:text.index("is a tiny")]
     assert streamer.stopped
+
+
+def _metaspace_tokenizer():
+    """SentencePiece-style ("\u2581" marks a space; decode drops the text's first space)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.tiny_llama import TEXTS
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.train_from_iterator(TEXTS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+        show_progress=False))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_text_streamer_pieces_join_to_the_whole_decode(tok, kind):
+    tokenizer = tok if kind == "byte-level" else _metaspace_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):  # random ids: split UTF-8 sequences, special tokens, spaces
+        ids = torch.randint(0, len(tokenizer), (40,), generator=g).tolist()
+        pieces = []
+        streamer = TextStreamer(tokenizer, pieces.append)
+        for i in ids:
+            streamer(i)
+        streamer.flush()
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_eight_concurrent_streams_equal_their_solo_outputs(server):

@@ -129,11 +129,17 @@ def generate_ids(model: LlamaDecoder, prompt_ids: list[int], *, max_new_tokens: 
 class TextStreamer:
     """Turns generated ids into text pieces for `sink`. Holds back an incomplete UTF-8
     sequence and, with `stop` strings, a tail that may begin one; once the text reaches a
-    stop string it is cut before it and `stopped` is set (the server's `stop`)."""
+    stop string it is cut before it and `stopped` is set (the server's `stop`).
+
+    Each token decodes a window of a few ids, not the whole output: the new text is
+    decode(ids[prefix:]) past decode(ids[prefix:read]), where ids[prefix:read] are the last
+    ids already turned into text (both decodes start at the same id, so a tokenizer's
+    leading-space rule treats them alike)."""
 
     def __init__(self, tokenizer, sink: Callable[[str], None], stop: tuple[str, ...] = ()):
         self.tokenizer, self.sink, self.stop = tokenizer, sink, tuple(s for s in stop if s)
-        self.ids, self.sent, self.text, self.stopped = [], 0, "", False
+        self.ids, self.prefix, self.read = [], 0, 0
+        self.text, self.sent, self.stopped = "", 0, False
 
     def __call__(self, token: int) -> None:
         self.ids.append(token)
@@ -142,22 +148,25 @@ class TextStreamer:
     def flush(self, final: bool = True) -> None:
         if self.stopped:
             return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return
-        end = len(text)
+        decode = self.tokenizer.decode
+        new = decode(self.ids[self.prefix:], skip_special_tokens=True)
+        old = decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        if len(new) > len(old) and (final or not new.endswith("\ufffd")):
+            self.text += new[len(old):]
+            self.prefix, self.read = self.read, len(self.ids)
+        end = len(self.text)
         if self.stop:
             longest = max(map(len, self.stop))
             start = max(0, self.sent - longest + 1)  # a stop string may straddle `sent`
-            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 end, self.stopped = min(hits), True
+                self.text = self.text[:end]
             elif not final:  # hold back the longest tail that begins a stop string
                 end -= max((n for n in range(1, min(longest, end) + 1)
-                            if any(s.startswith(text[-n:]) for s in self.stop)), default=0)
-        self.text = text[:end] if self.stopped else text
+                            if any(s.startswith(self.text[-n:]) for s in self.stop)), default=0)
         if end > self.sent:
-            self.sink(text[self.sent:end])
+            self.sink(self.text[self.sent:end])
             self.sent = end
 
 
