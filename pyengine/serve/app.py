@@ -197,7 +197,8 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
         return tokenizer(prompt)["input_ids"], "prompt"
 
     async def generate(body, request: Request):
-        for name, value in body.unsupported():
+        if unsupported := body.unsupported():
+            name, value = unsupported[0]
             raise APIError(400, f"{name}={value!r} is not supported by this server",
                            param=name)
         adapter = resolve_model(body.model)

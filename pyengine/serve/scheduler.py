@@ -141,11 +141,12 @@ class Scheduler:
 
     def add_adapter(self, name: str, path: str) -> concurrent.futures.Future:
         def add():
-            if name in self.adapters:
-                raise ValueError(f"adapter '{name}' already exists")
-            if name in self._retired:
-                raise ValueError(f"adapter '{name}' is still being removed (requests running "
-                                 "with it); retry later")
+            with self._cond:
+                if name in self.adapters:
+                    raise ValueError(f"adapter '{name}' already exists")
+                if name in self._retired:
+                    raise ValueError(f"adapter '{name}' is still being removed (requests "
+                                     "running with it); retry later")
             self.engine.add_adapter(name, path)
             with self._cond:
                 self.adapters.add(name)
@@ -191,7 +192,10 @@ class Scheduler:
     def _drop_retired(self) -> None:
         for name in self._retired - set(self._users):
             self._retired.discard(name)
-            self.engine.remove_adapter(name)
+            try:
+                self.engine.remove_adapter(name)
+            except Exception:  # noqa: BLE001 -- the engine thread must go on
+                log.exception(f"removing adapter '{name}' failed")
 
     def _finish(self, seq: Sequence, event: Event | None) -> None:
         """Forget `seq` (lock held or engine thread); send `event` (None: cancelled)."""
