@@ -156,6 +156,9 @@ def test_models_list_base_and_adapters(server):
     models = server.client.models.list().data
     assert [m.id for m in models] == ["tiny", "a1", "a2"]
     assert {m.owned_by for m in models} == {"pyengine"} and {m.object for m in models} == {"model"}
+    assert server.client.models.retrieve("a2").id == "a2"
+    with pytest.raises(openai.NotFoundError):
+        server.client.models.retrieve("nope")
 
 
 @pytest.mark.parametrize("model", ["tiny", "a1", "a2"])
@@ -168,6 +171,10 @@ def test_greedy_completion_equals_infer_and_usage_is_exact(server, files, tok, m
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
         len(ids), len(ref), len(ids) + len(ref))
     assert r.object == "text_completion" and r.model == model
+    for prompt in ([PROMPTS[0]], ids):  # a list of one string; token ids
+        again = server.client.completions.create(model=model, prompt=prompt, max_tokens=24,
+                                                 temperature=0)
+        assert (again.choices[0].text, again.usage) == (text, r.usage)
     if model != "tiny":  # the adapter is applied: its output is not the base's
         assert text != reference(files, tok, ids, 24)[0]
 
@@ -412,6 +419,9 @@ def test_error_bodies(server, files, tok):
          400, None),
         (post("/v1/completions", json=dict(ok, prompt="")),
          400, _err("prompt: the prompt is empty (no tokens)", "prompt")),
+        (post("/v1/completions", json=dict(ok, prompt=[5, len(tok)])),
+         400, _err(f"prompt: token id {len(tok)} is outside the vocabulary [0, {len(tok)})",
+                   "prompt")),
         (post("/v1/completions", json=dict(ok, prompt=["a", "b"])),
          400, _err("prompt: give one string (a list of 2 prompts is not supported)", "prompt")),
         (post("/v1/completions", json=dict(ok, n=2)),

@@ -129,6 +129,7 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
     metrics.running.set_function(lambda: scheduler.counts()[0])
     metrics.waiting.set_function(lambda: scheduler.counts()[1])
     created = int(time.time())
+    vocab = engine.model.cfg.vocab
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -189,6 +190,12 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
                                param="messages") from None
             return tokenizer(text, add_special_tokens=False)["input_ids"], "messages"
         prompt = body.prompt
+        if prompt and all(isinstance(t, int) for t in prompt):  # token ids
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary "
+                                    f"[0, {vocab})", param="prompt")
+            return prompt, "prompt"
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, f"prompt: give one string (a list of {len(prompt)} "
@@ -287,6 +294,11 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
     async def models():
         names = [model_name, *scheduler.adapter_names()]
         return {"object": "list", "data": [model_card(n, created) for n in names]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        resolve_model(name)
+        return model_card(name, created)
 
     @app.post("/v1/adapters", status_code=201)
     async def add_adapter(body: AdapterRequest):

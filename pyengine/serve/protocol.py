@@ -59,7 +59,7 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int]  # text, [text], or token ids
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
