@@ -528,6 +528,11 @@ def test_cli_errors_exit_2_naming_the_problem(files, tmp_path, capsys):
     assert main(["--model", tiny, "--adapter", f"x={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --adapter x={tmp_path}: ") and "adapter_config.json" in err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "uvicorn", None)  # as if not installed
+        assert main(["--model", tiny]) == 2
+        assert capsys.readouterr().err.startswith(
+            "error: the server needs the `serve` extra (pip install 'pyengine[serve]'): ")
     for bad in (["--adapter", "a1"], ["--adapter", "a/b=dir"], ["--adapter", "a=x", "--adapter",
                                                                   "a=y"], ["--port", "70000"]):
         with pytest.raises(SystemExit) as e:

@@ -20,7 +20,7 @@ MODULES = ["pyengine", "pyengine.ops", "pyengine.nn", "pyengine.lora", "pyengine
            "pyengine.export", "pyengine.cli", "pyengine.patching", "pyengine.peft_lora",
            "pyengine.predict", "pyengine.finetune.distributed", "pyengine.infer.batch"]
 if importlib.util.find_spec("fastapi"):  # the `serve` extra
-    MODULES += ["pyengine.serve", "pyengine.serve.__main__"]
+    MODULES += ["pyengine.serve", "pyengine.serve.app", "pyengine.serve.__main__"]
 
 SNAPSHOT = """
 import os, sys, json, torch

@@ -112,9 +112,13 @@ def build_app(args):
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
     args = parse_args(argv)
+    try:
+        import fastapi, prometheus_client, uvicorn  # noqa: F401, E401 -- the serve extra
+    except ImportError as e:
+        print(f"error: the server needs the `serve` extra (pip install 'pyengine[serve]'): {e}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)  # pyengine's kernels read torch's count
     try:
         app = build_app(args)
