@@ -228,9 +228,10 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
                                 f"tokens) + {field} exceeds this server's context of {max_len} "
                                 f"tokens; use {field} <= {max_len - len(ids)}",
                            param=field, code="context_length_exceeded")
-        seq = Sequence(ids, adapter, max_tokens, body.temperature, body.top_p, body.seed,
-                       tuple(body.stop_strings()), asyncio.get_running_loop(),
-                       body.ignore_eos)
+        seq = Sequence(prompt=ids, adapter=adapter, max_tokens=max_tokens,
+                       temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                       stop=tuple(body.stop_strings()), ignore_eos=body.ignore_eos,
+                       loop=asyncio.get_running_loop())
         try:
             scheduler.submit(seq)
         except QueueFull as e:
