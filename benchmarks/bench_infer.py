@@ -267,8 +267,8 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [rng.randrange(2, vocab) for _ in range(n)]
 
 
-def has_llama_cpp(python: str) -> bool:
-    return subprocess.run([python, "-c", "import llama_cpp"], env=clean_env(),
+def has_llama_cpp(python: str, module: str = "llama_cpp") -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], env=clean_env(),
                           capture_output=True).returncode == 0
 
 

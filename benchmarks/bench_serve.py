@@ -12,8 +12,9 @@ for every engine, with a tokenizer whose every id is a token of visible text (by
 BPE: the 256 bytes, <s>, </s>, then letter pairs and triples until the model's vocabulary is
 full), so each generated token reaches the client as text. Adapters: a0..a3, PEFT LoRA rank
 16 on all linear layers (random A and B, std 0.02), written with peft.
-Servers, each its own process whose environment holds only bench_infer's PASSED_ENV
-variables (PATH, HOME, locale, ...), all of one shape x thread count up together:
+Servers, each its own process started with only bench_infer's PASSED_ENV variables (PATH,
+HOME, locale, ...; our CLI then sets OMP_WAIT_POLICY=PASSIVE for itself, as for any user),
+all of one shape x thread count up together:
   ours       python -m pyengine.serve --model DIR --quant q4_0 --max-batch 8 --threads T
              --max-len L (no adapters);
   ours+lora  the same with --adapter a0=DIR0 ... --adapter a3=DIR3;
@@ -67,6 +68,7 @@ NEW_TOKENS, PROMPT_TOKENS, ROUNDS, WARMUP_ROUNDS = 128, 100, 3, 1
 STREAMS = (1, 8)
 CACHE = Path("/tmp/pyengine_bench_serve")
 START_TIMEOUT_S = 600
+LLAMA_SERVER = "llama_cpp.server.app"  # importable once llama-cpp-python[server] is installed
 ENGINES = ("ours", "llama.cpp", "infer")
 # (label, numerator unit, denominator unit, metric, target): units are (engine, streams,
 # adapters), streams "N" = the most streams of the run; target ">= x" or "<= x" or None.
@@ -184,7 +186,7 @@ def cpu_seconds(pid: int) -> float:
 
 class Server:
     """One server process on a free local port, its output in `log`; ready when /v1/models
-    answers (its ids: self.models)."""
+    answers (its ids: self.models; the names in its environment: self.env)."""
 
     def __init__(self, label: str, argv: list[str], log: Path):
         self.label, self.port, self.log = label, free_port(), log
@@ -207,6 +209,8 @@ class Server:
                     raise RuntimeError(f"the {label} server did not answer within "
                                        f"{START_TIMEOUT_S} s; its output: {log}") from None
                 time.sleep(0.5)
+        environ = Path(f"/proc/{self.proc.pid}/environ").read_bytes().split(b"\0")
+        self.env = sorted(v.split(b"=", 1)[0].decode() for v in environ if v)
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -251,6 +255,9 @@ class Server:
                     finish = choice.get("finish_reason") or finish
         finally:
             conn.close()
+        if finish is None:
+            raise RuntimeError(f"{self.label}: a stream ended after {len(stamps)} chunks "
+                               "without a finish_reason (interrupted by another request?)")
         if usage:
             tokens, estimated = usage["completion_tokens"], False
         elif finish == "length":
@@ -332,8 +339,9 @@ def measure(shapes, threads, engines, *, streams=STREAMS, rounds=ROUNDS, new_tok
     """Run the interleaved rounds; returns {"settings", "servers", "runs", "notes"}."""
     llama_python = llama_python or default_llama_python()
     engines, notes = list(engines), []
-    if "llama.cpp" in engines and not has_llama_cpp(llama_python):
-        notes.append(f"llama.cpp not run: {llama_python} cannot import llama_cpp")
+    if "llama.cpp" in engines and not has_llama_cpp(llama_python, LLAMA_SERVER):
+        notes.append(f"llama.cpp not run: {llama_python} cannot import {LLAMA_SERVER} (`make "
+                     "bench-serve` installs llama-cpp-python[server])")
         engines.remove("llama.cpp")
     result = {"runs": [], "servers": {}, "notes": notes, "settings": dict(
         quant=QUANT, max_batch=MAX_BATCH, streams=list(streams), rounds=rounds,
@@ -373,7 +381,7 @@ def measure(shapes, threads, engines, *, streams=STREAMS, rounds=ROUNDS, new_tok
                 idle = {label: 0.0 for label in servers}
                 for label, s in servers.items():
                     result["servers"][f"{shape} {t}t {label}"] = dict(
-                        argv=s.proc.args, models=s.models, log=str(s.log))
+                        argv=s.proc.args, models=s.models, env=s.env, log=str(s.log))
                 for r in range(-WARMUP_ROUNDS, rounds):
                     order = units[r % len(units):] + units[:r % len(units)]
                     for label, engine, n, adapters in order:
@@ -517,3 +525,36 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ pytest entries
+def test_harness_tiny(monkeypatch, tmp_path):
+    """The harness on a tiny model, 1 and 2 streams: our variables never reach a server
+    (our CLI adds OMP_WAIT_POLICY=PASSIVE itself, by re-executing; pyengine.cli),
+    every unit runs each round, every stream makes exactly max_tokens tokens counted
+    exactly (a llama.cpp server left at interrupt_requests=True ends the first of two
+    concurrent streams early), and every ratio of RATIOS is reported."""
+    import pytest
+
+    pytest.importorskip("pyengine.serve")
+    from pyengine.cli import PASSIVE_MARK
+    llama_python = default_llama_python()
+    if not has_llama_cpp(llama_python, LLAMA_SERVER):
+        pytest.skip(f"{llama_python} cannot import {LLAMA_SERVER}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYENGINE_BENCH_PROBE", "1")
+    result = measure(["tiny"], [1], list(ENGINES), streams=(1, 2), rounds=2, new_tokens=5,
+                     prompt_tokens=12, llama_python=llama_python, cache=tmp_path)
+    for label, server in result["servers"].items():
+        assert set(server["env"]) <= {*PASSED_ENV, "OMP_WAIT_POLICY", PASSIVE_MARK}, (
+            label, server["env"])
+    units = {(r["server"], r["streams"], r["round"]) for r in result["runs"]}
+    assert units == {(s, n, r) for r in (0, 1) for s, n in (
+        ("ours", 1), ("ours", 2), ("llama.cpp", 1), ("llama.cpp", 2), ("ours+lora", 2),
+        ("infer", 1))}
+    for run in result["runs"]:
+        for stream in run.get("per_stream", ()):
+            assert (stream["tokens"], stream["finish"], stream["estimated"]) == (5, "length",
+                                                                                  False), run
+    ratios = [r["ratio"] for r in summarize(result)["ratios"]]
+    assert ratios == [label.format(N=2) for label, *_ in RATIOS]
