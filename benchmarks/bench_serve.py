@@ -63,7 +63,8 @@ from benchmarks.bench_infer import (  # noqa: E402
     PASSED_ENV, SHAPES, Worker, clean_env, default_llama_python, has_llama_cpp)
 from benchmarks.bench_infer import prepare as prepare_model  # noqa: E402
 
-QUANT, MAX_BATCH, LORA_RANK, ADAPTERS = "q4_0", 8, 16, 4
+QUANT, MAX_BATCH, LORA_RANK = "q4_0", 8, 16
+ADAPTERS = ("a0", "a1", "a2", "a3")  # served names of the adapters
 NEW_TOKENS, PROMPT_TOKENS, ROUNDS, WARMUP_ROUNDS = 128, 100, 3, 1
 STREAMS = (1, 8)
 CACHE = Path("/tmp/pyengine_bench_serve")
@@ -306,6 +307,13 @@ def concurrent_streams(server: Server, jobs: list[tuple[str, str]], max_tokens: 
                 itl_s=statistics.median(s["itl_s"] for s in streams))
 
 
+def infer_run(worker: Worker, ids: list[int], new_tokens: int) -> dict:
+    """One pyengine.infer generation in the same terms as a 1-stream server run."""
+    reply = worker.generate(ids, new_tokens)
+    per_token = reply["decode_s"] / (new_tokens - 1)
+    return dict(agg_tok_s=1 / per_token, ttft_s=reply["prefill_s"], itl_s=per_token)
+
+
 # ------------------------------------------------------------------ the run
 def start_servers(labels, files, threads, max_len, python, llama_python, log_dir):
     """{label: Server} for `labels` (ours, ours+lora, llama.cpp) at one thread count."""
@@ -313,8 +321,8 @@ def start_servers(labels, files, threads, max_len, python, llama_python, log_dir
             "--max-batch", str(MAX_BATCH), "--threads", str(threads), "--max-len", str(max_len)]
     argvs = {
         "ours": ours,
-        "ours+lora": ours + [arg for i, d in enumerate(files["adapters"])
-                             for arg in ("--adapter", f"a{i}={d}")],
+        "ours+lora": ours + [arg for name, d in zip(ADAPTERS, files["adapters"])
+                             for arg in ("--adapter", f"{name}={d}")],
         "llama.cpp": [
             llama_python, "-m", "llama_cpp.server", "--model", files["gguf"][QUANT],
             "--n_threads", str(threads), "--n_threads_batch", str(threads),
@@ -388,16 +396,12 @@ def measure(shapes, threads, engines, *, streams=STREAMS, rounds=ROUNDS, new_tok
                         batch = prompts[first[r, n]:first[r, n] + n]
                         cpu = {k: cpu_seconds(s.proc.pid) for k, s in servers.items()}
                         if label == "infer":
-                            reply = infer.generate(batch[0]["ids"], new_tokens)
-                            per_token = reply["decode_s"] / (new_tokens - 1)
-                            run = dict(agg_tok_s=1 / per_token, ttft_s=reply["prefill_s"],
-                                       itl_s=per_token)
+                            run = infer_run(infer, batch[0]["ids"], new_tokens)
                         else:
                             server = servers[label]
-                            base = next(m for m in server.models if m not in
-                                        [f"a{i}" for i in range(ADAPTERS)])
-                            jobs = [(f"a{i % ADAPTERS}" if adapters else base, p["text"])
-                                    for i, p in enumerate(batch[:n])]
+                            base = next(m for m in server.models if m not in ADAPTERS)
+                            jobs = [(ADAPTERS[i % len(ADAPTERS)] if adapters else base,
+                                     p["text"]) for i, p in enumerate(batch)]
                             run = concurrent_streams(server, jobs, new_tokens)
                         for k, s in servers.items():
                             if k != label and r >= 0:
@@ -406,7 +410,7 @@ def measure(shapes, threads, engines, *, streams=STREAMS, rounds=ROUNDS, new_tok
                             result["runs"].append(dict(
                                 shape=shape, threads=t, server=label, engine=engine, streams=n,
                                 adapters=adapters, round=r,
-                                prompt_tokens=[len(p["ids"]) for p in batch[:n]], **run))
+                                prompt_tokens=[len(p["ids"]) for p in batch], **run))
                     print(f"[{shape}, {t} threads] round {r} done", file=sys.stderr, flush=True)
                 for k, v in idle.items():
                     result["servers"][f"{shape} {t}t {k}"]["idle_cpu_s"] = v
@@ -456,8 +460,9 @@ def markdown(result: dict) -> str:
              "| shape | threads | engine | streams | adapters | aggregate decode tok/s "
              "| TTFT ms | ITL ms |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
+        adapters = f"{ADAPTERS[0]}..{ADAPTERS[-1]}" if r["adapters"] else "-"
         lines.append(f"| {r['shape']} | {r['threads']} | {r['engine']} | {r['streams']} "
-                     f"| {'a0..a3' if r['adapters'] else '-'} | {r['agg_tok_s']:.1f} "
+                     f"| {adapters} | {r['agg_tok_s']:.1f} "
                      f"| {1e3 * r['ttft_s']:.0f} | {1e3 * r['itl_s']:.1f} |")
     lines += ["", "| shape | threads | ratio | value | target |", "|---|---|---|---|---|"]
     for r in summary["ratios"]:
@@ -501,7 +506,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-prompts", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.prepare:
-        print(json.dumps(prepare(a.prepare, a.cache, ADAPTERS, a.n_prompts, a.prompt_tokens)))
+        print(json.dumps(prepare(a.prepare, a.cache, len(ADAPTERS), a.n_prompts,
+                                 a.prompt_tokens)))
         return 0
     for flag, values, least, most in (("--threads", a.threads, 1, None),
                                       ("--rounds", [a.rounds], 1, None),
