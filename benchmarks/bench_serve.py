@@ -90,8 +90,8 @@ RATIOS = (("ours N={N} / ours N=1 aggregate decode", ("ours", "N", False), ("our
 # ------------------------------------------------------------------ inputs (own process)
 def save_letters_tokenizer(path: Path, vocab_size: int):
     """Byte-level BPE filling `vocab_size` ids: <s>, </s>, the 256 byte symbols, then merges
-    of ASCII letters (pairs, then pair + letter), so that (nearly) every id decodes alone
-    to visible text."""
+    of ASCII letters (pairs, then pair + letter), so that every id but the 128 non-ASCII
+    bytes decodes alone to text (random weights' tokens reach the client one by one)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -99,8 +99,8 @@ def save_letters_tokenizer(path: Path, vocab_size: int):
     vocab = {"<s>": 0, "</s>": 1}
     for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[symbol] = len(vocab)
-    pairs = [a + b for a in letters for b in letters]
-    candidates = [(a, b) for a, b in pairs] + [(p, c) for p in pairs for c in letters]
+    candidates = ([(a, b) for a in letters for b in letters]
+                  + [(a + b, c) for a in letters for b in letters for c in letters])
     merges = []
     for left, right in candidates[:max(vocab_size - len(vocab), 0)]:
         merges.append((left, right))
@@ -163,6 +163,8 @@ def make_prompts(model_dir: Path, count: int, tokens: int) -> list[dict]:
 
 
 def prepare(shape: str, cache: Path, n_adapters: int, n_prompts: int, prompt_tokens: int):
+    """bench_infer's model at `shape` with our tokenizer, its q4_0 GGUF, the adapters and
+    the prompts (JSON-able)."""
     from functools import partial
 
     files = prepare_model(shape, [QUANT], cache, save_tokenizer=partial(
