@@ -126,7 +126,7 @@ void DecodeStep::set_lora(std::vector<DecodeLayerLora> lora) {
       if (l->n_adapters < 0 || l->rank < 0)
         throw std::invalid_argument("decode step: layer " + std::to_string(i) +
                                     " LoRA n_adapters / rank must be >= 0");
-      if (l->n_adapters == 0 || l->rank == 0) continue;
+      if (l->n_adapters == 0) continue;  // rank 0: adapters that leave this linear alone
       if (n_adapters && l->n_adapters != n_adapters)
         throw std::invalid_argument("decode step: layer " + std::to_string(i) + " LoRA stack of " +
                                     std::to_string(l->n_adapters) + " adapters, others have " +

@@ -276,3 +276,16 @@ def test_bad_lora_stacks_and_caches_are_clear_errors(model_dir):
         from_decoder(model, kv_cache=torch.zeros(2, c.n_layers, 2, c.n_kv_heads, 64, c.head_dim))
     with pytest.raises(ValueError, match=r"max_rows must be an int >= 1, got 0"):
         from_decoder(model, max_rows=0)
+
+
+def test_rank_zero_stacks_keep_their_adapters(model_dir, one_thread):
+    """A bank whose adapters leave every linear alone (rank 0): the adapter indices stay valid
+    and their rows are the base's, bit for bit."""
+    model = LlamaDecoder.from_pretrained(model_dir, quant="q8_0", max_len=MAX_LEN)
+    stacks = [{n: (a[:, :0].contiguous(), b[:, :, :0].contiguous()) for n, (a, b) in l.items()}
+              for l in random_lora(model)]
+    step, _ = new_step(model)
+    step.set_lora(stacks)
+    got = run_batches(step, batch_rows(lora=True))
+    base = run_batches(new_step(model)[0], batch_rows())
+    assert all(torch.equal(got[k], base[k]) for k in got)
