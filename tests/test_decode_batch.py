@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from pyengine import _ext
-from pyengine.infer import LlamaDecoder
+from pyengine.infer import LlamaDecoder, load_model
+from pyengine.infer.batch import BatchDecoder, Chunk
 from pyengine.infer.decode_step import LAYER_LINEARS, from_decoder
 from tests.conftest import ISAS, num_threads, requires_ext
+from tests.test_batch import tiny  # noqa: F401 (fixture: a model and two PEFT adapters)
 from tests.test_decode_step import model_dir  # noqa: F401 (fixture)
 
 pytestmark = requires_ext
@@ -289,3 +291,32 @@ def test_rank_zero_stacks_keep_their_adapters(model_dir, one_thread):
     got = run_batches(step, batch_rows(lora=True))
     base = run_batches(new_step(model)[0], batch_rows())
     assert all(torch.equal(got[k], base[k]) for k in got)
+
+
+def test_step_equals_the_batch_engine_spec_with_peft_adapters(tiny, one_thread):  # noqa: F811
+    """The lead's torch spec of a step (BatchDecoder.forward_torch) with its adapter bank
+    built from two PEFT adapters (different targets, ranks 4 and 8: some stacks None, ranks
+    padded) vs the C++ step on the same chunks and bank: logits as assert_torch_close, and
+    the same k, v in every slot."""
+    model = load_model(tiny / "base", quant="q4_0", max_len=MAX_LEN)
+    engine = BatchDecoder(model, slots=SLOTS, max_len=MAX_LEN, max_rows=MAX_ROWS)
+    for name in ("a0", "a1"):
+        engine.add_adapter(name, tiny / name)
+    step, cache = new_step(model)
+    step.set_lora(engine.bank.stacks)
+    errors = []
+    for rows in batch_rows(lora=True):
+        chunks, last = [], []
+        for i, (token, slot, pos, adapter, _) in enumerate(rows):
+            if i and rows[i - 1][1] == slot:
+                chunks[-1].tokens.append(token)
+                last[-1] = i
+            else:
+                chunks.append(Chunk(slot, pos, [token], engine.adapter_names[adapter]
+                                    if adapter >= 0 else None))
+                last.append(i)
+        t = torch.tensor([r[:4] for r in rows]).T.contiguous()
+        want = engine.forward_torch(chunks, *t, torch.tensor(last))
+        errors.append(relative_errors(step.run_rows(*t, torch.tensor(last)), want))
+    assert_torch_close(errors)
+    torch.testing.assert_close(cache.float(), engine.kv_cache.float(), rtol=1e-2, atol=1e-5)
