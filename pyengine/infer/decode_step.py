@@ -37,7 +37,8 @@ class DecodeStep:
                  lm_head, kv_cache: torch.Tensor, rope: torch.Tensor, max_rows: int = 1):
         if _ext._C is None:
             raise RuntimeError(f"the C++ decode step needs the extension: {_ext.EXT_ERROR}")
-        self.vocab, self.max_rows, self._keep, self._lora_keep = cfg.vocab, max_rows, [], []
+        self.vocab, self.max_rows, self.n_layers = cfg.vocab, max_rows, len(layers)
+        self._keep, self._lora_keep = [], []
         self._shapes = {"qkv": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.hidden),
                         "o": (cfg.hidden, cfg.n_heads * cfg.head_dim),
                         "gate_up": (2 * cfg.intermediate, cfg.hidden),
@@ -69,7 +70,6 @@ class DecodeStep:
         self._step = _ext._C.DecodeStep(config, entries, embed.data_ptr(), final_norm.data_ptr(),
                                         self._linear("lm_head", lm_head), kv_cache.data_ptr(),
                                         rope.data_ptr(), max_rows)
-        self.n_layers = len(layers)
 
     @staticmethod
     def _bad(name, t, dtypes, shape) -> str | None:
