@@ -32,6 +32,13 @@ static DecodeLinear decode_linear(const LinearArgs& a) {
           ptr<const float>(std::get<5>(a))};
 }
 
+// (a, b, n_adapters, rank) -> one linear's LoRA stacks of the decode step
+using LoraArgs = std::tuple<uintptr_t, uintptr_t, int64_t, int64_t>;
+static DecodeLora decode_lora(const LoraArgs& a) {
+  return {ptr<const float>(std::get<0>(a)), ptr<const float>(std::get<1>(a)), std::get<2>(a),
+          std::get<3>(a)};
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyengine C++ kernels (torch-free)";
 
@@ -291,32 +298,57 @@ PYBIND11_MODULE(_C, m) {
       "RoPE on q and k in one pass, forward or backward (see csrc/rope.h).");
 
   py::class_<DecodeStep>(m, "DecodeStep",
-                         "One decoded token through a whole quantized model (csrc/decode.h).")
+                         "One step of R token rows through a whole quantized model (csrc/decode.h).")
       .def(py::init([](std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                  float, int> c,
+                                  int64_t, float, int> c,
                        const std::vector<std::tuple<uintptr_t, LinearArgs, LinearArgs, uintptr_t,
                                                     LinearArgs, LinearArgs>>& layers,
                        uintptr_t embed, uintptr_t final_norm, const LinearArgs& head,
-                       uintptr_t kv_cache, uintptr_t rope) {
-             const auto [hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype] = c;
+                       uintptr_t kv_cache, uintptr_t rope, int64_t max_rows) {
+             const auto [hidden, inter, nh, nkv, d, vocab, max_len, slots, eps, kv_dtype] = c;
              std::vector<DecodeLayer> ls;
              for (const auto& [an, qkv, o, mn, gu, down] : layers)
                ls.push_back({ptr<const float>(an), decode_linear(qkv), decode_linear(o),
                              ptr<const float>(mn), decode_linear(gu), decode_linear(down)});
              return std::make_unique<DecodeStep>(
-                 DecodeConfig{hidden, inter, nh, nkv, d, vocab, max_len, eps, kv_dtype},
+                 DecodeConfig{hidden, inter, nh, nkv, d, vocab, max_len, slots, eps, kv_dtype},
                  std::move(ls), ptr<const float>(embed), ptr<const float>(final_norm),
-                 decode_linear(head), ptr<void>(kv_cache), ptr<const float>(rope));
+                 decode_linear(head), ptr<void>(kv_cache), ptr<const float>(rope), max_rows);
            }),
-           "config (hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len, eps, "
-           "kv_dtype), layers [(attn_norm, qkv, o, mlp_norm, gate_up, down)] with linears "
+           "config (hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len, slots, "
+           "eps, kv_dtype), layers [(attn_norm, qkv, o, mlp_norm, gate_up, down)] with linears "
            "(fmt, qs, scales, n, k, bias), embed, final_norm, head, kv_cache, rope: data "
-           "pointers the caller keeps alive.")
+           "pointers the caller keeps alive; max_rows: the most rows of one call.")
+      .def(
+          "set_lora",
+          [](DecodeStep& s, const std::vector<std::array<LoraArgs, 4>>& layers) {
+            std::vector<DecodeLayerLora> ls;
+            for (const auto& l : layers)
+              ls.push_back({decode_lora(l[0]), decode_lora(l[1]), decode_lora(l[2]),
+                            decode_lora(l[3])});
+            s.set_lora(std::move(ls));
+          },
+          "Per layer [qkv, o, gate_up, down] of (a, b, n_adapters, rank) (a, b: fp32 stack "
+          "pointers the caller keeps alive); [] = no LoRA.")
+      .def(
+          "run_rows",
+          [](DecodeStep& s, uintptr_t tokens, uintptr_t slots, uintptr_t positions,
+             uintptr_t adapters, int64_t rows, uintptr_t logit_rows, int64_t n_out,
+             uintptr_t logits, int num_threads) {
+            const DecodeRows r{ptr<const int64_t>(tokens), ptr<const int64_t>(slots),
+                               ptr<const int64_t>(positions), ptr<const int64_t>(adapters), rows,
+                               ptr<const int64_t>(logit_rows), n_out};
+            py::gil_scoped_release nogil;
+            s.run(r, ptr<float>(logits), num_threads);
+          },
+          "R rows (int64 pointers: tokens, slots, positions, adapters; rows; logit_rows, n_out): "
+          "writes their k, v to the cache and logits [n_out, vocab] (fp32).")
       .def(
           "run",
           [](DecodeStep& s, int64_t token, int64_t pos, uintptr_t logits, int num_threads) {
+            const int64_t slot = 0, adapter = -1, row = 0;
             py::gil_scoped_release nogil;
-            s.run(token, pos, ptr<float>(logits), num_threads);
+            s.run({&token, &slot, &pos, &adapter, 1, &row, 1}, ptr<float>(logits), num_threads);
           },
-          "Decode `token` at `pos`: writes its k, v to the cache and logits [vocab] (fp32).");
+          "One token at `pos` of slot 0, no adapter: writes its k, v and logits [vocab] (fp32).");
 }

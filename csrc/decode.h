@@ -1,33 +1,46 @@
-// One decode step of a Llama-family model (Llama / Mistral / Qwen2) with quantized linears:
-// one token through the whole model in one call, so the per-token cost is the weight reads
-// (the quantized GEMVs of csrc/quant.h) plus a few pool wake-ups per layer, not ~20 torch
-// dispatches per layer.  The torch path (pyengine/infer/model.py) is the spec.
+// One step of a Llama-family model (Llama / Mistral / Qwen2) with quantized linears over R
+// rows: each row is one token of some sequence (its KV cache slot, its position, its LoRA
+// adapter or none), so one call decodes many sequences and/or a chunk of a prefill.  Every
+// linear runs once for all R rows (one quantized GEMM, the weights read once per step: this
+// is where batching wins), plus a few pool wake-ups per layer instead of ~20 torch dispatches
+// per layer.  The torch path (pyengine/infer/model.py) is the spec.
 //
-//   x = embed[token]
-//   per layer:  q,k,v = split(qkv(rms(x)) + bias);  rotate q, k (RoPE, adjacent pairs);
-//               cache[k, v at pos];  a = softmax(q k^T / sqrt(d)) v over positions 0..pos
-//               (query head h reads kv head h / (n_heads / n_kv_heads));
-//               x += o(a);  g,u = split(gate_up(rms(x)));  x += down(silu(g) * u)
-//   logits = head(rms(x))
+//   per row r:  x = embed[token[r]]
+//   per layer:  q,k,v = split(qkv(rms(x)) + bias + lora);  rotate q, k at position[r] (RoPE,
+//               adjacent pairs);  then, once every row has written its k, v into
+//               cache[slot[r], layer] at position[r], each row attends over its slot's
+//               positions 0..position[r] (so a prefill chunk is causal):
+//               a = softmax(q k^T / sqrt(d)) v  (query head h reads kv head h / (nh / nkv));
+//               x += o(a) + lora;  g,u = split(gate_up(rms(x)) + lora);
+//               x += down(silu(g) * u) + lora
+//   logits[i] = head(rms(x[logit_rows[i]]))   (only the rows asked for)
+// lora: y[r] += b[adapter[r]] @ (a[adapter[r]] @ x[r]) for rows with adapter[r] >= 0
+// (lora_gather.h, on the linear's fp32 input; the stacks come from set_lora).
 //
-// Every GEMV input is quantized per block to int8 once (quant_quantize_activations, the
+// Every GEMM input is quantized per block to int8 once (quant_quantize_activations, the
 // same quantization as the torch path's quant_matmul calls).  Float math: fp32; rmsnorm
 // y = x * (1 / sqrt(mean(x^2) + eps)) * w (sum of squares in fp64); softmax and silu with
 // common.h's exp_approx (< 2 ulp); the KV cache is fp32 or bf16 (k and v rounded to
-// nearest even once, when written).
+// nearest even once, when written).  The int8 GEMM computes every (row, output) on its own,
+// so a row's logits do not depend on the other rows of the call (bit-identical alone or in
+// a batch, given the same cache contents).
 // Shapes: embed fp32 [V, H]; norms fp32 [H]; qkv [(nh + 2 nkv) d, H] (q/k rows already in
 // adjacent (re, im) pair order), o [H, nh d], gate_up [2I, H] (gate rows, then up rows),
-// down [H, I], head [V, H]; cache [layers, 2, nkv, max_len, d]; rope [max_len, d/2, 2]
-// (cos, sin) fp32; logits fp32 [V].
-// Threads: one pool job per GEMV (rows) and one for attention (query heads); the rest runs
-// on the caller.  Every output element is computed by one thread in a fixed order, so the
-// logits are bit-identical for any thread count (attention is compiled per ISA, so ISAs
-// may differ in the last bits).
-// Floor per token: the quantized weight bytes once (LM head included) + 2 * layers * nkv *
-// (pos + 1) * d cache elements.
+// down [H, I], head [V, H]; cache [slots, layers, 2, nkv, max_len, d] (a single stream's
+// [layers, ...] cache is slots == 1); rope [max_len, d/2, 2] (cos, sin) fp32; logits fp32
+// [n_out, V].  The caller owns the cache contents: a row at position p attends to whatever
+// its slot holds at 0..p-1 (written by earlier calls or by earlier rows of this call).
+// Threads: one pool job per GEMM (weight rows), one for attention ((row, query head) jobs),
+// row-parallel small ops.  Every output element is computed by one thread in a fixed order,
+// so the logits are bit-identical for any thread count (attention is compiled per ISA, so
+// ISAs may differ in the last bits).  Scratch is allocated once for max_rows rows.  One
+// object runs one call at a time (not reentrant).
+// Floor per step: the quantized weight bytes once for all rows (LM head included) + each
+// row's 2 * layers * nkv * (pos + 1) * d cache elements + each used adapter's stacks once.
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "quant.h"
@@ -46,20 +59,46 @@ struct DecodeLayer {
   DecodeLinear gate_up, down;
 };
 
+// One linear's adapter stacks (lora_gather.h): a [n_adapters, rank, k], b [n_adapters, n,
+// rank] fp32; n_adapters == 0 or rank == 0: no LoRA on this linear.
+struct DecodeLora {
+  const float* a;
+  const float* b;
+  int64_t n_adapters, rank;
+};
+
+struct DecodeLayerLora {
+  DecodeLora qkv, o, gate_up, down;
+};
+
 struct DecodeConfig {
-  int64_t hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len;
+  int64_t hidden, intermediate, n_heads, n_kv_heads, head_dim, vocab, max_len, slots;
   float eps;
   int kv_dtype;  // kF32 / kBF16
+};
+
+// The rows of one call: tokens, slots, positions, adapters [rows] (adapter -1: base only);
+// logit_rows [n_out]: the rows whose next-token logits are wanted.
+struct DecodeRows {
+  const int64_t *tokens, *slots, *positions, *adapters;
+  int64_t rows;
+  const int64_t* logit_rows;
+  int64_t n_out;
 };
 
 class DecodeStep {
  public:
   // Throws std::invalid_argument naming the mismatch (shapes, formats, dtype).
   DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers, const float* embed,
-             const float* final_norm, DecodeLinear head, void* kv_cache, const float* rope);
-  // Token `token` at position `pos` (0 <= pos < max_len): writes its k, v into the cache and
-  // the next-token logits [vocab] into `logits`.  Throws std::out_of_range on a bad token/pos.
-  void run(int64_t token, int64_t pos, float* logits, int num_threads);
+             const float* final_norm, DecodeLinear head, void* kv_cache, const float* rope,
+             int64_t max_rows);
+  // The adapter stacks, one entry per layer (empty: no LoRA); replaces the previous ones.
+  // Throws std::invalid_argument on a layer count or n_adapters mismatch.
+  void set_lora(std::vector<DecodeLayerLora> lora);
+  // Writes every row's k, v into the cache and logits [n_out, vocab].  Throws
+  // std::invalid_argument (nothing written) on a bad token, slot, position, adapter, logit
+  // row, row count, or two rows writing the same slot and position.
+  void run(const DecodeRows& rows, float* logits, int num_threads);
 
  private:
   struct FreeDeleter {
@@ -68,19 +107,25 @@ class DecodeStep {
   using Buffer = std::unique_ptr<uint8_t, FreeDeleter>;
   static Buffer alloc(int64_t bytes);
   float* f32(const Buffer& b) const { return reinterpret_cast<float*>(b.get()); }
-  void gemv(const DecodeLinear& lin, const float* x, float* y, int num_threads);
-  void attention(int64_t layer, int64_t pos, int num_threads);
+  void check(const DecodeRows& r);
+  void linear(const DecodeLinear& lin, const DecodeLora* lora, const float* x, int64_t m,
+              const int64_t* adapters, float* y, int num_threads);
+  void attention(int64_t layer, const DecodeRows& r, int num_threads);
 
   DecodeConfig c_;
   std::vector<DecodeLayer> layers_;
+  std::vector<DecodeLayerLora> lora_;
+  int64_t n_adapters_ = 0;  // of the bank (every linear has this many or none)
   const float* embed_;
   const float* final_norm_;
   DecodeLinear head_;
   void* kv_;
   const float* rope_;
   int fmt_;
-  // scratch, allocated once: residual, normed input, qkv, attention output, o/down output,
-  // gate_up, mlp hidden, quantized activations, attention scores per query head
+  int64_t max_rows_, max_tasks_;
+  std::vector<std::pair<int64_t, int64_t>> written_;  // (slot, position) per row, for check()
+  // scratch, allocated once for max_rows: residual, normed input, qkv, attention output,
+  // o/down output, gate_up, mlp hidden, quantized activations, attention scores per task
   Buffer x_, xn_, qkv_, attn_, out_, gu_, h_, act_, scores_;
 };
 
