@@ -207,6 +207,9 @@ class BatchDecoder:
                                     dtype=model.kv_dtype)
         self.bank = AdapterBank(model)
         self._lock = threading.Lock()
+        from pyengine.infer.decode_step import from_decoder
+        # the C++ step (quantized models) or None (forward_torch)
+        self.c_step = from_decoder(model, kv_cache=self.kv_cache, max_rows=self.max_rows)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -215,10 +218,16 @@ class BatchDecoder:
     def add_adapter(self, name: str, directory: str | Path) -> None:
         with self._lock:
             self.bank.add(name, directory)
+            self._bank_changed()
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
             self.bank.remove(name)
+            self._bank_changed()
+
+    def _bank_changed(self) -> None:
+        if self.c_step is not None:
+            self.c_step.set_lora(self.bank.stacks)
 
     def _rows(self, chunks: Sequence[Chunk]):
         if not chunks:
@@ -254,6 +263,8 @@ class BatchDecoder:
         """fp32 logits [len(chunks), vocab] after each chunk's last token."""
         with self._lock:
             rows = self._rows(chunks)
+            if self.c_step is not None:
+                return self.c_step.run_rows(*rows)
             return self.forward_torch(chunks, *rows)
 
     def forward_torch(self, chunks, tokens, slots, positions, adapters, last) -> torch.Tensor:
