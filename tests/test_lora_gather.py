@@ -120,11 +120,14 @@ def test_isa_variants_within_torch_error_and_close_to_scalar(restore_isa):
 
 @needs_ext
 def test_same_bits_on_any_thread_count():
-    """Shapes where both sides split over threads (24 A tasks, 300 columns)."""
+    """Shapes where both sides split over threads (24 A tasks, 300 columns); a 1-thread call
+    on -x before each run, so no run can reuse an earlier run's scratch."""
     x, a, b, idx = make(13, 576, 300, 48, seed=10)
     y0 = torch.randn(13, 300)
     runs = []
     for n in (1, 2, 3, 2, 1):
+        with num_threads(1):
+            cpu_add(y0.clone(), -x, a, b, idx)
         with num_threads(n):
             runs.append(cpu_add(y0.clone(), x, a, b, idx))
     for n, got in zip((2, 3, 2, 1), runs[1:]):

@@ -63,6 +63,11 @@ KERNELS = {"ref": reference_lora_gather, "cpu": _cpu, "triton": _triton}
 # --------------------------------------------------------------------------- custom op
 @torch.library.custom_op("pyengine::lora_gather", mutates_args=())
 def _lora_gather(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor, backend: str) -> Tensor:
+    # the pointer kernels read fp32 / int64 bytes: refuse anything else (direct calls)
+    torch._check(x.dtype == lora_a.dtype == lora_b.dtype == torch.float32
+                 and idx.dtype == torch.int64,
+                 lambda: f"pyengine::lora_gather takes fp32 x, lora_a, lora_b and int64 idx, "
+                         f"got {x.dtype}, {lora_a.dtype}, {lora_b.dtype}, {idx.dtype}")
     return KERNELS[backend](x, lora_a, lora_b, idx)
 
 
