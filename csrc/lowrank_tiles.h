@@ -7,9 +7,10 @@
 //   proj: out[i, k]  += scale * sum_j (src * mask)[i, j] w[k, j]       i < n, k < R, j < K
 //   grad: acc[k, j]  += sum_i coef[i, k] (src * mask)[i, j]
 //   add:  dst[i, j]  += alpha * (sum_k coef[i, k] w[k, j]) * mask[i, j]   (rounded once)
-// AVX-512 build: explicit register blocks of 16 zmm accumulators (proj 8 rows x 2 ranks
-// over the whole row, one horizontal sum per output; grad 4 ranks x 64 columns, rows
-// inner; add 4 rows x 64 columns, ranks inner), so each loaded vector feeds 2-4 FMAs.
+// AVX-512 build: explicit register blocks of 16 zmm accumulators (proj 8 rows x 2 ranks, or
+// 4 x 4 / 2 x 8 for fewer rows, over the whole row, one horizontal sum per output; grad 4
+// ranks x 64 columns, rows inner; add 4 rows x 64 columns, ranks inner), so each loaded
+// vector feeds 2-8 FMAs.
 // scalar / avx2 builds: `omp simd` blocks of the same shapes (-fopenmp-simd: vectorisation
 // only).  Tails reuse the last row / rank (computed twice, stored once) or run the generic
 // blocks.  Summation order is fixed by the code, never by threads.
@@ -92,12 +93,13 @@ constexpr int kProjRows = kBlk;
 template <typename T>
 using ProjRows = const T* [kProjRows];
 
-template <typename D>
-void proj_block(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk, int64_t rb,
-                int64_t K, const float* w, int64_t ldw, int64_t R, float scale,
-                float* const (&out)[kProjRows]) {
 #ifdef __AVX512F__
-  constexpr int kR = kProjRows, kQ = 2;
+// kR rows x kQ ranks of 16-lane accumulators (kR * kQ = 16); the dot products' bits do not
+// depend on the block shape (each is its own accumulator, then one horizontal sum)
+template <typename D, int kR, int kQ>
+void proj_block_avx512(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk,
+                       int64_t rb, int64_t K, const float* w, int64_t ldw, int64_t R,
+                       float scale, float* const (&out)[kProjRows]) {
   for (int64_t k0 = 0; k0 < R; k0 += kQ) {
     const float* wq[kQ];
     for (int q = 0; q < kQ; ++q) wq[q] = w + std::min<int64_t>(k0 + q, R - 1) * ldw;
@@ -118,6 +120,19 @@ void proj_block(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk, i
       for (int q = 0; q < kQ && k0 + q < R; ++q)
         out[i][k0 + q] += scale * _mm512_reduce_add_ps(acc[i][q]);
   }
+}
+#endif
+
+template <typename D>
+void proj_block(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk, int64_t rb,
+                int64_t K, const float* w, int64_t ldw, int64_t R, float scale,
+                float* const (&out)[kProjRows]) {
+#ifdef __AVX512F__
+  // few rows (a tail, or one adapter's rows in lora_gather): fewer rows, more ranks per
+  // block, so no FMA is spent on repeated rows
+  if (rb <= 2) proj_block_avx512<D, 2, 8>(x, mk, rb, K, w, ldw, R, scale, out);
+  else if (rb <= 4) proj_block_avx512<D, 4, 4>(x, mk, rb, K, w, ldw, R, scale, out);
+  else proj_block_avx512<D, 8, 2>(x, mk, rb, K, w, ldw, R, scale, out);
 #else
   for (int64_t k = 0; k < R; k += 2) {
     const float* w0 = w + k * ldw;
