@@ -8,8 +8,10 @@
 // into y; no [rows, rank, k] gathered copy of the adapters is made.
 // Rows are grouped by adapter (counting sort), so each used adapter's a and b are read once
 // per call.  A side: t = X_g @ a_g^T ([rows_g, rank] fp32 scratch), threads split (adapter,
-// rank chunk); B side: threads split n, y[r, n'] += sum_j b_g[n', j] t[r, j].  Both sides are
-// the low-rank engine's proj micro-kernel (lowrank_tiles.h) on gathered row pointers.
+// rank chunk), on the low-rank engine's proj micro-kernel (lowrank_tiles.h) over gathered
+// row pointers; B side: threads split n, y[r, n'] += sum_j b_g[n', j] t[r, j], in AVX-512
+// blocks of 16 columns whose 16 dot products are summed by one lane-symmetric tree (proj,
+// one horizontal sum per output, in the other builds).
 // Every t and y element is computed by one thread in an order fixed by the code: the same
 // bits on any thread count (ISAs may differ in the last bits).
 // Floor (bytes): each used adapter's a and b once + x + y read and written:

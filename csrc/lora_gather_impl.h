@@ -1,7 +1,7 @@
 // The two sides of lora_gather.h, written once and compiled per ISA (PYENGINE_ISA_NS and the
-// flags come from the including TU).  Both run lowrank::proj_block on blocks of kProjRows
-// rows of one adapter, given by pointers: x rows gathered by `order` for the A side, y rows
-// scattered by it for the B side.
+// flags come from the including TU).  lowrank::proj_block on blocks of kProjRows rows of one
+// adapter, given by pointers: x rows gathered by `order` for the A side, y rows scattered by
+// it for the B side (AVX-512: its own 16-column blocks, see sum16).
 #include <algorithm>
 
 #include "lora_gather.h"
