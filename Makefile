@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup build test test-llamacpp bench bench-infer finetune clean
+.PHONY: setup build test test-llamacpp bench bench-infer bench-serve finetune clean
 
 setup: $(VENV)/.setup-done
 
@@ -66,6 +66,20 @@ $(LLAMA_VENV)/.setup-done:
 
 bench-infer: setup build $(LLAMA_VENV)/.setup-done
 	$(PY) benchmarks/bench_infer.py $(BENCH_INFER_ARGS) --llama-python $(LLAMA_VENV)/bin/python
+
+# The serving benchmark (benchmarks/bench_serve.py): python -m pyengine.serve vs
+# llama-cpp-python's server (the peer venv above plus its [server] extras: fastapi, uvicorn,
+# sse-starlette, starlette-context, pydantic-settings) vs pyengine.infer, N concurrent
+# streaming clients.
+BENCH_SERVE_ARGS ?= --shape 135m --shape 1b --threads 2 --json /tmp/pyengine_bench_serve/result.json
+
+$(LLAMA_VENV)/.server-done: $(LLAMA_VENV)/.setup-done
+	$(LLAMA_VENV)/bin/python -m pip install -q --only-binary llama-cpp-python \
+	  --find-links $(LLAMA_NATIVE_WHEELS) '$(subst ==,[server]==,$(LLAMA_CPP_PYTHON))'
+	touch $@
+
+bench-serve: setup build $(LLAMA_VENV)/.server-done
+	$(PY) benchmarks/bench_serve.py $(BENCH_SERVE_ARGS) --llama-python $(LLAMA_VENV)/bin/python
 
 finetune: setup build
 	$(PY) -m pyengine.finetune --overwrite  # the demo job re-runs into its own output dir

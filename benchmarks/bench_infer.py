@@ -88,23 +88,25 @@ def default_llama_python() -> str:
 
 
 # ------------------------------------------------------------------ inputs (own process)
-def prepare(shape: str, formats: list[str], cache: Path) -> dict:
+def prepare(shape: str, formats: list[str], cache: Path, save_tokenizer=None) -> dict:
     """The HF directory at `shape` (built once, complete or absent) and its GGUF files in
-    `formats`, rewritten when older than the directory or than any pyengine source file."""
+    `formats`, rewritten when older than the directory or than any pyengine source file.
+    save_tokenizer(dir) writes the tokenizer (default: tests/tiny_llama's)."""
     import shutil
 
     import torch
     import transformers
     from pyengine.export import to_gguf
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_llama import save_tiny_tokenizer
+    if save_tokenizer is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_llama import save_tiny_tokenizer as save_tokenizer
 
     model_dir = cache / shape
     if not model_dir.is_dir():
         partial = cache / f"{shape}.partial"  # ours: a build that was interrupted
         shutil.rmtree(partial, ignore_errors=True)
-        save_tiny_tokenizer(partial)
+        save_tokenizer(partial)
         cfg = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=True,
                                        max_position_embeddings=2048, rope_theta=10000.0,
                                        bos_token_id=0, eos_token_id=1)
@@ -265,8 +267,8 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
     return [rng.randrange(2, vocab) for _ in range(n)]
 
 
-def has_llama_cpp(python: str) -> bool:
-    return subprocess.run([python, "-c", "import llama_cpp"], env=clean_env(),
+def has_llama_cpp(python: str, module: str = "llama_cpp") -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], env=clean_env(),
                           capture_output=True).returncode == 0
 
 
