@@ -20,7 +20,8 @@ UNUSED = 2  # the adapter no row picks in make()
 
 
 def make(R, K, N, rank, n_adapters=5, seed=0):
-    """x, a bank with adapter UNUSED all NaN, idx cycling -1, 0, 1, 3, 4, 3, 0, ..."""
+    """x, a bank whose adapter UNUSED is all NaN, idx repeating a shuffle of -1, 0, 1, 3, 4,
+    3, 0 (adapters 0 and 3 on several rows, UNUSED on none)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(R, K, generator=g)
     a = torch.randn(n_adapters, rank, K, generator=g) / K ** 0.5

@@ -3,7 +3,7 @@
 
     delta[r] = lora_b[idx[r]] @ (lora_a[idx[r]] @ x[r])      (0 where idx[r] == -1)
 
-x [R, K] (fp32; bf16 / fp16 are read as fp32), lora_a [n_adapters, rank, K] and
+x [R, K] (fp32; a bf16 / fp16 x is converted to fp32 first), lora_a [n_adapters, rank, K] and
 lora_b [n_adapters, N, rank] fp32 (the adapter bank: scaling folded into b, ranks zero
 padded), idx [R] int64 in [-1, n_adapters); result [R, N] fp32.
 Fused (cpu, triton): the gather of each row's adapter and both skinny products; no
