@@ -74,6 +74,16 @@ def test_matches_fp64_within_torch_error(backend, R, rank):
     assert torch.equal(got[idx < 0], torch.zeros_like(got[idx < 0]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_chunk_many_rows_of_one_adapter(backend):
+    """21 rows of adapter 3 (several row blocks of one group) and two base rows."""
+    x, a, b, _ = make(23, 40, 33, 8, seed=13)
+    idx = torch.full((23,), 3)
+    idx[[0, 17]] = -1
+    got = lora_gather(x, a, b, idx, backend=backend)
+    assert_like_torch(f"{backend} prefill", got, x, a, b, idx)
+
+
 @pytest.mark.parametrize("factor", [1.01, 0.99])
 def test_tolerance_rule_rejects_a_1_percent_error_in_one_adapter(factor):
     x, a, b, idx = make(13, 37, 45, 8)
