@@ -9,9 +9,9 @@
 // Rows are grouped by adapter (counting sort), so each used adapter's a and b are read once
 // per call.  A side: t = X_g @ a_g^T ([rows_g, rank] fp32 scratch), threads split (adapter,
 // rank chunk), on the low-rank engine's proj micro-kernel (lowrank_tiles.h) over gathered
-// row pointers; B side: threads split n, y[r, n'] += sum_j b_g[n', j] t[r, j], in AVX-512
-// blocks of 16 columns whose 16 dot products are summed by one lane-symmetric tree (proj,
-// one horizontal sum per output, in the other builds).
+// row pointers; B side: threads split n, y[r, n'] += sum_j b_g[n', j] t[r, j], in blocks of
+// 16 (AVX-512) / 8 (AVX2) columns whose dot products are summed by one lane-symmetric tree
+// (the scalar build: proj, one horizontal sum per output).
 // Every t and y element is computed by one thread in an order fixed by the code: the same
 // bits on any thread count (ISAs may differ in the last bits).
 // Floor (bytes): each used adapter's a and b once + x + y read and written:
