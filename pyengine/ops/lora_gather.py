@@ -82,13 +82,14 @@ for _device in ("cpu", "cuda"):
 
 # --------------------------------------------------------------------------- public API
 def _check(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> None:
-    shapes = f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+    def shapes():
+        return f"x {tuple(x.shape)}, lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
     if x.dim() != 2 or lora_a.dim() != 3 or lora_b.dim() != 3 or idx.dim() != 1:
-        raise ValueError(f"lora_gather: {shapes}, idx {tuple(idx.shape)} must be [R, K], "
+        raise ValueError(f"lora_gather: {shapes()}, idx {tuple(idx.shape)} must be [R, K], "
                          f"[n_adapters, rank, K], [n_adapters, N, rank] and [R]")
     (R, K), (n_adapters, rank, _) = x.shape, lora_a.shape
     if lora_a.shape[2] != K or lora_b.shape[0] != n_adapters or lora_b.shape[2] != rank:
-        raise ValueError(f"lora_gather: {shapes}: need lora_a [n_adapters, rank, {K}] and "
+        raise ValueError(f"lora_gather: {shapes()}: need lora_a [n_adapters, rank, {K}] and "
                          f"lora_b [{n_adapters}, N, {rank}]")
     if idx.shape[0] != R:
         raise ValueError(f"lora_gather: idx {tuple(idx.shape)} must have one entry per row of "
@@ -101,9 +102,8 @@ def _check(x: Tensor, lora_a: Tensor, lora_b: Tensor, idx: Tensor) -> None:
     if len({t.device for t in (x, lora_a, lora_b, idx)}) != 1:
         raise ValueError(f"lora_gather: x, lora_a, lora_b, idx must be on one device, got "
                          f"{x.device}, {lora_a.device}, {lora_b.device}, {idx.device}")
-    bad = ((idx < -1) | (idx >= n_adapters)).nonzero()
-    if bad.numel():
-        r = int(bad[0, 0])
+    if idx.numel() and not -1 <= int(idx.min()) <= int(idx.max()) < n_adapters:
+        r = int(((idx < -1) | (idx >= n_adapters)).nonzero()[0, 0])
         raise ValueError(f"lora_gather: idx[{r}] = {int(idx[r])} is outside [-1, {n_adapters}) "
                          f"(-1: no adapter; the bank holds {n_adapters})")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
