@@ -12,6 +12,7 @@
 #include "cpu_features.h"
 #include "cross_entropy.h"
 #include "decode.h"
+#include "lora_gather.h"
 #include "lowrank_rows.h"
 #include "norms.h"
 #include "rope.h"
@@ -191,6 +192,17 @@ PYBIND11_MODULE(_C, m) {
       },
       "The low-rank engine: proj / grad / add fused into one pass over the rows "
       "(see csrc/lowrank_rows.h).");
+
+  m.def(
+      "lora_gather_add",
+      [](uintptr_t x, int64_t rows, int64_t k, uintptr_t idx, uintptr_t a, uintptr_t b,
+         int64_t n_adapters, int64_t rank, int64_t n, uintptr_t y, int num_threads) {
+        py::gil_scoped_release nogil;
+        lora_gather_add(ptr<const float>(x), rows, k, ptr<const int64_t>(idx), ptr<const float>(a),
+                        ptr<const float>(b), n_adapters, rank, n, ptr<float>(y), num_threads);
+      },
+      "y[r] += b[idx[r]] @ (a[idx[r]] @ x[r]) for rows with idx[r] >= 0, in place "
+      "(see csrc/lora_gather.h).");
 
   m.def(
       "quant_matmul",

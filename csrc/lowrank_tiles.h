@@ -7,9 +7,10 @@
 //   proj: out[i, k]  += scale * sum_j (src * mask)[i, j] w[k, j]       i < n, k < R, j < K
 //   grad: acc[k, j]  += sum_i coef[i, k] (src * mask)[i, j]
 //   add:  dst[i, j]  += alpha * (sum_k coef[i, k] w[k, j]) * mask[i, j]   (rounded once)
-// AVX-512 build: explicit register blocks of 16 zmm accumulators (proj 8 rows x 2 ranks
-// over the whole row, one horizontal sum per output; grad 4 ranks x 64 columns, rows
-// inner; add 4 rows x 64 columns, ranks inner), so each loaded vector feeds 2-4 FMAs.
+// AVX-512 build: explicit register blocks of 16 zmm accumulators (proj 8 rows x 2 ranks, or
+// 4 x 4 / 2 x 8 for fewer rows, over the whole row, one horizontal sum per output; grad 4
+// ranks x 64 columns, rows inner; add 4 rows x 64 columns, ranks inner), so each loaded
+// vector feeds 2-8 FMAs.
 // scalar / avx2 builds: `omp simd` blocks of the same shapes (-fopenmp-simd: vectorisation
 // only).  Tails reuse the last row / rank (computed twice, stored once) or run the generic
 // blocks.  Summation order is fixed by the code, never by threads.
@@ -81,74 +82,96 @@ inline void store16(typename D::T* p, __m512 v) {
 #endif
 
 // ---------------------------------------------------------------- proj
-// pointers to rows n0 .. n0 + rb - 1 of src and mask; the block's tail repeats the last row
-template <typename T, int kR>
-inline void block_rows(const T* src, int64_t ld, const uint8_t* mask, int64_t n0, int64_t rb,
-                       const T* (&x)[kR], const uint8_t* (&mk)[kR]) {
-  for (int i = 0; i < kR; ++i) {
-    const int64_t r = n0 + std::min<int64_t>(i, rb - 1);
-    x[i] = src + r * ld;
-    mk[i] = mask ? mask + r * ld : nullptr;
+// One block of up to kProjRows rows, given by pointers (so callers may gather rows: the
+// batched gather-LoRA of lora_gather.h); the tail of x / mk repeats the last row:
+//   out[i][k] += scale * sum_j (x[i] * mk[i])[j] w[k, j]     i < rb, k < R, j < K
+#ifdef __AVX512F__
+constexpr int kProjRows = 8;
+#else
+constexpr int kProjRows = kBlk;
+#endif
+template <typename T>
+using ProjRows = const T* [kProjRows];
+
+#ifdef __AVX512F__
+// kR rows x kQ ranks of 16-lane accumulators (kR * kQ = 16); the dot products' bits do not
+// depend on the block shape (each is its own accumulator, then one horizontal sum)
+template <typename D, int kR, int kQ>
+void proj_block_avx512(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk,
+                       int64_t rb, int64_t K, const float* w, int64_t ldw, int64_t R,
+                       float scale, float* const (&out)[kProjRows]) {
+  for (int64_t k0 = 0; k0 < R; k0 += kQ) {
+    const float* wq[kQ];
+    for (int q = 0; q < kQ; ++q) wq[q] = w + std::min<int64_t>(k0 + q, R - 1) * ldw;
+    __m512 acc[kR][kQ];
+    for (int i = 0; i < kR; ++i)
+      for (int q = 0; q < kQ; ++q) acc[i][q] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < K; j += 16) {
+      const __mmask16 tail = K - j >= 16 ? 0xffff : __mmask16((1u << (K - j)) - 1);
+      __m512 wv[kQ];
+      for (int q = 0; q < kQ; ++q) wv[q] = _mm512_maskz_loadu_ps(tail, wq[q] + j);
+      for (int i = 0; i < kR; ++i) {
+        const __mmask16 m = mk[i] ? __mmask16(tail & keep_bits(mk[i] + j)) : tail;
+        const __m512 xv = load16<D>(x[i] + j, m);
+        for (int q = 0; q < kQ; ++q) acc[i][q] = _mm512_fmadd_ps(xv, wv[q], acc[i][q]);
+      }
+    }
+    for (int64_t i = 0; i < rb; ++i)
+      for (int q = 0; q < kQ && k0 + q < R; ++q)
+        out[i][k0 + q] += scale * _mm512_reduce_add_ps(acc[i][q]);
   }
 }
+#endif
 
 template <typename D>
-void proj(const typename D::T* src, int64_t ld, const uint8_t* mask, int64_t n, int64_t K,
-          const float* w, int64_t ldw, int64_t R, float scale, float* out, int64_t ld_out) {
+void proj_block(const ProjRows<typename D::T>& x, const ProjRows<uint8_t>& mk, int64_t rb,
+                int64_t K, const float* w, int64_t ldw, int64_t R, float scale,
+                float* const (&out)[kProjRows]) {
 #ifdef __AVX512F__
-  constexpr int kR = 8, kQ = 2;
-  for (int64_t n0 = 0; n0 < n; n0 += kR) {
-    const int64_t rb = std::min<int64_t>(kR, n - n0);
-    const typename D::T* x[kR];
-    const uint8_t* mk[kR];
-    block_rows(src, ld, mask, n0, rb, x, mk);
-    for (int64_t k0 = 0; k0 < R; k0 += kQ) {
-      const float* wq[kQ];
-      for (int q = 0; q < kQ; ++q) wq[q] = w + std::min<int64_t>(k0 + q, R - 1) * ldw;
-      __m512 acc[kR][kQ];
-      for (int i = 0; i < kR; ++i)
-        for (int q = 0; q < kQ; ++q) acc[i][q] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < K; j += 16) {
-        const __mmask16 tail = K - j >= 16 ? 0xffff : __mmask16((1u << (K - j)) - 1);
-        __m512 wv[kQ];
-        for (int q = 0; q < kQ; ++q) wv[q] = _mm512_maskz_loadu_ps(tail, wq[q] + j);
-        for (int i = 0; i < kR; ++i) {
-          const __mmask16 m = mk[i] ? __mmask16(tail & keep_bits(mk[i] + j)) : tail;
-          const __m512 xv = load16<D>(x[i] + j, m);
-          for (int q = 0; q < kQ; ++q) acc[i][q] = _mm512_fmadd_ps(xv, wv[q], acc[i][q]);
-        }
-      }
-      for (int64_t i = 0; i < rb; ++i)
-        for (int q = 0; q < kQ && k0 + q < R; ++q)
-          out[(n0 + i) * ld_out + k0 + q] += scale * _mm512_reduce_add_ps(acc[i][q]);
-    }
-  }
+  // few rows (a tail, or one adapter's rows in lora_gather): fewer rows, more ranks per
+  // block, so no FMA is spent on repeated rows
+  if (rb <= 2) proj_block_avx512<D, 2, 8>(x, mk, rb, K, w, ldw, R, scale, out);
+  else if (rb <= 4) proj_block_avx512<D, 4, 4>(x, mk, rb, K, w, ldw, R, scale, out);
+  else proj_block_avx512<D, 8, 2>(x, mk, rb, K, w, ldw, R, scale, out);
 #else
-  for (int64_t n0 = 0; n0 < n; n0 += kBlk) {
-    const int64_t rb = std::min<int64_t>(kBlk, n - n0);
-    const typename D::T* x[kBlk];
-    const uint8_t* mk[kBlk];
-    block_rows(src, ld, mask, n0, rb, x, mk);
-    for (int64_t k = 0; k < R; k += 2) {
-      const float* w0 = w + k * ldw;
-      const float* w1 = k + 1 < R ? w0 + ldw : w0;  // odd R: last rank computed twice
-      float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+  for (int64_t k = 0; k < R; k += 2) {
+    const float* w0 = w + k * ldw;
+    const float* w1 = k + 1 < R ? w0 + ldw : w0;  // odd R: last rank computed twice
+    float s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
 #pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
-      for (int64_t j = 0; j < K; ++j) {
-        const float p = w0[j], q = w1[j];
-        const float x0 = load_masked<D>(x[0], mk[0], j), x1 = load_masked<D>(x[1], mk[1], j);
-        const float x2 = load_masked<D>(x[2], mk[2], j), x3 = load_masked<D>(x[3], mk[3], j);
-        s00 += p * x0; s01 += p * x1; s02 += p * x2; s03 += p * x3;
-        s10 += q * x0; s11 += q * x1; s12 += q * x2; s13 += q * x3;
-      }
-      const float s0[kBlk] = {s00, s01, s02, s03}, s1[kBlk] = {s10, s11, s12, s13};
-      for (int64_t i = 0; i < rb; ++i) {
-        out[(n0 + i) * ld_out + k] += scale * s0[i];
-        if (k + 1 < R) out[(n0 + i) * ld_out + k + 1] += scale * s1[i];
-      }
+    for (int64_t j = 0; j < K; ++j) {
+      const float p = w0[j], q = w1[j];
+      const float x0 = load_masked<D>(x[0], mk[0], j), x1 = load_masked<D>(x[1], mk[1], j);
+      const float x2 = load_masked<D>(x[2], mk[2], j), x3 = load_masked<D>(x[3], mk[3], j);
+      s00 += p * x0; s01 += p * x1; s02 += p * x2; s03 += p * x3;
+      s10 += q * x0; s11 += q * x1; s12 += q * x2; s13 += q * x3;
+    }
+    const float s0[kBlk] = {s00, s01, s02, s03}, s1[kBlk] = {s10, s11, s12, s13};
+    for (int64_t i = 0; i < rb; ++i) {
+      out[i][k] += scale * s0[i];
+      if (k + 1 < R) out[i][k + 1] += scale * s1[i];
     }
   }
 #endif
+}
+
+// proj over rows 0 .. n-1 of src (leading dim ld) into out (leading dim ld_out)
+template <typename D>
+void proj(const typename D::T* src, int64_t ld, const uint8_t* mask, int64_t n, int64_t K,
+          const float* w, int64_t ldw, int64_t R, float scale, float* out, int64_t ld_out) {
+  for (int64_t n0 = 0; n0 < n; n0 += kProjRows) {
+    const int64_t rb = std::min<int64_t>(kProjRows, n - n0);
+    const typename D::T* x[kProjRows];
+    const uint8_t* mk[kProjRows];
+    float* o[kProjRows];
+    for (int i = 0; i < kProjRows; ++i) {
+      const int64_t r = n0 + std::min<int64_t>(i, rb - 1);
+      x[i] = src + r * ld;
+      mk[i] = mask ? mask + r * ld : nullptr;
+      o[i] = out + r * ld_out;
+    }
+    proj_block<D>(x, mk, rb, K, w, ldw, R, scale, o);
+  }
 }
 
 // ---------------------------------------------------------------- grad

@@ -16,6 +16,8 @@ ops.fused_linear_cross_entropy(h, w, t).backward()
 a = torch.randn(2, 64, requires_grad=True); b = torch.randn(11, 2, requires_grad=True)
 ops.lora_linear(h, w, a, b, 1.0).sum().backward()
 assert ops.quant_matmul(torch.randn(3, 64), quantize(w, "q4_0")).shape == (3, 11)
+assert ops.lora_gather(torch.randn(3, 64), torch.randn(2, 4, 64), torch.randn(2, 11, 4),
+                       torch.tensor([0, -1, 1])).shape == (3, 11)
 assert h.grad is not None and a.grad is not None
 print("ok")
 """

@@ -1,0 +1,3 @@
+// avx2 build of the batched gather-LoRA (flags set in CMakeLists.txt).
+#define PYENGINE_ISA_NS avx2
+#include "lora_gather_impl.h"
