@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from pyengine.infer.model import LlamaDecoder
+from pyengine.ops.lora_gather import lora_gather
 from pyengine.infer.weights import ModelLoadError, WeightTable, rope_heads, interleave_rope_rows
 
 __all__ = ["AdapterBank", "BatchDecoder", "Chunk"]
@@ -177,18 +178,10 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 def lora_delta(x: torch.Tensor, stack, idx: torch.Tensor) -> torch.Tensor | None:
-    """B[idx] @ (A[idx] @ x) per row (0 for idx -1), or None without adapters."""
-    if stack is None:
+    """B[idx] @ (A[idx] @ x) per row (0 for idx -1), or None when no row has an adapter."""
+    if stack is None or not bool((idx >= 0).any()):
         return None
-    a, b = stack
-    used = idx >= 0
-    if not bool(used.any()):
-        return None
-    out = torch.zeros(x.shape[0], b.shape[1])
-    sel = idx.clamp(min=0)
-    t = torch.bmm(a[sel], x.float()[:, :, None])
-    out[used] = torch.bmm(b[sel], t)[:, :, 0][used]
-    return out
+    return lora_gather(x, stack[0], stack[1], idx)
 
 
 class BatchDecoder:
