@@ -1,6 +1,7 @@
 // The decode step of decode.h: the GEMMs are csrc/quant.h's kernels, the LoRA deltas
-// lora_gather.h's, attention is decode_impl.h (per ISA); the small ops (rmsnorm, RoPE,
-// silu * up) are plain loops over rows, a few microseconds a layer next to the weight
+// lora_gather.h's, attention is decode_impl.h (per ISA), silu * up swiglu.h's (per ISA:
+// this file is the scalar build, where exp_approx does not vectorize); the small ops
+// (rmsnorm, RoPE) are plain loops over rows, a few microseconds a layer next to the weight
 // reads.  Also the scalar build of decode_impl.h.
 #define PYENGINE_ISA_NS scalar
 #include "decode_impl.h"
@@ -18,6 +19,7 @@
 #include "cpu_features.h"
 #include "lora_gather.h"
 #include "parallel.h"
+#include "swiglu.h"
 
 namespace pyengine {
 namespace {
@@ -79,9 +81,10 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
       max_tasks_(std::max(1u, std::thread::hardware_concurrency())) {
   const int64_t H = c_.hidden, I = c_.intermediate, d = c_.head_dim, nh = c_.n_heads,
                 nkv = c_.n_kv_heads, R = max_rows;
-  if (d <= 0 || d % 16 || nkv <= 0 || nh % nkv)
+  if (d <= 0 || d % 16 || d > kMaxHeadDim || nkv <= 0 || nh % nkv)
     throw std::invalid_argument("decode step: head_dim " + std::to_string(d) +
-                                " must be a positive multiple of 16 and n_heads " +
+                                " must be a positive multiple of 16 up to " +
+                                std::to_string(kMaxHeadDim) + " and n_heads " +
                                 std::to_string(nh) + " a multiple of n_kv_heads " +
                                 std::to_string(nkv));
   if (c_.slots < 1 || R < 1)
@@ -112,7 +115,7 @@ DecodeStep::DecodeStep(const DecodeConfig& cfg, std::vector<DecodeLayer> layers,
   gu_ = alloc(4 * R * 2 * I);
   h_ = alloc(4 * R * I);
   act_ = alloc(R * act);
-  scores_ = alloc(4 * max_tasks_ * c_.max_len);
+  scores_ = alloc(4 * max_tasks_ * std::min(nh / nkv, kMaxGroup) * c_.max_len);
 }
 
 void DecodeStep::set_lora(std::vector<DecodeLayerLora> lora) {
@@ -193,19 +196,23 @@ void DecodeStep::attention(int64_t layer, const DecodeRows& r, int num_threads) 
   const float* qkv = f32(qkv_);
   const uint8_t* cache = static_cast<const uint8_t*>(kv_);
   auto attend = attend_kernel();
-  // (row, query head) jobs claimed from a counter (rows attend over different lengths);
-  // each job's output is computed by one thread, so the claim order does not matter.
-  const int64_t jobs = r.rows * nh;
+  // Jobs of (row, kv head, chunk of its query heads) claimed from a counter (rows attend
+  // over different lengths): a whole group per job reads each cached k, v once for all its
+  // query heads; with few rows, one query head per job keeps the threads busy.  Each job's
+  // output is computed by one thread, so the claim order does not matter.
+  const int64_t chunk = std::min(r.rows * nkv >= 4 * num_threads ? groups : 1, kMaxGroup);
+  const int64_t chunks = (groups + chunk - 1) / chunk, jobs = r.rows * nkv * chunks;
   const int n_tasks = int(std::min<int64_t>({std::max(num_threads, 1), jobs, max_tasks_}));
   std::atomic<int64_t> next{0};
   parallel_for(n_tasks, n_tasks, 1, [&](int64_t task, int64_t) {
-    float* scores = f32(scores_) + task * c_.max_len;
+    float* scores = f32(scores_) + task * chunk * c_.max_len;
     for (int64_t j; (j = next.fetch_add(1)) < jobs;) {
-      const int64_t i = j / nh, h = j % nh;
-      const uint8_t* k = cache + ((r.slots[i] * slot_stride) + (layer * 2 * nkv + h / groups) *
-                                                                    kv_stride) * elem;
-      attend(qkv + i * (nh + 2 * nkv) * d + h * d, k, k + nkv * kv_stride * elem, c_.kv_dtype,
-             r.positions[i] + 1, d, scale, scores, f32(attn_) + (i * nh + h) * d);
+      const int64_t i = j / (nkv * chunks), g = j / chunks % nkv;
+      const int64_t h = g * groups + j % chunks * chunk, heads = std::min(chunk, (g + 1) * groups - h);
+      const uint8_t* k =
+          cache + ((r.slots[i] * slot_stride) + (layer * 2 * nkv + g) * kv_stride) * elem;
+      attend(qkv + i * (nh + 2 * nkv) * d + h * d, heads, k, k + nkv * kv_stride * elem,
+             c_.kv_dtype, r.positions[i] + 1, d, scale, scores, f32(attn_) + (i * nh + h) * d);
     }
   });
 }
@@ -258,11 +265,10 @@ void DecodeStep::run(const DecodeRows& r, float* logits, int num_threads) {
       rms_norm(x + i * H, L.mlp_norm, H, c_.eps, xn + i * H);
     });
     linear(L.gate_up, lora ? &lora->gate_up : nullptr, xn, R, r.adapters, gu, num_threads);
-    for_rows(R, num_threads, [&](int64_t i) {
-      const float* g = gu + i * 2 * I;
-      float* h = hid + i * I;
-      for (int64_t j = 0; j < I; ++j) h[j] = g[j] / (1.0f + exp_approx(-g[j])) * g[I + j];
-    });
+    for (int64_t i = 0; i < R; ++i)  // silu(gate) * up, vectorized per ISA (swiglu.h)
+      swiglu_forward({kF32, I, gu + i * 2 * I, gu + i * 2 * I + I, nullptr, hid + i * I, nullptr,
+                      nullptr},
+                     num_threads);
     linear(L.down, lora ? &lora->down : nullptr, hid, R, r.adapters, out, num_threads);
     for_rows(R, num_threads, [&](int64_t i) {
       for (int64_t j = 0; j < H; ++j) x[i * H + j] += out[i * H + j];

@@ -19,8 +19,8 @@
 //
 // Every GEMM input is quantized per block to int8 once (quant_quantize_activations, the
 // same quantization as the torch path's quant_matmul calls).  Float math: fp32; rmsnorm
-// y = x * (1 / sqrt(mean(x^2) + eps)) * w (sum of squares in fp64); softmax and silu with
-// common.h's exp_approx (< 2 ulp); the KV cache is fp32 or bf16 (k and v rounded to
+// y = x * (1 / sqrt(mean(x^2) + eps)) * w (sum of squares in fp64); softmax (decode_impl.h) and silu
+// (swiglu.h) with common.h's exp_approx (< 2 ulp); the KV cache is fp32 or bf16 (k and v rounded to
 // nearest even once, when written).  The int8 GEMM computes every (row, output) on its own,
 // so a row's logits do not depend on the other rows of the call (bit-identical alone or in
 // a batch, given the same cache contents).
@@ -129,11 +129,15 @@ class DecodeStep {
   Buffer x_, xn_, qkv_, attn_, out_, gu_, h_, act_, scores_;
 };
 
-// One query head's attention (decode_impl.h), compiled per ISA: out[d] = softmax(q k^T *
-// scale) v over cache rows [0, len) (kv_dtype fp32 / bf16); scores: [len] scratch.
+// Attention of `heads` query heads that share one kv head (decode_impl.h), compiled per
+// ISA: out[h, d] = softmax(q[h] k^T * scale) v over cache rows [0, len) (kv_dtype fp32 /
+// bf16); q, out: [heads, d]; scores: [heads, len] scratch; heads <= kMaxGroup,
+// d <= kMaxHeadDim.  Bit-identical to one call per head.
+constexpr int64_t kMaxGroup = 16, kMaxHeadDim = 512;
 #define PYENGINE_DECODE_DECLS                                                                \
-  void decode_attend(const float* q, const void* keys, const void* values, int kv_dtype,   \
-                     int64_t len, int64_t d, float scale, float* scores, float* out);
+  void decode_attend(const float* q, int64_t heads, const void* keys, const void* values,  \
+                     int kv_dtype, int64_t len, int64_t d, float scale, float* scores,     \
+                     float* out);
 namespace scalar { PYENGINE_DECODE_DECLS }
 namespace avx2 { PYENGINE_DECODE_DECLS }
 namespace avx512 { PYENGINE_DECODE_DECLS }

@@ -181,7 +181,7 @@ def from_decoder(model, kv_cache: torch.Tensor | None = None,
                "gate_up": l.gate_up, "down": l.down} for l in model.layers]
     linears = [l[n] for l in layers for n in LAYER_LINEARS] + [model.lm_head]
     embed = model.embed.weight
-    if (_ext._C is None or not all(map(_is_c_quant, linears)) or model.cfg.head_dim % 16
+    if (_ext._C is None or not all(map(_is_c_quant, linears)) or model.cfg.head_dim % 16 or model.cfg.head_dim > 512
             or len({l.fmt for l in linears}) != 1 or embed.dtype != torch.float32):
         return None
     return DecodeStep(model.cfg, embed=embed, final_norm=model.norm, layers=layers,
