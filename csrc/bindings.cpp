@@ -346,21 +346,22 @@ PYBIND11_MODULE(_C, m) {
           "run_rows",
           [](DecodeStep& s, uintptr_t tokens, uintptr_t slots, uintptr_t positions,
              uintptr_t adapters, int64_t rows, uintptr_t logit_rows, int64_t n_out,
-             uintptr_t logits, int num_threads) {
+             int64_t gemm_from, uintptr_t logits, int num_threads) {
             const DecodeRows r{ptr<const int64_t>(tokens), ptr<const int64_t>(slots),
                                ptr<const int64_t>(positions), ptr<const int64_t>(adapters), rows,
-                               ptr<const int64_t>(logit_rows), n_out};
+                               ptr<const int64_t>(logit_rows), n_out, gemm_from};
             py::gil_scoped_release nogil;
             s.run(r, ptr<float>(logits), num_threads);
           },
-          "R rows (int64 pointers: tokens, slots, positions, adapters; rows; logit_rows, n_out): "
-          "writes their k, v to the cache and logits [n_out, vocab] (fp32).")
+          "R rows (int64 pointers: tokens, slots, positions, adapters; rows; logit_rows, n_out; "
+          "gemm_from: rows from there may take the AMX GEMM): writes their k, v to the cache and "
+          "logits [n_out, vocab] (fp32).")
       .def(
           "run",
           [](DecodeStep& s, int64_t token, int64_t pos, uintptr_t logits, int num_threads) {
             const int64_t slot = 0, adapter = -1, row = 0;
             py::gil_scoped_release nogil;
-            s.run({&token, &slot, &pos, &adapter, 1, &row, 1}, ptr<float>(logits), num_threads);
+            s.run({&token, &slot, &pos, &adapter, 1, &row, 1, 1}, ptr<float>(logits), num_threads);
           },
           "One token at `pos` of slot 0, no adapter: writes its k, v and logits [vocab] (fp32).");
 }

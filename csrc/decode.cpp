@@ -146,6 +146,9 @@ void DecodeStep::check(const DecodeRows& r) {
     throw std::invalid_argument("decode step: " + std::to_string(r.rows) +
                                 " rows, allowed 1.." + std::to_string(max_rows_) +
                                 " (max_rows)");
+  if (r.gemm_from < 0 || r.gemm_from > r.rows)
+    throw std::invalid_argument("decode step: gemm_from " + std::to_string(r.gemm_from) +
+                                " outside [0, " + std::to_string(r.rows) + "]");
   if (r.n_out < 0 || r.n_out > r.rows)
     throw std::invalid_argument("decode step: " + std::to_string(r.n_out) +
                                 " logit rows for " + std::to_string(r.rows) + " rows");
@@ -180,9 +183,16 @@ void DecodeStep::check(const DecodeRows& r) {
 }
 
 void DecodeStep::linear(const DecodeLinear& lin, const DecodeLora* lora, const float* x,
-                        int64_t m, const int64_t* adapters, float* y, int num_threads) {
-  quant_quantize_activations(fmt_, x, kF32, m, lin.w.k, act_.get(), num_threads);
-  quant_matmul_act(lin.w, act_.get(), m, lin.bias, y, kF32, num_threads);
+                        int64_t m, int64_t gemm_from, const int64_t* adapters, float* y,
+                        int num_threads) {
+  const int64_t split = m - gemm_from >= kGemmMinRows && amx_active() ? gemm_from : m;
+  if (split > 0) {
+    quant_quantize_activations(fmt_, x, kF32, split, lin.w.k, act_.get(), num_threads);
+    quant_matmul_act(lin.w, act_.get(), split, lin.bias, y, kF32, num_threads);
+  }
+  if (split < m)
+    quant_matmul_amx(lin.w, x + split * lin.w.k, m - split, lin.bias, y + split * lin.w.n,
+                     num_threads);
   if (lora)
     lora_gather_add(x, m, lin.w.k, adapters, lora->a, lora->b, lora->n_adapters, lora->rank,
                     lin.w.n, y, num_threads);
@@ -232,7 +242,8 @@ void DecodeStep::run(const DecodeRows& r, float* logits, int num_threads) {
     for_rows(R, num_threads, [&](int64_t i) {
       rms_norm(x + i * H, L.attn_norm, H, c_.eps, xn + i * H);
     });
-    linear(L.qkv, lora ? &lora->qkv : nullptr, xn, R, r.adapters, qkv, num_threads);
+    linear(L.qkv, lora ? &lora->qkv : nullptr, xn, R, r.gemm_from, r.adapters, qkv,
+           num_threads);
     for_rows(R, num_threads, [&](int64_t i) {
       float* row = qkv + i * width;
       const float* rot = rope_ + r.positions[i] * d;  // (cos, sin) pairs of this position
@@ -259,17 +270,20 @@ void DecodeStep::run(const DecodeRows& r, float* logits, int num_threads) {
       }
     });
     attention(int64_t(li), r, num_threads);
-    linear(L.o, lora ? &lora->o : nullptr, f32(attn_), R, r.adapters, out, num_threads);
+    linear(L.o, lora ? &lora->o : nullptr, f32(attn_), R, r.gemm_from, r.adapters, out,
+           num_threads);
     for_rows(R, num_threads, [&](int64_t i) {
       for (int64_t j = 0; j < H; ++j) x[i * H + j] += out[i * H + j];
       rms_norm(x + i * H, L.mlp_norm, H, c_.eps, xn + i * H);
     });
-    linear(L.gate_up, lora ? &lora->gate_up : nullptr, xn, R, r.adapters, gu, num_threads);
+    linear(L.gate_up, lora ? &lora->gate_up : nullptr, xn, R, r.gemm_from, r.adapters, gu,
+           num_threads);
     for (int64_t i = 0; i < R; ++i)  // silu(gate) * up, vectorized per ISA (swiglu.h)
       swiglu_forward({kF32, I, gu + i * 2 * I, gu + i * 2 * I + I, nullptr, hid + i * I, nullptr,
                       nullptr},
                      num_threads);
-    linear(L.down, lora ? &lora->down : nullptr, hid, R, r.adapters, out, num_threads);
+    linear(L.down, lora ? &lora->down : nullptr, hid, R, r.gemm_from, r.adapters, out,
+           num_threads);
     for_rows(R, num_threads, [&](int64_t i) {
       for (int64_t j = 0; j < H; ++j) x[i * H + j] += out[i * H + j];
     });
@@ -277,7 +291,7 @@ void DecodeStep::run(const DecodeRows& r, float* logits, int num_threads) {
   if (r.n_out == 0) return;
   for (int64_t o = 0; o < r.n_out; ++o)  // xn: the logit rows, normed, in order
     rms_norm(x + r.logit_rows[o] * H, final_norm_, H, c_.eps, xn + o * H);
-  linear(head_, nullptr, xn, r.n_out, nullptr, logits, num_threads);
+  linear(head_, nullptr, xn, r.n_out, r.n_out, nullptr, logits, num_threads);
 }
 
 }  // namespace pyengine

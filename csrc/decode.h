@@ -18,7 +18,11 @@
 // (lora_gather.h, on the linear's fp32 input; the stacks come from set_lora).
 //
 // Every GEMM input is quantized per block to int8 once (quant_quantize_activations, the
-// same quantization as the torch path's quant_matmul calls).  Float math: fp32; rmsnorm
+// same quantization as the torch path's quant_matmul calls).  Prefill rows: the rows from
+// DecodeRows::gemm_from on, when there are at least kGemmMinRows of them and AMX is
+// active, run the AMX bf16 GEMM instead (quant_matmul_amx, as the torch path's prefill
+// does: ~2x faster per token from ~100 rows on; bf16-rounded x and W, fp32 sums), the rows
+// before them the int8 GEMM.  Float math: fp32; rmsnorm
 // y = x * (1 / sqrt(mean(x^2) + eps)) * w (sum of squares in fp64); softmax (decode_impl.h) and silu
 // (swiglu.h) with common.h's exp_approx (< 2 ulp); the KV cache is fp32 or bf16 (k and v rounded to
 // nearest even once, when written).  The int8 GEMM computes every (row, output) on its own,
@@ -84,7 +88,11 @@ struct DecodeRows {
   int64_t rows;
   const int64_t* logit_rows;
   int64_t n_out;
+  int64_t gemm_from;  // rows [gemm_from, rows) may take the AMX GEMM (rows: never)
 };
+
+// Prefill rows that make the AMX GEMM worth it (pyengine.ops.quant.GEMM_MIN_ROWS).
+constexpr int64_t kGemmMinRows = 96;
 
 class DecodeStep {
  public:
@@ -109,7 +117,7 @@ class DecodeStep {
   float* f32(const Buffer& b) const { return reinterpret_cast<float*>(b.get()); }
   void check(const DecodeRows& r);
   void linear(const DecodeLinear& lin, const DecodeLora* lora, const float* x, int64_t m,
-              const int64_t* adapters, float* y, int num_threads);
+              int64_t gemm_from, const int64_t* adapters, float* y, int num_threads);
   void attention(int64_t layer, const DecodeRows& r, int num_threads);
 
   DecodeConfig c_;

@@ -244,6 +244,10 @@ def test_bad_rows_are_clear_errors_and_write_nothing(model_dir, one_thread):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             run(**kwargs)
+    for gemm_from in (-1, 3):
+        with pytest.raises(ValueError, match=rf"gemm_from {gemm_from} outside \[0, 2\]"):
+            step.run_rows(*(torch.tensor(v) for v in ((1, 2), (0, 1), (0, 0), (-1, -1), (1,))),
+                          gemm_from=gemm_from)
     assert not cache.any(), "a rejected call wrote into the cache"
     with pytest.raises(ValueError, match=r"positions must be a 1-D int64 tensor, got \(2,\) torch.int32"):
         step.run_rows(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 0], dtype=torch.int32),
@@ -320,3 +324,32 @@ def test_step_equals_the_batch_engine_spec_with_peft_adapters(tiny, one_thread):
         errors.append(relative_errors(step.run_rows(*t, torch.tensor(last)), want))
     assert_torch_close(errors)
     torch.testing.assert_close(cache.float(), engine.kv_cache.float(), rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.skipif(_ext._C is None or not _ext._C.amx_active(), reason="needs AMX")
+def test_prefill_rows_on_the_amx_gemm_next_to_int8_decode_rows(model_dir, one_thread):
+    """A 100-token prefill chunk after two decode rows, gemm_from = 2: the chunk runs the AMX
+    GEMM (bf16 x and W: its logits match the torch path's prefill, which takes the same
+    kernel at >= 96 rows, up to bf16 rounding flips of x that differ by an ulp), the decode
+    rows the int8 GEMM (bit-identical to running them alone).  With gemm_from = rows
+    everything is int8: the chunk's logits then differ from the torch path's by the int8
+    rounding of x (several times more)."""
+    model = LlamaDecoder.from_pretrained(model_dir, quant="q8_0", max_len=128)
+    c, gen = model.cfg, torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, c.vocab, (100,), generator=gen).tolist()
+    want = model.forward_torch(torch.tensor(prompt), 0, all_logits=False)
+    decode = [(7, 1, 0, -1), (9, 2, 0, -1)]  # (token, slot, position, adapter)
+    cache = torch.zeros(3, c.n_layers, 2, c.n_kv_heads, 128, c.head_dim, dtype=model.kv_dtype)
+    step = from_decoder(model, kv_cache=cache, max_rows=102)
+    rows = decode + [(t, 0, p, -1) for p, t in enumerate(prompt)]
+    args = [*torch.tensor(rows).T.contiguous(), torch.tensor([0, 1, 101])]
+    amx = step.run_rows(*args, gemm_from=2)
+    int8 = step.run_rows(*args)
+    alone = [step.run_rows(*torch.tensor([r]).T.contiguous(), torch.tensor([0]))[0] for r in decode]
+    for i in range(2):
+        torch.testing.assert_close(amx[i], alone[i], rtol=0, atol=0)
+        torch.testing.assert_close(int8[i], alone[i], rtol=0, atol=0)
+    scale = want.abs().max()
+    err_amx, err_int8 = ((got[2] - want).abs().max() / scale for got in (amx, int8))
+    # measured: AMX 5e-3 (llama: bf16 rounding flips of x) and 0 (qwen2); int8 2e-2 - 6e-2
+    assert err_amx <= 1e-2 and err_int8 >= 2 * err_amx, (err_amx, err_int8)

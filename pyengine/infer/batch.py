@@ -222,12 +222,12 @@ class BatchDecoder:
         if self.c_step is not None:
             self.c_step.set_lora(self.bank.stacks)
 
-    def _rows(self, chunks: Sequence[Chunk]):
-        if not chunks:
-            raise ValueError("step: no chunks")
+    def _rows(self, chunks: Sequence[Chunk], order: Sequence[int]):
+        """(tokens, slots, positions, adapters, last rows) of `chunks`, checked; chunks[j] is
+        the caller's chunk order[j] (for messages)."""
         vocab, seen = self.model.cfg.vocab, set()
         tokens, slots, positions, adapters, last = [], [], [], [], []
-        for i, ch in enumerate(chunks):
+        for i, ch in zip(order, chunks):
             n = len(ch.tokens)
             if not 0 <= ch.slot < self.slots:
                 raise ValueError(f"chunk {i}: slot {ch.slot} outside [0, {self.slots})")
@@ -254,11 +254,20 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self, chunks: Sequence[Chunk]) -> torch.Tensor:
         """fp32 logits [len(chunks), vocab] after each chunk's last token."""
+        # one-token chunks (decode) first: the C++ step may run the rows after them (prefill)
+        # on its AMX GEMM; the logits come back in the callers' order
+        if not chunks:
+            raise ValueError("step: no chunks")
+        order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].tokens) > 1)
+        chunks = [chunks[i] for i in order]
         with self._lock:
-            rows = self._rows(chunks)
+            rows = self._rows(chunks, order)
             if self.c_step is not None:
-                return self.c_step.run_rows(*rows)
-            return self.forward_torch(chunks, *rows)
+                decode_rows = sum(len(ch.tokens) == 1 for ch in chunks)
+                logits = self.c_step.run_rows(*rows, gemm_from=decode_rows)
+            else:
+                logits = self.forward_torch(chunks, *rows)
+        return logits[torch.tensor(order).argsort()]
 
     def forward_torch(self, chunks, tokens, slots, positions, adapters, last) -> torch.Tensor:
         """The spec: LlamaDecoder.forward_torch's math over rows of many slots, plus LoRA."""

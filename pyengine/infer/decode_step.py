@@ -140,13 +140,15 @@ class DecodeStep:
         self._lora_keep = keep
 
     def run_rows(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 adapters: torch.Tensor, logit_rows: torch.Tensor) -> torch.Tensor:
+                 adapters: torch.Tensor, logit_rows: torch.Tensor,
+                 gemm_from: int | None = None) -> torch.Tensor:
         """R rows (int64 [R] each: token, KV cache slot, position, adapter index or -1) through
         the model; writes every row's k, v at (slot, position), then each row attends over its
         slot's positions 0..position (rows of one slot at consecutive positions: a prefill
         chunk).  -> fp32 logits [n_out, vocab] of the rows in logit_rows (int64 [n_out]).
         The caller owns the cache contents (a row attends to whatever its slot holds before
-        its position)."""
+        its position).  Rows from `gemm_from` on (prefill chunks; default: none), when at
+        least GEMM_MIN_ROWS (96) and AMX is active, run the AMX bf16 GEMM (csrc/decode.h)."""
         args = {"tokens": tokens, "slots": slots, "positions": positions, "adapters": adapters,
                 "logit_rows": logit_rows}
         for name, t in args.items():
@@ -162,7 +164,8 @@ class DecodeStep:
         logits = torch.empty(logit_rows.shape[0], self.vocab, dtype=torch.float32)
         self._step.run_rows(tokens.data_ptr(), slots.data_ptr(), positions.data_ptr(),
                             adapters.data_ptr(), rows, logit_rows.data_ptr(), logit_rows.shape[0],
-                            logits.data_ptr(), _ext.num_threads())
+                            rows if gemm_from is None else gemm_from, logits.data_ptr(),
+                            _ext.num_threads())
         return logits
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:

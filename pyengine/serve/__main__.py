@@ -1,6 +1,6 @@
 """python -m pyengine.serve --model DIR [--quant q4_0|q8_0|nf4|none] [--dtype fp32|bf16]
     [--adapter NAME=DIR ...] [--served-name NAME] [--host 127.0.0.1] [--port 8000]
-    [--max-batch 8] [--max-len N] [--max-queue 64] [--prefill-chunk 64]
+    [--max-batch 8] [--max-len N] [--max-queue 64] [--prefill-chunk 128]
     [--api-key KEY] [--threads N]
 
 An OpenAI-compatible HTTP server (pyengine.serve.app) over continuous batching
@@ -59,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "context, at most 2048)")
     p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests that may wait for a slot; more get HTTP 429")
-    p.add_argument("--prefill-chunk", type=positive_int, default=64,
+    p.add_argument("--prefill-chunk", type=positive_int, default=128,
                    help="prompt tokens per engine step (a long prompt is prefilled in chunks "
-                        "between the other sequences' decode steps)")
+                        "between the other sequences' decode steps: smaller = shorter stalls "
+                        "for them; quantized models prefill ~2x faster per token once a step "
+                        "has >= 96 prompt tokens, the AMX GEMM)")
     p.add_argument("--api-key", default=os.environ.get("PYENGINE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route (default: "
                         "$PYENGINE_API_KEY; none: no check)")

@@ -117,7 +117,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 
 
 def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: int,
-               stop_ids=(), prefill_chunk: int = 64, max_queue: int = 64,
+               stop_ids=(), prefill_chunk: int = 128, max_queue: int = 64,
                api_key: str | None = None) -> FastAPI:
     """The app serving `engine` (a BatchDecoder with max_batch slots of max_len positions);
     its engine thread runs while the app's lifespan does."""

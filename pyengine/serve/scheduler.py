@@ -75,7 +75,7 @@ class Sequence:
 class Scheduler:
     """Runs `engine` (a BatchDecoder with `slots` slots) on its own thread."""
 
-    def __init__(self, engine, tokenizer, stop_ids, slots: int, *, prefill_chunk: int = 64,
+    def __init__(self, engine, tokenizer, stop_ids, slots: int, *, prefill_chunk: int = 128,
                  max_queue: int = 64, metrics=None):
         self.engine, self.tokenizer, self.stop_ids = engine, tokenizer, frozenset(stop_ids)
         self.slots, self.prefill_chunk, self.max_queue = slots, prefill_chunk, max_queue
