@@ -475,8 +475,9 @@ def markdown(result: dict) -> str:
              "| tok/s while all decode | TTFT ms | ITL ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:
         adapters = f"{ADAPTERS[0]}..{ADAPTERS[-1]}" if r["adapters"] else "-"
+        steady = "-" if r["steady_tok_s"] != r["steady_tok_s"] else f"{r['steady_tok_s']:.1f}"
         lines.append(f"| {r['shape']} | {r['threads']} | {r['engine']} | {r['streams']} "
-                     f"| {adapters} | {r['agg_tok_s']:.1f} | {r['steady_tok_s']:.1f} ".replace('| nan ', '| - ')
+                     f"| {adapters} | {r['agg_tok_s']:.1f} | {steady} "
                      f"| {1e3 * r['ttft_s']:.0f} | {1e3 * r['itl_s']:.1f} |")
     lines += ["", "| shape | threads | ratio | value | target |", "|---|---|---|---|---|"]
     for r in summary["ratios"]:
