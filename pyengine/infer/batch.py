@@ -267,6 +267,8 @@ class BatchDecoder:
                 logits = self.c_step.run_rows(*rows, gemm_from=decode_rows)
             else:
                 logits = self.forward_torch(chunks, *rows)
+        if order == sorted(order):
+            return logits
         return logits[torch.tensor(order).argsort()]
 
     def forward_torch(self, chunks, tokens, slots, positions, adapters, last) -> torch.Tensor:
