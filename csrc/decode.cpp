@@ -154,18 +154,18 @@ void DecodeStep::check(const DecodeRows& r) {
                                 " logit rows for " + std::to_string(r.rows) + " rows");
   written_.clear();
   for (int64_t i = 0; i < r.rows; ++i) {
-    const std::string row = "decode step: row " + std::to_string(i) + ": ";
+    auto row = [i] { return "decode step: row " + std::to_string(i) + ": "; };  // errors only
     if (r.tokens[i] < 0 || r.tokens[i] >= c_.vocab)
-      throw std::invalid_argument(row + "token id " + std::to_string(r.tokens[i]) +
+      throw std::invalid_argument(row() + "token id " + std::to_string(r.tokens[i]) +
                                   " outside the vocabulary " + range(0, c_.vocab));
     if (r.slots[i] < 0 || r.slots[i] >= c_.slots)
-      throw std::invalid_argument(row + "slot " + std::to_string(r.slots[i]) +
+      throw std::invalid_argument(row() + "slot " + std::to_string(r.slots[i]) +
                                   " outside the KV cache slots " + range(0, c_.slots));
     if (r.positions[i] < 0 || r.positions[i] >= c_.max_len)
-      throw std::invalid_argument(row + "position " + std::to_string(r.positions[i]) +
+      throw std::invalid_argument(row() + "position " + std::to_string(r.positions[i]) +
                                   " outside the KV cache " + range(0, c_.max_len));
     if (r.adapters[i] < -1 || r.adapters[i] >= n_adapters_)
-      throw std::invalid_argument(row + "adapter index " + std::to_string(r.adapters[i]) +
+      throw std::invalid_argument(row() + "adapter index " + std::to_string(r.adapters[i]) +
                                   " outside " + range(-1, n_adapters_) +
                                   " (-1: none; the LoRA stacks hold " +
                                   std::to_string(n_adapters_) + ")");

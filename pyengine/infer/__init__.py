@@ -20,8 +20,8 @@ from pyengine.infer.model import LlamaDecoder, ModelLoadError
 log = logging.getLogger("pyengine")
 QUANT_FORMATS = ("none", "q8_0", "q4_0", "nf4")
 
-__all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS", "generate",
-           "generate_ids", "load_model", "load_tokenizer", "sample_next", "TextStreamer"]
+__all__ = ["GenerationStats", "LlamaDecoder", "ModelLoadError", "QUANT_FORMATS", "encode_chat",
+           "generate", "generate_ids", "load_model", "load_tokenizer", "sample_next", "TextStreamer"]
 
 
 def load_model(model_dir, *, adapter=None, quant: str = "none", dtype=torch.float32,
@@ -175,13 +175,18 @@ def _print_piece(piece: str) -> None:
     sys.stdout.flush()
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` ({"role", "content"} dicts) through the tokenizer's chat
+    template, with the generation prompt (the template writes the special tokens)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("--chat: this tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Sequence
 
@@ -45,7 +46,6 @@ from pyengine.ops.lora_gather import lora_gather
 from pyengine.infer.weights import ModelLoadError, WeightTable, rope_heads, interleave_rope_rows
 
 __all__ = ["AdapterBank", "BatchDecoder", "Chunk"]
-LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,7 @@ class AdapterBank:
 
     def __init__(self, model: LlamaDecoder):
         c = model.cfg
-        self.cfg, self.table = c, WeightTable(c.n_layers)
-        self.shapes = {"qkv": ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.hidden),
-                       "o": (c.hidden, c.n_heads * c.head_dim),
-                       "gate_up": (2 * c.intermediate, c.hidden),
-                       "down": (c.hidden, c.intermediate)}
+        self.cfg, self.table, self.parts = c, WeightTable(c.n_layers), c.linear_parts()
         self.adapters: dict[str, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.stacks: list[dict[str, tuple[torch.Tensor, torch.Tensor] | None]] = self._stack()
 
@@ -106,10 +102,8 @@ class AdapterBank:
                                  "(merge it with pyengine.infer --adapter instead)")
         c, table, parts = self.cfg, self.table, {}
         for path, (a, b) in adapter.lora.items():
-            w = self.table.by_hf.get(path + ".weight")
-            layer, _, linear = (w.ours.removesuffix(".weight").rpartition(".") if w else
-                                (None, None, None))
-            if w is None or linear not in LINEARS:
+            w = table.by_hf.get(path + ".weight")
+            if w is None or w.ours.removesuffix(".weight").rpartition(".")[2] not in self.parts:
                 raise ModelLoadError(f"{where}: {adapter.keys[path]} adapts {path}, which is not "
                                      "a linear layer of a decoder block (q/k/v/o_proj, "
                                      f"gate/up/down_proj) of this {c.n_layers}-layer model")
@@ -117,17 +111,15 @@ class AdapterBank:
         out = []
         for i in range(c.n_layers):
             layer = {}
-            for linear in LINEARS:
-                n, k = self.shapes[linear]
+            for linear, (heights, k) in self.parts.items():
                 names = table.by_ours[f"layers.{i}.{linear}.weight"]
-                heights = self._part_heights(linear)
                 present = [(w, row, h) for w, row, h in zip(names, _offsets(heights), heights)
                            if w.hf in parts]
                 if not present:
                     continue
                 ranks = [parts[w.hf][0].shape[0] for w, _, _ in present]
                 A = torch.zeros(sum(ranks), k)
-                B = torch.zeros(n, sum(ranks))
+                B = torch.zeros(sum(heights), sum(ranks))
                 for (w, row, h), col, r in zip(present, _offsets(ranks), ranks):
                     a, b, scale = parts[w.hf]
                     if tuple(a.shape) != (r, k) or tuple(b.shape) != (h, r):
@@ -142,17 +134,11 @@ class AdapterBank:
             out.append(layer)
         return out
 
-    def _part_heights(self, linear: str) -> list[int]:
-        c = self.cfg
-        return {"qkv": [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim],
-                "o": [c.hidden], "gate_up": [c.intermediate] * 2, "down": [c.hidden]}[linear]
-
     def _stack(self):
         stacks = []
         for i in range(self.cfg.n_layers):
             layer = {}
-            for linear in LINEARS:
-                n, k = self.shapes[linear]
+            for linear, (n, k) in self.cfg.linear_shapes().items():
                 own = [a[i].get(linear) for a in self.adapters.values()]
                 rank = max((ab[0].shape[0] for ab in own if ab is not None), default=0)
                 if rank == 0:
@@ -169,12 +155,9 @@ class AdapterBank:
         return stacks
 
 
-def _offsets(sizes: list[int]) -> list[int]:
-    out, at = [], 0
-    for s in sizes:
-        out.append(at)
-        at += s
-    return out
+def _offsets(sizes) -> list[int]:
+    """Where each of `sizes` starts when they are laid end to end."""
+    return list(accumulate(sizes, initial=0))[:-1]
 
 
 def lora_delta(x: torch.Tensor, stack, idx: torch.Tensor) -> torch.Tensor | None:

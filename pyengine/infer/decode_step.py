@@ -39,10 +39,7 @@ class DecodeStep:
             raise RuntimeError(f"the C++ decode step needs the extension: {_ext.EXT_ERROR}")
         self.vocab, self.max_rows, self.n_layers = cfg.vocab, max_rows, len(layers)
         self._keep, self._lora_keep = [], []
-        self._shapes = {"qkv": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.hidden),
-                        "o": (cfg.hidden, cfg.n_heads * cfg.head_dim),
-                        "gate_up": (2 * cfg.intermediate, cfg.hidden),
-                        "down": (cfg.hidden, cfg.intermediate)}  # (N, K) of each linear
+        self._shapes = cfg.linear_shapes()  # (N, K) of each linear
         if kv_cache.dim() == 5:  # one stream's cache: one slot
             kv_cache = kv_cache[None]
         slots, max_len = kv_cache.shape[0], kv_cache.shape[4]

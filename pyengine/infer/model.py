@@ -108,6 +108,18 @@ class DecoderConfig:
             max_positions=getattr(hf, "max_position_embeddings", 2048),
             eos_token_ids=eos, model_type=hf.model_type)
 
+    def linear_parts(self) -> dict[str, tuple[tuple[int, ...], int]]:
+        """Per linear of a block (qkv, o, gate_up, down): the output rows of each of its
+        Hugging Face parts in order (q, k, v; gate, up) and its input width."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return {"qkv": ((q, kv, kv), self.hidden), "o": ((self.hidden,), q),
+                "gate_up": ((self.intermediate,) * 2, self.hidden),
+                "down": ((self.hidden,), self.intermediate)}
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(N, K) of each linear of a block."""
+        return {name: (sum(rows), k) for name, (rows, k) in self.linear_parts().items()}
+
 
 def rope_inv_freq(cfg: DecoderConfig) -> torch.Tensor:
     """Inverse frequencies [head_dim/2] in fp64, with llama3 / linear scaling applied."""

@@ -19,7 +19,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from starlette.exceptions import HTTPException
 
-from pyengine.infer import ModelLoadError
+from pyengine.infer import ModelLoadError, encode_chat
 from pyengine.serve.protocol import (REQUEST_FIELDS, AdapterRequest, APIError, ChatRequest,
                                      CompletionRequest, Reply, model_card, usage)
 from pyengine.serve.scheduler import QueueFull, Scheduler, Sequence, UnknownAdapter
@@ -183,12 +183,10 @@ def create_app(engine, tokenizer, *, model_name: str, max_len: int, max_batch: i
                                     "/v1/completions", param="messages")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     tokenize=False)
+                return encode_chat(tokenizer, messages), "messages"
             except Exception as e:  # noqa: BLE001 -- the template's own checks (jinja)
                 raise APIError(400, f"messages: the chat template failed: {e}",
                                param="messages") from None
-            return tokenizer(text, add_special_tokens=False)["input_ids"], "messages"
         prompt = body.prompt
         if prompt and all(isinstance(t, int) for t in prompt):  # token ids
             bad = [t for t in prompt if not 0 <= t < vocab]
